@@ -1,0 +1,35 @@
+"""bnkernels: fast, exact batch normalization for GPUs with a CPU fallback.
+
+Quick start::
+
+    import numpy as np
+    from bnkernels import bn_forward, bn_backward
+
+    x = np.random.randn(32, 64, 56, 56).astype(np.float32)
+    y, saved = bn_forward(x, backend="cuda", return_saved=True)
+    dx, dgamma, dbeta = bn_backward(np.ones_like(y), x, saved.mean, saved.invstd)
+
+Importing bnkernels never needs more than NumPy; optional backends are
+probed when they are first asked for.
+"""
+from .api import ChannelStats, SavedStats, bn_backward, bn_forward, channel_stats, merge_stats
+from .backends import BackendStatus, available_backends
+from .errors import BackendFallbackWarning, BackendUnavailableError
+from .layer import BatchNorm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendFallbackWarning",
+    "BackendStatus",
+    "BackendUnavailableError",
+    "BatchNorm",
+    "ChannelStats",
+    "SavedStats",
+    "available_backends",
+    "bn_backward",
+    "bn_forward",
+    "channel_stats",
+    "merge_stats",
+    "__version__",
+]

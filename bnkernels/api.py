@@ -1,0 +1,196 @@
+"""Public functional API: ``bn_forward``, ``bn_backward``, ``channel_stats``,
+``merge_stats``.
+
+Each function validates every argument (``bnkernels.validation``), picks a
+backend (``bnkernels.backends.resolve``) and only then runs it, so a call that
+fails leaves running statistics untouched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import validation as v
+from .backends import resolve
+
+
+@dataclass(frozen=True)
+class SavedStats:
+    """Per-channel statistics that ``bn_backward`` needs.
+
+    ``mean`` and ``invstd = 1 / sqrt(var_biased + eps)``: shape (C,), float32
+    (float64 for float64 input). In inference mode they are derived from the
+    running statistics.
+    """
+
+    mean: np.ndarray
+    invstd: np.ndarray
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """Per-channel reduction: ``count`` values per channel, their ``mean`` and
+    ``m2`` (sum of squared deviations from the mean), shape (C,), float64.
+
+    Partial results from disjoint parts of a batch (other processes, other
+    chunks) combine exactly with :func:`merge_stats`.
+    """
+
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @property
+    def var(self) -> np.ndarray:
+        """Biased variance ``m2 / count`` (what batch norm normalizes with)."""
+        return self.m2 / self.count
+
+    @property
+    def unbiased_var(self) -> np.ndarray:
+        """Unbiased variance ``m2 / (count - 1)`` (what running_var stores)."""
+        return self.m2 / (self.count - 1)
+
+
+def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *, training=True,
+               momentum=0.1, eps=1e-5, axis=1, activation=None, backend="auto",
+               return_saved=False, num_batches_tracked=None):
+    """Batch normalization forward.
+
+    ``y = (x - mean) / sqrt(var + eps) * gamma + beta`` per channel, then the
+    optional fused activation.
+
+    Args:
+        x: array of any shape with ndim >= 1, float16, float32 or float64.
+            Channels are along ``axis``; strided and transposed arrays work.
+        gamma, beta: per-channel scale and shift, shape (C,), or None
+            (scale 1, shift 0).
+        running_mean, running_var: shape (C,), float32 or float64, or None.
+            Training updates them in place (only after every check passed):
+            ``running = (1 - momentum) * running + momentum * batch``, with the
+            unbiased batch variance in ``running_var``. Inference
+            (``training=False``) normalizes with them and requires both.
+        training: normalize with batch statistics (True) or running ones.
+        momentum: weight of the new batch in [0, 1], or None for a cumulative
+            average, which then needs ``num_batches_tracked`` (the number of
+            batches already averaged in; the layer counts for you).
+        eps: added to the variance; finite, >= 0.
+        axis: the channel axis, negative allowed. 1 for NCHW, -1 for NHWC.
+        activation: None or ``"relu"`` (fused after the affine).
+        backend: ``"auto"``, ``"cuda"``, or a backend name (see
+            ``bnkernels.available_backends()``).
+        return_saved: also return the :class:`SavedStats` for backward.
+
+    Returns:
+        ``y`` with the shape and dtype of ``x`` (half input is computed in
+        float32), or ``(y, saved)`` if ``return_saved``.
+
+    Raises:
+        TypeError, ValueError: bad arguments (message names the argument).
+        BackendUnavailableError: a named backend cannot run here.
+    """
+    impl = resolve(backend, x)
+    x = v.check_input(impl.asarray(x))
+    layout = v.channel_layout(x.shape, axis)
+    C = layout.channels
+    gamma = v.check_per_channel(gamma, "gamma", C, asarray=impl.asarray)
+    beta = v.check_per_channel(beta, "beta", C, asarray=impl.asarray)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
+    running_mean = v.check_per_channel(running_mean, "running_mean", C, dtypes=v.RUNNING_DTYPES,
+                                       writable=training)
+    running_var = v.check_per_channel(running_var, "running_var", C, dtypes=v.RUNNING_DTYPES,
+                                      writable=training)
+    momentum = v.check_momentum(momentum)
+    eps = v.check_eps(eps)
+    relu = v.check_activation(activation)
+
+    if training:
+        v.check_training_count(layout)
+        running = None
+        if running_mean is not None:
+            running = (running_mean, running_var, v.running_factor(momentum, num_batches_tracked))
+        y, mean, invstd = impl.forward_train(x, layout, gamma, beta, eps, relu, running)
+    else:
+        if running_mean is None:
+            raise ValueError("inference (training=False) normalizes with the running statistics: "
+                             "pass running_mean and running_var")
+        y = impl.forward_infer(x, layout, running_mean, running_var, gamma, beta, eps, relu)
+        if return_saved:
+            cdt = v.compute_dtype(x.dtype)
+            mean = np.asarray(running_mean).astype(cdt)
+            invstd = (1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)).astype(cdt)
+    if return_saved:
+        return y, SavedStats(mean, invstd)
+    return y
+
+
+def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, backend="auto"):
+    """Gradients of the training-mode :func:`bn_forward` (without activation).
+
+    With ``activation="relu"`` in the forward, pass ``dy * (y > 0)``.
+
+    Args:
+        dy: gradient of the output, same shape and dtype as ``x``.
+        x: the forward's input.
+        saved_mean, saved_invstd: ``saved.mean`` and ``saved.invstd`` from
+            ``bn_forward(..., return_saved=True)``, shape (C,).
+        gamma: the forward's scale, shape (C,), or None.
+        axis, backend: as in :func:`bn_forward`.
+
+    Returns:
+        ``(dx, dgamma, dbeta)``: ``dx`` like ``x``; ``dgamma = sum(dy * xhat)``
+        and ``dbeta = sum(dy)`` per channel, shape (C,), float32 (float64 for
+        float64 input). They are returned even when ``gamma`` is None.
+    """
+    impl = resolve(backend, x)
+    x = v.check_input(impl.asarray(x))
+    dy = v.check_input(impl.asarray(dy), "dy")
+    v.check_same_shape(dy, x)
+    layout = v.channel_layout(x.shape, axis)
+    C = layout.channels
+    saved_mean = v.check_per_channel(saved_mean, "saved_mean", C, asarray=impl.asarray)
+    saved_invstd = v.check_per_channel(saved_invstd, "saved_invstd", C, asarray=impl.asarray)
+    gamma = v.check_per_channel(gamma, "gamma", C, asarray=impl.asarray)
+    return impl.backward(dy, x, layout, saved_mean, saved_invstd, gamma)
+
+
+def channel_stats(x, *, axis=1, backend="auto") -> ChannelStats:
+    """Per-channel count, mean and M2 of ``x`` (reduction over all other axes).
+
+    Accumulated in float64 around the rounded mean (never E[x^2] - E[x]^2).
+
+    Args:
+        x: array with ndim >= 1, float16/32/64; channels along ``axis``.
+    Returns:
+        :class:`ChannelStats` with float64 ``mean`` and ``m2`` of shape (C,).
+    """
+    impl = resolve(backend, x)
+    x = v.check_input(impl.asarray(x))
+    layout = v.channel_layout(x.shape, axis)
+    mean, m2 = impl.channel_stats(x, layout)
+    return ChannelStats(layout.count, mean, m2)
+
+
+def merge_stats(a: ChannelStats, b: ChannelStats) -> ChannelStats:
+    """Merge two partial reductions of disjoint data by Chan's formula.
+
+    ``n = na + nb``, ``delta = mean_b - mean_a``,
+    ``mean = mean_a + delta * nb / n``,
+    ``m2 = m2_a + m2_b + delta**2 * na * nb / n``.
+    Either side may have count 0 (it then contributes nothing).
+    """
+    for name, s in (("a", a), ("b", b)):
+        if not isinstance(s, ChannelStats):
+            raise TypeError(f"{name} must be a ChannelStats, got {type(s).__name__}")
+    if np.shape(a.mean) != np.shape(b.mean):
+        raise ValueError(f"cannot merge statistics of {np.shape(a.mean)[0]} and "
+                         f"{np.shape(b.mean)[0]} channels")
+    n = a.count + b.count
+    if a.count == 0 or b.count == 0:
+        return b if a.count == 0 else a
+    ma, mb = np.asarray(a.mean, np.float64), np.asarray(b.mean, np.float64)
+    delta = mb - ma
+    mean = ma + delta * (b.count / n)
+    m2 = np.asarray(a.m2, np.float64) + np.asarray(b.m2, np.float64) + delta**2 * (a.count * b.count / n)
+    return ChannelStats(n, mean, m2)

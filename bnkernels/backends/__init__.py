@@ -1,0 +1,168 @@
+"""Backend registry and dispatch.
+
+A backend is a module with the functions listed in ``numpy_backend`` (the
+reference implementation of the interface): ``asarray``, ``channel_stats``,
+``forward_train``, ``forward_infer``, ``backward``. Backends are looked up by
+name on every call; nothing is chosen at import time, so any number of
+backends can be used side by side in one process.
+
+Names:
+
+- ``"numpy"``: vectorized NumPy, always available.
+- ``"numba"``: fused parallel CPU kernels (planned).
+- ``"cupy"``, ``"numba-cuda"``: GPU kernels (planned; probes already report
+  whether a GPU is usable).
+- ``"cuda"``: the best usable GPU backend; falls back to the best CPU backend
+  with a :class:`~bnkernels.BackendFallbackWarning` (once per reason).
+- ``"auto"``: follow the input: arrays exposing ``__cuda_array_interface__``
+  go to a GPU backend, host arrays to the best CPU backend. The environment
+  variable ``BNKERNELS_BACKEND`` overrides ``"auto"``.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import BackendFallbackWarning, BackendUnavailableError
+from . import probes
+
+ENV_VAR = "BNKERNELS_BACKEND"
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    device: str  # "cpu" or "gpu"
+    module: str | None  # implementation module; None while the backend is planned
+    requirement: Callable[[], str | None]  # None when usable, else why not
+    install: str  # what a user installs to get it
+
+
+def _always() -> None:
+    return None
+
+
+#: Every backend, in order of preference within its device kind.
+BACKENDS: tuple[BackendSpec, ...] = (
+    BackendSpec("cupy", "gpu", None, probes.cupy_device_problem, probes.CUDA_EXTRA),
+    BackendSpec("numba-cuda", "gpu", None, probes.numba_cuda_device_problem, probes.CUDA_EXTRA),
+    BackendSpec("numba", "cpu", None,
+                lambda: probes.missing_package("numba"),
+                'pip install "bnkernels[numba]"'),
+    BackendSpec("numpy", "cpu", "bnkernels.backends.numpy_backend", _always, "numpy (always installed)"),
+)
+_BY_NAME = {spec.name: spec for spec in BACKENDS}
+SELECTORS = ("auto", "cuda")
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """Whether a backend is usable here, and if not, why."""
+
+    name: str
+    device: str
+    available: bool
+    reason: str | None
+    install: str
+
+
+def _unavailable_reason(spec: BackendSpec) -> str | None:
+    problem = spec.requirement()
+    if problem:
+        return problem
+    if spec.module is None:
+        return f"the {spec.name} backend is not implemented in this release of bnkernels yet"
+    return None
+
+
+def available_backends() -> dict[str, BackendStatus]:
+    """Status of every backend, in order of preference.
+
+    Returns a dict ``name -> BackendStatus(name, device, available, reason,
+    install)``; ``reason`` says why an unavailable backend cannot run here.
+    """
+    out = {}
+    for spec in BACKENDS:
+        reason = _unavailable_reason(spec)
+        out[spec.name] = BackendStatus(spec.name, spec.device, reason is None, reason, spec.install)
+    return out
+
+
+def is_device_array(x) -> bool:
+    """True for arrays that live on a CUDA device (CuPy, Numba, torch CUDA)."""
+    return hasattr(x, "__cuda_array_interface__")
+
+
+def _load(spec: BackendSpec):
+    return importlib.import_module(spec.module)
+
+
+def _best(device: str):
+    """First usable backend of a device kind: (spec, None) or (None, reasons)."""
+    reasons = []
+    for spec in BACKENDS:
+        if spec.device != device:
+            continue
+        reason = _unavailable_reason(spec)
+        if reason is None:
+            return spec, None
+        reasons.append(f"{spec.name}: {reason} (to get it: {spec.install})")
+    return None, reasons
+
+
+_warned_reasons: set[str] = set()
+
+
+def _warn_fallback(message: str) -> None:
+    if message in _warned_reasons:
+        return
+    warnings.warn(message, BackendFallbackWarning, stacklevel=4)
+    # Recorded only after warn() returned: with the warning turned into an
+    # error, every call raises instead of silently falling back the 2nd time.
+    _warned_reasons.add(message)
+
+
+def resolve(backend: str, x=None):
+    """Return the backend module that should run an operation on ``x``.
+
+    Raises ``ValueError`` for an unknown name, ``BackendUnavailableError`` when
+    an explicitly named backend (or any GPU backend for a GPU array) cannot
+    run here.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    origin = f"backend={backend!r}"
+    if backend == "auto":
+        override = os.environ.get(ENV_VAR, "").strip()
+        if override and override != "auto":
+            backend, origin = override, f"{ENV_VAR}={override!r}"
+    on_device = is_device_array(x)
+
+    if backend == "auto" or backend == "cuda":
+        spec, reasons = _best("gpu")
+        if spec is not None and (on_device or backend == "cuda"):
+            return _load(spec)
+        if on_device:
+            raise BackendUnavailableError(
+                "the input is a GPU array but no GPU backend is usable: " + "; ".join(reasons or []))
+        cpu_spec, _ = _best("cpu")
+        if backend == "cuda":
+            _warn_fallback(
+                f"backend='cuda' fell back to the CPU backend {cpu_spec.name!r}: no GPU backend is "
+                "usable (" + "; ".join(reasons) + ")")
+        return _load(cpu_spec)
+
+    spec = _BY_NAME.get(backend)
+    if spec is None:
+        valid = ", ".join(repr(n) for n in (*SELECTORS, *_BY_NAME))
+        raise ValueError(f"unknown backend {backend!r} (from {origin}); valid names: {valid}")
+    reason = _unavailable_reason(spec)
+    if reason is not None:
+        raise BackendUnavailableError(f"{origin} is not available: {reason}. To get it: {spec.install}")
+    if on_device and spec.device == "cpu":
+        raise TypeError(f"{origin} runs on the CPU but the input is a GPU array; "
+                        "use backend='cuda' or copy the array to the host first")
+    return _load(spec)

@@ -1,0 +1,1 @@
+"""CUDA C sources of the CuPy backend (package data; see README.md)."""
