@@ -1,0 +1,79 @@
+"""Shared test utilities: tolerances, data, comparisons, backends under test.
+
+The float64 oracle is ``bnkernels.reference`` (shared with the benchmarks).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import bnkernels
+
+#: Per-dtype tolerances for outputs of size O(1), applied as
+#: ``|actual - expected| <= atol * scale + rtol * |expected|``.
+#: float16 rounds its output to 11 bits (half an ulp is 4.9e-4 relative).
+TOLERANCES = {
+    np.dtype(np.float16): dict(atol=2e-3, rtol=2e-3),
+    np.dtype(np.float32): dict(atol=2e-5, rtol=2e-5),
+    np.dtype(np.float64): dict(atol=1e-11, rtol=1e-11),
+}
+DTYPES = [np.float16, np.float32, np.float64]
+
+
+def host_backends() -> list:
+    """Backend names to run host-array tests on: every CPU backend, the
+    unavailable ones as skips that say why."""
+    params = []
+    for status in bnkernels.available_backends().values():
+        if status.device != "cpu":
+            continue
+        marks = () if status.available else pytest.mark.skip(reason=f"{status.name}: {status.reason}")
+        params.append(pytest.param(status.name, marks=marks, id=status.name))
+    return params
+
+
+def make_input(shape, dtype, rng, *, mean=3.0, std=2.0):
+    """Fresh random data with a non-zero mean that differs per channel-ish
+    (a random offset per element of the last axis keeps means distinct)."""
+    x = rng.standard_normal(shape) * std + mean
+    if x.ndim:
+        x = x + rng.uniform(-1, 1, size=shape[-1:])
+    return x.astype(dtype)
+
+
+def make_params(C, rng, dtype=np.float32):
+    gamma = rng.uniform(0.5, 2.0, C).astype(dtype)
+    beta = rng.standard_normal(C).astype(dtype)
+    return gamma, beta
+
+
+def assert_close(actual, expected, dtype, what="value", scale=1.0):
+    """Compare to a float64 reference with the dtype's tolerance; on failure
+    print the worst and the first mismatching elements."""
+    tol = TOLERANCES[np.dtype(dtype)]
+    actual = np.asarray(actual)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    a64 = actual.astype(np.float64)
+    err = np.abs(a64 - expected)
+    bound = tol["atol"] * scale + tol["rtol"] * np.abs(expected)
+    bad = ~(err <= bound)  # NaN counts as bad
+    if bad.any():
+        idx = np.argwhere(bad)[:5]
+        rows = "\n".join(f"  at {tuple(i)}: got {a64[tuple(i)]!r}, expected {expected[tuple(i)]!r}"
+                         for i in idx)
+        worst = np.nanmax(np.where(bad, err, 0)) if np.isfinite(err).any() else np.nan
+        raise AssertionError(f"{what} ({np.dtype(dtype).name}): {int(bad.sum())} of {bad.size} elements "
+                             f"off (worst abs error {worst:.3g}; atol={tol['atol'] * scale:.3g}, "
+                             f"rtol={tol['rtol']:.3g}); first:\n{rows}")
+
+
+def strided(x, rng):
+    """A non-contiguous view with the same values as a fresh array of x's
+    shape: every other element of a twice-as-long last axis."""
+    big = np.empty(x.shape[:-1] + (2 * x.shape[-1],), x.dtype) if x.ndim else None
+    big[..., ::2] = x
+    big[..., 1::2] = np.nan  # poison: any read of the wrong element fails
+    view = big[..., ::2]
+    assert not view.flags.c_contiguous or x.shape[-1] <= 1
+    return view
