@@ -43,21 +43,26 @@ def _centered_moments(xc, layout: ChannelLayout):
     """Shifted two-pass moments.
 
     Returns ``d = xc - k`` (a fresh array in the compute dtype, reused by the
-    caller as the output buffer), ``dmean = mean - k`` and ``m2`` (sum of
-    squared deviations from the mean), both float64 of shape (C,); ``k`` is
-    returned too, shape (C,), in the compute dtype.
+    caller as the output buffer), the float64 ``mean``, ``dmean = mean - k``
+    and ``m2`` (sum of squared deviations from the mean), all of shape (C,).
+    ``k`` is the mean rounded to the compute dtype. An empty batch has mean
+    and m2 zero.
     """
     axes = layout.reduce_axes
     n = layout.count
-    k = np.mean(xc, axis=axes, dtype=np.float64).astype(xc.dtype)
+    if n == 0:
+        zeros = np.zeros(layout.channels)
+        return np.subtract(xc, 0, dtype=xc.dtype), zeros, zeros, zeros
+    mean = np.mean(xc, axis=axes, dtype=np.float64)
+    k = mean.astype(xc.dtype)
     d = np.subtract(xc, k.reshape(layout.param_shape))
     s1 = np.sum(d, axis=axes, dtype=np.float64)
     s2 = np.sum(np.square(d), axis=axes, dtype=np.float64)
-    dmean = s1 / n
-    # sum((d - dmean)^2) = s2 - n*dmean^2; dmean is at most half an ulp of
-    # the mean, so this subtraction cannot cancel.
-    m2 = np.maximum(s2 - s1 * dmean, 0.0)
-    return d, k, dmean, m2
+    dmean = mean - k
+    # sum((d - dmean)^2) expanded; dmean is at most half an ulp of the mean,
+    # so the correction is tiny and nothing cancels.
+    m2 = np.maximum(s2 - 2.0 * dmean * s1 + n * dmean * dmean, 0.0)
+    return d, mean, dmean, m2
 
 
 def _affine(gamma, beta, invstd):
@@ -91,9 +96,8 @@ def channel_stats(x, layout: ChannelLayout):
 
     x: any shape, float16/32/64; returns two float64 arrays of shape (C,).
     """
-    xc = _upcast(x)
-    _, k, dmean, m2 = _centered_moments(xc, layout)
-    return k + dmean, m2
+    _, mean, _, m2 = _centered_moments(_upcast(x), layout)
+    return mean, m2
 
 
 def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running):
@@ -106,11 +110,10 @@ def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool,
     """
     xc = _upcast(x)
     n = layout.count
-    d, k, dmean, m2 = _centered_moments(xc, layout)
+    d, mean, dmean, m2 = _centered_moments(xc, layout)
     invstd = 1.0 / np.sqrt(m2 / n + eps)
     scale, beta64 = _affine(gamma, beta, invstd)
     y = _finish(d, layout, scale, beta64 - dmean * scale, relu, x.dtype)
-    mean = k + dmean
     if running is not None:
         running_mean, running_var, factor = running
         update_running(running_mean, running_var, mean, m2 / (n - 1), factor)
