@@ -1,0 +1,280 @@
+"""The ``bnkernels`` command: ``bnkernels info`` and ``bnkernels bench``.
+
+Argument parsing and printing only; what is measured and how lives in
+:mod:`bnkernels.benchmark`. Exit codes: 0 success, 2 usage error, 1 when an
+implementation produced a wrong result (or raised) in ``bench``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from . import benchmark as bm
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+# --------------------------------------------------------------------------
+# info
+# --------------------------------------------------------------------------
+
+def info_data() -> dict:
+    """What ``bnkernels info --json`` prints: :func:`bnkernels.benchmark.system_info`
+    plus ``backends``, a list of ``{name, device, available, reason, install}``."""
+    from . import available_backends
+
+    data = bm.system_info()
+    data["backends"] = [
+        {"name": s.name, "device": s.device, "available": s.available, "reason": s.reason,
+         "install": s.install}
+        for s in available_backends().values()
+    ]
+    return data
+
+
+def _format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if ra else c.ljust(w) for c, w, ra in zip(cells, widths, right)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _cmd_info(args) -> int:
+    data = info_data()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    print(f"bnkernels  {data['bnkernels']}")
+    print(f"Python     {data['python']} ({data['python_implementation']}, {data['python_executable']})")
+    print(f"NumPy      {data['numpy']}")
+    print(f"torch      {data['torch'] or 'not installed'} (optional, compared against in bench)")
+    print(f"Platform   {data['platform']}")
+    print(f"CPU        {data['cpu']}")
+    print(f"Cores      {data['cpu_count']} ({data['cpus_usable']} usable by this process)")
+    print()
+    rows = []
+    for b in data["backends"]:
+        detail = "" if b["available"] else f"{b['reason']}; to get it: {b['install']}"
+        rows.append([b["name"], b["device"], "yes" if b["available"] else "no", detail])
+    print(_format_table(["backend", "device", "usable", "why not / what to install"], rows,
+                        [False, False, False, False]))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------
+# bench
+# --------------------------------------------------------------------------
+
+DTYPE_NAMES = ("float16", "float32", "float64")
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def select_implementations(names: list[str] | None, parser: argparse.ArgumentParser):
+    """Implementations for ``--backends`` (None: every usable CPU backend,
+    textbook-numpy, and torch when it imports). Unknown or unusable names
+    are usage errors."""
+    from . import available_backends
+
+    statuses = available_backends()
+    if names is None:
+        impls = [bm.bnkernels_implementation(s.name) for s in statuses.values()
+                 if s.device == "cpu" and s.available]
+        impls.append(bm.TEXTBOOK_NUMPY)
+        torch_impl = bm.torch_implementation()
+        if torch_impl is not None:
+            impls.append(torch_impl)
+        return impls
+    impls = []
+    for name in names:
+        if name == bm.BASELINE:
+            impls.append(bm.TEXTBOOK_NUMPY)
+        elif name == "torch":
+            torch_impl = bm.torch_implementation()
+            if torch_impl is None:
+                parser.error("--backends torch: torch does not import here "
+                             '(pip install "bnkernels[torch]")')
+            impls.append(torch_impl)
+        elif name in statuses:
+            s = statuses[name]
+            if s.device != "cpu":
+                parser.error(f"--backends {name}: GPU backends are not benchmarked by this version")
+            if not s.available:
+                parser.error(f"--backends {name}: not usable here: {s.reason}; to get it: {s.install}")
+            impls.append(bm.bnkernels_implementation(name))
+        else:
+            valid = ", ".join([*statuses, bm.BASELINE, "torch"])
+            parser.error(f"--backends: unknown name {name!r}; valid: {valid}")
+    return impls
+
+
+def _fmt_ms(s):
+    return f"{s * 1e3:.3f}" if s is not None else "-"
+
+
+def _result_row(r: bm.Result) -> list[str]:
+    base = [r.op, r.shape_str if hasattr(r, "shape_str") else "x".join(map(str, r.shape)), r.layout,
+            r.dtype, r.implementation]
+    if r.status == "ok":
+        return base + [
+            _fmt_ms(r.median_s),
+            f"{r.min_s * 1e3:.3f}-{r.max_s * 1e3:.3f}",
+            f"{r.gbps:.2f}",
+            f"{r.pct_of_ceiling:.0f}%" if r.pct_of_ceiling is not None else "-",
+            f"{r.speedup_vs_textbook:.2f}x" if r.speedup_vs_textbook is not None else "-",
+        ]
+    if r.status == "wrong":
+        text = f"WRONG (max err {r.max_err:.2e}, tolerance {r.tolerance:.0e})"
+    elif r.status == "unsupported":
+        text = f"n/a ({r.message})"
+    else:
+        text = f"ERROR ({r.message})"
+    return base + [text, "", "", "", ""]
+
+
+def _print_bench(results, ceiling: bm.Ceiling, args, info: dict, torch_threads) -> None:
+    torch_text = f", torch {info['torch']} ({torch_threads} threads)" if torch_threads else ""
+    print(f"bnkernels {info['bnkernels']} bench | Python {info['python']}, NumPy {info['numpy']}{torch_text}")
+    print(f"CPU: {info['cpu']}, {info['cpu_count']} cores ({info['cpus_usable']} usable)")
+    print(f"Bytes model: {bm.BYTES_MODEL}.")
+    print(f"Ceiling: np.copyto of a {ceiling.buffer_bytes / bm.MiB:.0f} MiB buffer, read + write "
+          f"counted: {ceiling.median_s * 1e3:.2f} ms median = {ceiling.gbps:.2f} GB/s.")
+    print(f"Timing: {args.warmup} warm-up + {args.repeat} timed calls (time.perf_counter); "
+          "median, min-max spread in ms.")
+    tol = ", ".join(f"{d.name} {t:.0e}" for d, t in bm.TOLERANCE.items())
+    print(f"Checked before timing against the float64 bnkernels.reference: max |error| / max |reference| "
+          f"<= {tol}.")
+    if args.quick:
+        print("--quick: small shapes that may sit in cache; figures can exceed the ceiling.")
+    print()
+    headers = ["op", "shape", "layout", "dtype", "implementation", "median ms", "min-max ms", "GB/s",
+               "% ceil", f"vs {bm.BASELINE}"]
+    right = [False] * 5 + [True] * 5
+    print(_format_table(headers, [_result_row(r) for r in results], right))
+
+
+def _cmd_bench(args, parser) -> int:
+    ops = _split(args.ops)
+    for op in ops:
+        if op not in bm.OPS:
+            parser.error(f"--ops: unknown op {op!r}; valid: {', '.join(bm.OPS)}")
+    dtypes = _split(args.dtype)
+    for d in dtypes:
+        if d not in DTYPE_NAMES:
+            parser.error(f"--dtype: unsupported {d!r}; valid: {', '.join(DTYPE_NAMES)}")
+    if args.shapes:
+        try:
+            cases = [bm.parse_case(s) for s in _split(args.shapes)]
+        except ValueError as exc:
+            parser.error(f"--shapes: {exc}")
+    else:
+        cases = list(bm.QUICK_CASES if args.quick else bm.DEFAULT_CASES)
+    if args.repeat is None:
+        args.repeat = 3 if args.quick else 5
+    if args.repeat < 1 or args.warmup < 0:
+        parser.error("--repeat must be >= 1 and --warmup >= 0")
+    if args.ceiling_mib is not None and args.ceiling_mib <= 0:
+        parser.error("--ceiling-mib must be > 0")
+    impls = select_implementations(_split(args.backends) if args.backends else None, parser)
+    if not impls:
+        parser.error("--backends: nothing to run")
+
+    def progress(i, total, label):
+        print(f"[{i}/{total}] {label}", file=sys.stderr, flush=True)
+
+    info = bm.system_info()
+    torch = bm.import_torch() if any(i.name == "torch" for i in impls) else None
+    torch_threads = torch.get_num_threads() if torch is not None else None
+
+    print("[ceiling] np.copyto", file=sys.stderr, flush=True)
+    ceiling_bytes = int(args.ceiling_mib * bm.MiB) if args.ceiling_mib is not None else None
+    ceiling = bm.measure_copy_ceiling(ceiling_bytes, repeat=args.repeat, warmup=args.warmup)
+    results = bm.run_benchmarks(impls, cases, ops, dtypes, repeat=args.repeat, warmup=args.warmup,
+                                progress=progress)
+    bm.add_derived(results, ceiling)
+    _print_bench(results, ceiling, args, info, torch_threads)
+
+    failed = [r for r in results if r.status in ("wrong", "error")]
+    if failed:
+        print(f"\n{len(failed)} result(s) failed: "
+              + "; ".join(f"{r.implementation} {r.op} {r.layout} {r.dtype} {r.status.upper()}"
+                          for r in failed))
+    if args.json:
+        payload = {
+            "system": info,
+            "torch_threads": torch_threads,
+            "bytes_model": bm.BYTES_MODEL,
+            "tolerance": {d.name: t for d, t in bm.TOLERANCE.items()},
+            "repeat": args.repeat,
+            "warmup": args.warmup,
+            "ceiling": vars(ceiling),
+            "baseline": bm.BASELINE,
+            "results": [r.to_dict() for r in results],
+        }
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+# --------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser with the ``info`` and ``bench`` subcommands."""
+    parser = argparse.ArgumentParser(prog="bnkernels", description="bnkernels command-line tool")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p_info = sub.add_parser("info", help="versions, CPU and which backends are usable here")
+    p_info.add_argument("--json", action="store_true", help="print as JSON")
+
+    p_bench = sub.add_parser(
+        "bench", help="check and time every CPU implementation",
+        description="Check every implementation against the float64 reference, then time it. "
+                    "Exit status 1 if any result is wrong.")
+    p_bench.add_argument("--quick", action="store_true",
+                         help="small shapes and 3 repeats (well under a minute)")
+    p_bench.add_argument("--ops", default=",".join(bm.OPS),
+                         help="comma list of operations (default: %(default)s)")
+    p_bench.add_argument("--dtype", default="float32",
+                         help="comma list of float16, float32, float64 (default: %(default)s)")
+    p_bench.add_argument("--backends", default=None,
+                         help="comma list of implementations: CPU backend names, "
+                              f"{bm.BASELINE}, torch (default: all usable)")
+    p_bench.add_argument("--shapes", default=None,
+                         help="comma list of SHAPE[@AXIS], e.g. 8x32x28x28,8x28x28x32@-1,2048x256 "
+                              "(axis default 1; default: NCHW, NHWC and 2-D shapes)")
+    p_bench.add_argument("--repeat", type=int, default=None,
+                         help="timed calls per measurement (default 5, 3 with --quick)")
+    p_bench.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
+    p_bench.add_argument("--ceiling-mib", type=float, default=None,
+                         help="copy buffer for the bandwidth ceiling in MiB "
+                              "(default: 4x last-level cache, clamped to 64..256)")
+    p_bench.add_argument("--json", metavar="FILE", default=None, help="write all figures to FILE")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the
+    exit code (0 ok, 1 wrong results, 2 usage error) instead of exiting."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command == "info":
+            return _cmd_info(args)
+        return _cmd_bench(args, parser)
+    except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The stateful BatchNorm layer."""
+import numpy as np
+import pytest
+
+from bnkernels import BatchNorm, bn_forward
+from bnkernels.reference import reference_backward, reference_forward
+from helpers import assert_close, host_backends, make_input
+
+pytestmark = pytest.mark.parametrize("backend", host_backends())
+
+
+def test_training_steps_then_eval(backend, rng):
+    layer = BatchNorm(4, backend=backend, momentum=0.2)
+    layer.gamma[:] = rng.uniform(0.5, 2, 4)
+    layer.beta[:] = rng.standard_normal(4)
+    rm, rv = np.zeros(4), np.ones(4)
+    for _ in range(3):
+        x = make_input((6, 4, 5), np.float32, rng)
+        y = layer(x)
+        ref = reference_forward(x, layer.gamma, layer.beta, rm, rv, momentum=0.2)
+        rm, rv = ref[3], ref[4]
+        assert_close(y, ref[0], np.float32, "y")
+    assert layer.num_batches_tracked == 3
+    assert_close(layer.running_mean, rm, np.float32, "running_mean")
+    assert_close(layer.running_var, rv, np.float32, "running_var")
+    layer.eval()
+    x = make_input((2, 4, 5), np.float32, rng)
+    y = layer(x)
+    ref = reference_forward(x, layer.gamma, layer.beta, rm, rv, training=False)
+    assert_close(y, ref[0], np.float32, "eval y")
+    assert layer.num_batches_tracked == 3, "eval does not count batches"
+
+
+def test_cumulative_average(backend, rng):
+    """momentum=None: running stats are the plain average of the batches'."""
+    layer = BatchNorm(3, momentum=None, dtype=np.float64, backend=backend)
+    batches = [make_input((8, 3), np.float64, rng, mean=m) for m in (1.0, 5.0, -2.0)]
+    for x in batches:
+        layer(x)
+    np.testing.assert_allclose(layer.running_mean, np.mean([b.mean(0) for b in batches], 0), rtol=1e-12)
+    np.testing.assert_allclose(layer.running_var, np.mean([b.var(0, ddof=1) for b in batches], 0),
+                               rtol=1e-12)
+
+
+def test_backward_gradients(backend, rng):
+    layer = BatchNorm(5, axis=-1, dtype=np.float64, backend=backend)
+    layer.gamma[:] = rng.uniform(0.5, 2, 5)
+    x = make_input((7, 3, 5), np.float64, rng)
+    dy = rng.standard_normal(x.shape)
+    layer(x)
+    dx = layer.backward(dy)
+    ref = reference_forward(x, axis=-1)
+    rdx, rdg, rdb = reference_backward(dy, x, ref[1], ref[2], layer.gamma, axis=-1)
+    assert_close(dx, rdx, np.float64, "dx")
+    assert_close(layer.grad_gamma, rdg, np.float64, "grad_gamma")
+    assert_close(layer.grad_beta, rdb, np.float64, "grad_beta")
+
+
+def test_no_running_stats_uses_batch_stats_in_eval(backend, rng):
+    layer = BatchNorm(3, track_running_stats=False, affine=False, backend=backend).eval()
+    x = make_input((6, 3), np.float32, rng)
+    assert_close(layer(x), reference_forward(x)[0], np.float32, "y")
+    assert layer.running_mean is None and "running_mean" not in layer.state_dict()
+    layer.backward(np.ones_like(x))  # batch statistics: differentiable
+    assert layer.grad_gamma is None
+
+
+def test_backward_needs_batch_forward(backend, rng):
+    layer = BatchNorm(3, backend=backend)
+    with pytest.raises(RuntimeError, match="needs a forward"):
+        layer.backward(np.ones((4, 3), np.float32))
+    layer.eval()(make_input((4, 3), np.float32, rng))
+    with pytest.raises(RuntimeError, match="needs a forward"):
+        layer.backward(np.ones((4, 3), np.float32))
+
+
+def test_state_round_trip(backend, rng, tmp_path):
+    layer = BatchNorm(4, backend=backend)
+    layer.gamma[:] = rng.uniform(0.5, 2, 4)
+    layer(make_input((5, 4, 3), np.float32, rng))
+    state = layer.state_dict()
+    np.savez(tmp_path / "bn.npz", **state)
+    other = BatchNorm(4, backend=backend)
+    with np.load(tmp_path / "bn.npz") as f:
+        other.load_state_dict(dict(f))
+    for k, v in state.items():
+        np.testing.assert_array_equal(getattr(other, k), v)
+    assert other.num_batches_tracked == 1
+    x = make_input((2, 4, 3), np.float32, rng)
+    np.testing.assert_array_equal(layer.eval()(x), other.eval()(x))
+    state["gamma"][:] = 0  # state_dict returns copies
+    assert not np.array_equal(layer.gamma, state["gamma"])
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (lambda s: s.pop("beta"), ValueError, "do not match"),
+    (lambda s: s.update(gamma=np.ones(5)), ValueError, r"gamma must have shape \(4,\)"),
+    (lambda s: s.update(running_var=np.ones(4, np.int32)), TypeError, "running_var must be a float array"),
+    (lambda s: s.update(num_batches_tracked=np.array(-1)), ValueError, "num_batches_tracked"),
+])
+def test_bad_state_changes_nothing(backend, change, exc, match):
+    layer = BatchNorm(4, backend=backend)
+    state = layer.state_dict()
+    state["running_mean"] = np.full(4, 9.0)  # a valid change that must not land either
+    change(state)
+    with pytest.raises(exc, match=match):
+        layer.load_state_dict(state)
+    np.testing.assert_array_equal(layer.running_mean, np.zeros(4))
+
+
+@pytest.mark.parametrize("kwargs,exc", [
+    (dict(num_features=0), ValueError), (dict(num_features=2.5), ValueError),
+    (dict(num_features=3, dtype=np.float16), TypeError), (dict(num_features=3, eps=-1), ValueError),
+    (dict(num_features=3, momentum=2), ValueError), (dict(num_features=3, axis="1"), TypeError),
+])
+def test_bad_constructor_arguments(backend, kwargs, exc):
+    with pytest.raises(exc):
+        BatchNorm(backend=backend, **kwargs)
+
+
+def test_failed_forward_changes_nothing(backend, rng):
+    layer = BatchNorm(3, backend=backend)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        layer(np.ones((1, 3), np.float32))
+    assert layer.num_batches_tracked == 0
+    np.testing.assert_array_equal(layer.running_var, np.ones(3))
+
+
+def test_layer_matches_functional(backend, rng):
+    x = make_input((4, 3, 2, 2), np.float16, rng)
+    layer = BatchNorm(3, backend=backend)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    np.testing.assert_array_equal(layer(x), bn_forward(x, np.ones(3, np.float32), np.zeros(3, np.float32),
+                                                       rm, rv, backend=backend))
+    np.testing.assert_array_equal(layer.running_var, rv)
+    assert "BatchNorm(3" in repr(layer)
