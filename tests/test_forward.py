@@ -52,19 +52,12 @@ def _check_forward(backend, x, dtype, *, affine, running, momentum, training, ac
         assert_close(rv, ref[4], np.float32, "running_var", scale=np.abs(ref[4]).max() + 1)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,axis", CASES)
-def test_training_matches_reference(backend, shape, axis, dtype, rng):
+def test_matches_reference(backend, shape, axis, dtype, training, rng):
     x = make_input(shape, dtype, rng)
-    _check_forward(backend, x, dtype, affine=True, running=True, momentum=0.1, training=True,
-                   activation=None, axis=axis, rng=rng)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,axis", CASES)
-def test_inference_matches_reference(backend, shape, axis, dtype, rng):
-    x = make_input(shape, dtype, rng)
-    _check_forward(backend, x, dtype, affine=True, running=True, momentum=0.1, training=False,
+    _check_forward(backend, x, dtype, affine=True, running=True, momentum=0.1, training=training,
                    activation=None, axis=axis, rng=rng)
 
 
