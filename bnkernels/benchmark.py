@@ -52,6 +52,8 @@ BYTES_MODEL = (
 
 #: Name of the baseline every implementation's speed-up is relative to.
 BASELINE = "textbook-numpy"
+#: Implementations that are comparison points, not bnkernels code.
+COMPARISONS = (BASELINE, "torch")
 
 #: Allowed error of each output: ``max |out - ref| / max |ref|`` (ref float64).
 TOLERANCE = {
@@ -314,16 +316,19 @@ def import_torch():
     return torch
 
 
-def torch_implementation() -> Implementation | None:
+def torch_implementation(threads: int | None = None) -> Implementation | None:
     """``torch.nn.functional.batch_norm`` on the CPU (backward through
     autograd), or None when torch does not import.
 
     The channel axis is moved to position 1 as a view (an NHWC array becomes
-    a channels_last tensor, which torch handles without a copy).
+    a channels_last tensor, which torch handles without a copy). ``threads``:
+    if given, ``torch.set_num_threads(threads)`` (process-wide).
     """
     torch = import_torch()
     if torch is None:
         return None
+    if threads is not None:
+        torch.set_num_threads(threads)
     import torch.nn.functional as F
 
     def prepare(op: str, inp: Inputs) -> Runner:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import bnkernels
-import bnkernels.backends as backends
 
 #: Per-dtype tolerances for outputs of size O(1), applied as
 #: ``|actual - expected| <= atol * scale + rtol * |expected|``.
@@ -19,21 +17,6 @@ TOLERANCES = {
     np.dtype(np.float64): dict(atol=1e-11, rtol=1e-11),
 }
 DTYPES = [np.float16, np.float32, np.float64]
-
-
-def host_backends() -> list:
-    """Backend names to run host-array tests on: every implemented CPU
-    backend; implemented but unusable ones as skips that say why (planned
-    backends, which have no module yet, are left out)."""
-    params = []
-    statuses = bnkernels.available_backends()
-    for spec in backends.BACKENDS:
-        if spec.device != "cpu" or spec.module is None:
-            continue
-        status = statuses[spec.name]
-        marks = () if status.available else pytest.mark.skip(reason=f"{status.name}: {status.reason}")
-        params.append(pytest.param(spec.name, marks=marks, id=spec.name))
-    return params
 
 
 def make_input(shape, dtype, rng, *, mean=3.0, std=2.0):

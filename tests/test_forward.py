@@ -4,9 +4,7 @@ import pytest
 
 from bnkernels import bn_forward
 from bnkernels.reference import reference_forward
-from helpers import DTYPES, assert_close, host_backends, make_input, make_params, strided
-
-pytestmark = pytest.mark.parametrize("backend", host_backends())
+from helpers import DTYPES, assert_close, make_input, make_params, strided
 
 # (shape, axis): 2-D to 5-D, channel axis first, second, middle and last,
 # boundary sizes 1, 15, 16, 17, 127, 129 and primes.

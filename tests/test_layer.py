@@ -4,9 +4,7 @@ import pytest
 
 from bnkernels import BatchNorm, bn_forward
 from bnkernels.reference import reference_backward, reference_forward
-from helpers import assert_close, host_backends, make_input
-
-pytestmark = pytest.mark.parametrize("backend", host_backends())
+from helpers import assert_close, make_input
 
 
 def test_training_steps_then_eval(backend, rng):

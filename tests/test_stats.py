@@ -4,11 +4,10 @@ import pytest
 
 from bnkernels import ChannelStats, channel_stats, merge_stats
 from bnkernels.reference import reference_stats
-from helpers import DTYPES, host_backends, make_input
+from helpers import DTYPES, make_input
 from test_forward import CASES
 
 
-@pytest.mark.parametrize("backend", host_backends())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,axis", CASES)
 def test_channel_stats_match_reference(backend, shape, axis, dtype, rng):
@@ -25,7 +24,6 @@ def test_channel_stats_match_reference(backend, shape, axis, dtype, rng):
     np.testing.assert_allclose(stats.unbiased_var, var * n / (n - 1), rtol=rtol, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", host_backends())
 @pytest.mark.parametrize("axis", [0, -1])
 def test_channel_stats_large_mean_float32(backend, axis, rng):
     x = (1e6 + rng.standard_normal((2000, 3) if axis == -1 else (3, 2000))).astype(np.float32)

@@ -67,6 +67,7 @@ class BackendStatus:
     available: bool
     reason: str | None
     install: str
+    implemented: bool  # False: planned for a later release of bnkernels
 
 
 def _unavailable_reason(spec: BackendSpec) -> str | None:
@@ -82,12 +83,14 @@ def available_backends() -> dict[str, BackendStatus]:
     """Status of every backend, in order of preference.
 
     Returns a dict ``name -> BackendStatus(name, device, available, reason,
-    install)``; ``reason`` says why an unavailable backend cannot run here.
+    install, implemented)``; ``reason`` says why an unavailable backend
+    cannot run here.
     """
     out = {}
     for spec in BACKENDS:
         reason = _unavailable_reason(spec)
-        out[spec.name] = BackendStatus(spec.name, spec.device, reason is None, reason, spec.install)
+        out[spec.name] = BackendStatus(spec.name, spec.device, reason is None, reason, spec.install,
+                                       spec.module is not None)
     return out
 
 

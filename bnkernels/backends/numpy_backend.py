@@ -58,9 +58,17 @@ def _centered_moments(xc, layout: ChannelLayout):
     d = np.subtract(xc, k.reshape(layout.param_shape))
     s1 = np.sum(d, axis=axes, dtype=np.float64)
     s2 = np.sum(np.square(d), axis=axes, dtype=np.float64)
-    dmean = mean - k
-    # sum((d - dmean)^2) expanded; dmean is at most half an ulp of the mean,
-    # so the correction is tiny and nothing cancels.
+    if xc.dtype == np.float64:
+        # k is the float64 mean itself; the sum of the (exact, by Sterbenz)
+        # deviations refines it: the corrected two-pass algorithm.
+        dmean = s1 / n
+        mean = k + dmean
+    else:
+        # The float64 mean of float32 data is accurate to ~1e-16, better
+        # than the float32-rounded deviations far from the mean.
+        dmean = mean - k
+    # sum((d - dmean)^2) expanded; dmean is at most about half an ulp of the
+    # mean, so the correction is tiny and nothing cancels.
     m2 = np.maximum(s2 - 2.0 * dmean * s1 + n * dmean * dmean, 0.0)
     return d, mean, dmean, m2
 
