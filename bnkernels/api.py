@@ -92,6 +92,8 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
     impl = resolve(backend, x)
     x = v.check_input(impl.asarray(x))
     layout = v.channel_layout(x.shape, axis)
+    training = v.check_flag(training, "training")
+    return_saved = v.check_flag(return_saved, "return_saved")
     C = layout.channels
     gamma = v.check_per_channel(gamma, "gamma", C, asarray=impl.asarray)
     beta = v.check_per_channel(beta, "beta", C, asarray=impl.asarray)
@@ -115,11 +117,7 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
         if running_mean is None:
             raise ValueError("inference (training=False) normalizes with the running statistics: "
                              "pass running_mean and running_var")
-        y = impl.forward_infer(x, layout, running_mean, running_var, gamma, beta, eps, relu)
-        if return_saved:
-            cdt = v.compute_dtype(x.dtype)
-            mean = np.asarray(running_mean).astype(cdt)
-            invstd = (1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)).astype(cdt)
+        y, mean, invstd = impl.forward_infer(x, layout, running_mean, running_var, gamma, beta, eps, relu)
     if return_saved:
         return y, SavedStats(mean, invstd)
     return y

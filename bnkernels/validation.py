@@ -131,6 +131,13 @@ def check_per_channel(p, name: str, channels: int, *, dtypes=None, writable: boo
     return p
 
 
+def check_flag(value, name: str) -> bool:
+    """A bool argument: True/False (NumPy bools too), nothing merely truthy."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def check_eps(eps) -> float:
     if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a real number, got {type(eps).__name__}")

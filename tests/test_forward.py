@@ -160,3 +160,19 @@ def test_input_is_not_modified(backend, rng):
 def test_list_input_is_accepted(backend):
     y = bn_forward([[1.0, 2.0], [3.0, 6.0]], backend=backend)
     np.testing.assert_allclose(y, [[-1, -1], [1, 1]], atol=1e-5)
+
+
+def test_ieee_semantics_without_warnings(backend, rng):
+    """eps=0 on a constant channel gives NaN and a float16 result beyond
+    65504 gives Inf, as on a GPU, and neither warns (pytest turns warnings
+    into errors here)."""
+    x = np.full((4, 2), 2.0, np.float32)
+    x[:, 1] = [1, 2, 3, 4]
+    y = bn_forward(x, eps=0.0, backend=backend)
+    assert np.isnan(y[:, 0]).all() and np.isfinite(y[:, 1]).all()
+    x16 = make_input((8, 3), np.float16, rng)
+    y16 = bn_forward(x16, np.full(3, 1e5, np.float32), backend=backend)
+    assert np.isinf(y16).any() and not np.isnan(y16).any()
+    y, saved = bn_forward(x, None, None, np.zeros(2), np.zeros(2), training=False, eps=0.0,
+                          return_saved=True, backend=backend)
+    assert np.isinf(saved.invstd).all()

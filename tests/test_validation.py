@@ -131,6 +131,12 @@ def test_bad_num_batches_tracked(backend, good, nbt, exc):
                     num_batches_tracked=nbt)
 
 
+@pytest.mark.parametrize("name", ["training", "return_saved"])
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_flags_must_be_bool(backend, good, name, value):
+    _call_must_fail(backend, good, TypeError, f"{name} must be True or False", **{name: value})
+
+
 def test_bad_activation(backend, good):
     _call_must_fail(backend, good, ValueError, "activation must be None or 'relu'", activation="gelu")
 

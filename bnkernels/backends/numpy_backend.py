@@ -13,6 +13,11 @@ when ``|mean| >> std``. The output is ``(x - k) * scale + shift'`` with
 
 The input is used through its own strides (no reshaping), so transposed and
 strided inputs need no copy; outputs follow the input's memory order.
+
+IEEE semantics, silently, as on a GPU: NaN/Inf propagate, ``eps=0`` on a
+constant channel gives NaN, a float16 output beyond 65504 becomes Inf;
+NumPy's floating-point warnings are suppressed (``_ieee``) so that they do not
+surface in callers' code.
 """
 from __future__ import annotations
 
@@ -21,6 +26,9 @@ import numpy as np
 from ..validation import ChannelLayout, compute_dtype
 
 name = "numpy"
+
+#: Decorator for the entry points: no NumPy floating-point warnings.
+_ieee = np.errstate(divide="ignore", invalid="ignore", over="ignore")
 
 
 def asarray(x):
@@ -99,6 +107,7 @@ def update_running(running_mean, running_var, mean, var_unbiased, factor):
         run[...] = new
 
 
+@_ieee
 def channel_stats(x, layout: ChannelLayout):
     """Per-channel mean and M2 (sum of squared deviations) of x.
 
@@ -108,6 +117,7 @@ def channel_stats(x, layout: ChannelLayout):
     return mean, m2
 
 
+@_ieee
 def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running):
     """Training forward.
 
@@ -129,18 +139,25 @@ def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool,
     return y, mean.astype(cdt), invstd.astype(cdt)
 
 
+@_ieee
 def forward_infer(x, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float,
                   relu: bool):
-    """Inference forward from running statistics (C,); returns y like x."""
+    """Inference forward from running statistics (C,).
+
+    Returns ``y`` (like x) and the ``mean`` and ``invstd`` used, (C,) in the
+    compute dtype.
+    """
     xc = _upcast(x)
     mean = np.asarray(running_mean, dtype=np.float64)
     invstd = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
     scale, beta64 = _affine(gamma, beta, invstd)
     k = mean.astype(xc.dtype)
     d = np.subtract(xc, k.reshape(layout.param_shape))
-    return _finish(d, layout, scale, beta64 - (mean - k) * scale, relu, x.dtype)
+    y = _finish(d, layout, scale, beta64 - (mean - k) * scale, relu, x.dtype)
+    return y, k, invstd.astype(xc.dtype)
 
 
+@_ieee
 def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma):
     """Backward of the training forward (before any activation).
 
