@@ -70,6 +70,18 @@ def compute_dtype(dtype) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
+def array_dtype(a) -> np.dtype:
+    """NumPy dtype of any array: NumPy, CuPy, Numba, or a torch CUDA tensor
+    (whose dtype NumPy cannot read, but whose CUDA array interface says it)."""
+    try:
+        return np.dtype(a.dtype)
+    except TypeError:
+        cai = getattr(a, "__cuda_array_interface__", None)
+        if cai is None:
+            raise TypeError(f"cannot tell the dtype of {type(a).__name__}") from None
+        return np.dtype(cai["typestr"])
+
+
 def _describe(value) -> str:
     if hasattr(value, "dtype") and hasattr(value, "shape"):
         return f"{type(value).__name__} of dtype {value.dtype} and shape {tuple(value.shape)}"
@@ -80,7 +92,7 @@ def check_input(x, name: str = "x"):
     """Check that ``x`` is an array of a supported float dtype with ndim >= 1."""
     if not (hasattr(x, "dtype") and hasattr(x, "shape")):
         raise TypeError(f"{name} must be an array, got {type(x).__name__}")
-    dtype = np.dtype(x.dtype)
+    dtype = array_dtype(x)
     if dtype not in INPUT_DTYPES:
         raise TypeError(
             f"{name} must have dtype float16, float32 or float64, got {dtype}"
@@ -121,7 +133,7 @@ def check_per_channel(p, name: str, channels: int, *, dtypes=None, writable: boo
             raise ValueError(f"{name} is read-only, but training updates it in place")
     else:
         p = asarray(p)
-    dtype = np.dtype(p.dtype)
+    dtype = array_dtype(p)
     allowed = dtypes if dtypes is not None else INPUT_DTYPES
     if dtype not in allowed:
         names = ", ".join(str(d) for d in allowed)
@@ -205,5 +217,5 @@ def check_training_count(layout: ChannelLayout, name: str = "x") -> None:
 def check_same_shape(dy, x) -> None:
     if tuple(dy.shape) != tuple(x.shape):
         raise ValueError(f"dy must have the shape of x {tuple(x.shape)}, got {tuple(dy.shape)}")
-    if np.dtype(dy.dtype) != np.dtype(x.dtype):
+    if array_dtype(dy) != array_dtype(x):
         raise TypeError(f"dy must have the dtype of x ({x.dtype}), got {dy.dtype}")

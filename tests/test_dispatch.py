@@ -154,7 +154,7 @@ def test_broken_optional_package_is_reported_not_raised(tmp_path):
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
         env={**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")})
     assert proc.returncode == 0, proc.stderr
-    assert "cupy is installed but fails to import: libcudart.so.13" in proc.stdout
+    assert "cupy is installed but fails to import: ImportError: libcudart.so.13" in proc.stdout
 
 
 def test_cupy_without_driver_reason():

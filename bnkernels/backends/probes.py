@@ -10,6 +10,11 @@ from __future__ import annotations
 import functools
 import importlib
 
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line (driver errors come with blank lines)."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split()).rstrip(" :")
+
+
 CUDA_EXTRA = 'pip install "bnkernels[cuda13]" (CUDA 13 driver) or "bnkernels[cuda12]"'
 
 
@@ -21,7 +26,7 @@ def missing_package(module: str) -> str | None:
     except ModuleNotFoundError as exc:
         return f"{exc.name or module} is not installed"
     except ImportError as exc:  # installed but broken (e.g. a missing shared library)
-        return f"{module} is installed but fails to import: {exc}"
+        return f"{module} is installed but fails to import: {_one_line(exc)}"
     return None
 
 
@@ -36,7 +41,7 @@ def cupy_device_problem() -> str | None:
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # CUDARuntimeError: no driver, driver too old, ...
-        return f"cupy is installed but the CUDA driver is not usable: {exc}"
+        return f"cupy is installed but the CUDA driver is not usable: {_one_line(exc)}"
     if count == 0:
         return "cupy is installed but no CUDA device is visible (check CUDA_VISIBLE_DEVICES)"
     return None
@@ -55,7 +60,7 @@ def numba_cuda_device_problem() -> str | None:
             return None
         cuda.detect()  # raises with the driver's own reason when it can
     except Exception as exc:
-        return f"numba-cuda is installed but the CUDA driver is not usable: {exc}"
+        return f"numba-cuda is installed but the CUDA driver is not usable: {_one_line(exc)}"
     return "numba-cuda is installed but no CUDA driver or device was found"
 
 
