@@ -1,0 +1,170 @@
+"""The numba-cuda backend against the float64 reference.
+
+Runs under the CUDA simulator (NUMBA_ENABLE_CUDASIM=1, its own pytest
+process: see ci/test.sh) and, unchanged, on a real GPU (marked ``gpu``).
+Launches are shrunk (``TUNING``) so that every reduction uses several blocks
+per channel group: the staging buffer and the last-block merge really run.
+Every buffer the backend allocates is poisoned with NaN first
+(``BNKERNELS_POISON=1``), so an element no kernel writes fails the test.
+"""
+import numpy as np
+import pytest
+from numba import cuda
+
+from bnkernels import bn_backward, bn_forward, channel_stats
+from bnkernels.backends import numba_cuda as nc
+from bnkernels.backends.numba_cuda import launch
+from bnkernels.reference import reference_backward, reference_forward, reference_stats
+from bnkernels.validation import channel_layout
+from helpers import DTYPES, assert_close, make_input, make_params
+
+BACKEND = "numba-cuda"
+
+#: 32-thread blocks (one warp: shuffles only) and 64-thread blocks (two
+#: warps: shuffles, then shared memory), each with several splits.
+TUNINGS = {
+    "warp": launch.Tuning(block_threads=32, min_values_per_thread=1, waves=4),
+    "2warps": launch.Tuning(block_threads=64, min_values_per_thread=1, waves=4),
+}
+
+# (shape, axis): channel planes (inner > 1, ragged 17 and 5*7) and channel
+# fastest (inner == 1) with C below a warp, C = 7 (ragged tx = 8) and C = 40
+# (two channel groups of 32).
+CASES = [
+    ((8, 5, 17), 1),
+    ((2, 3, 5, 7), 1),
+    ((9, 2, 3, 5), 2),
+    ((33, 7), 1),
+    ((9, 4, 3), -1),
+    ((4, 40), 1),
+]
+
+
+@pytest.fixture(params=list(TUNINGS), autouse=True)
+def small_launches(request, monkeypatch):
+    monkeypatch.setattr(nc, "TUNING", TUNINGS[request.param])
+    monkeypatch.setenv(nc.POISON_ENV, "1")
+    return TUNINGS[request.param]
+
+
+def _splits(shape, axis, tuning):
+    lay = channel_layout(shape, axis)
+    return launch.reduce_plan(lay.outer, lay.channels, lay.inner, nc._limits(), tuning).splits
+
+
+@pytest.mark.parametrize("shape,axis", CASES)
+def test_plans_use_several_blocks_per_channel(shape, axis, small_launches):
+    assert _splits(shape, axis, small_launches) > 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", CASES)
+def test_training_forward_and_backward(shape, axis, dtype, rng):
+    x = make_input(shape, dtype, rng)
+    C = shape[axis]
+    gamma, beta = make_params(C, rng)
+    rm, rv = rng.standard_normal(C).astype(np.float32), rng.uniform(0.5, 2, C).astype(np.float32)
+    ref = reference_forward(x, gamma, beta, rm, rv, axis=axis)
+    y, saved = bn_forward(x, gamma, beta, rm, rv, axis=axis, backend=BACKEND, return_saved=True)
+    assert isinstance(y, np.ndarray) and y.dtype == x.dtype and y.shape == x.shape
+    assert_close(y, ref[0], dtype, "y")
+    assert_close(saved.mean, ref[1], dtype, "saved.mean", scale=np.abs(ref[1]).max() + 1)
+    assert_close(saved.invstd, ref[2], dtype, "saved.invstd")
+    assert_close(rm, ref[3], np.float32, "running_mean", scale=np.abs(ref[3]).max() + 1)
+    assert_close(rv, ref[4], np.float32, "running_var", scale=np.abs(ref[4]).max() + 1)
+
+    dy = make_input(shape, dtype, rng, mean=0.5, std=1.0)
+    dx, dgamma, dbeta = bn_backward(dy, x, saved.mean, saved.invstd, gamma, axis=axis, backend=BACKEND)
+    rdx, rdgamma, rdbeta = reference_backward(dy, x, saved.mean, saved.invstd, gamma, axis=axis)
+    n = x.size // C
+    term = float(np.abs(dy.astype(np.float64)).max() * gamma.max() * saved.invstd.astype(np.float64).max())
+    assert_close(dx, rdx, dtype, "dx", scale=3 * term)
+    assert_close(dbeta, rdbeta, dtype, "dbeta", scale=np.abs(dy.astype(np.float64)).max() * n)
+    assert_close(dgamma, rdgamma, dtype, "dgamma", scale=4 * np.abs(dy.astype(np.float64)).max() * n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", [CASES[0], CASES[3]])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_inference(shape, axis, dtype, activation, rng):
+    x = make_input(shape, dtype, rng)
+    C = shape[axis]
+    gamma, beta = make_params(C, rng)
+    rm = (3 + rng.standard_normal(C)).astype(np.float64)  # float64 running stats too
+    rv = rng.uniform(0.5, 8, C)
+    y, saved = bn_forward(x, gamma, beta, rm, rv, training=False, axis=axis, activation=activation,
+                          backend=BACKEND, return_saved=True)
+    ref = reference_forward(x, gamma, beta, rm, rv, training=False, axis=axis, activation=activation)
+    assert_close(y, ref[0], dtype, "y")
+    assert_close(saved.invstd, ref[2], dtype, "saved.invstd")
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("momentum,activation", [(0.1, "relu"), (None, None), (1.0, None)])
+def test_options(affine, momentum, activation, rng):
+    x = make_input((4, 3, 6), np.float32, rng)
+    gamma, beta = make_params(3, rng) if affine else (None, None)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    nbt = 2 if momentum is None else None
+    ref = reference_forward(x, gamma, beta, rm, rv, momentum=momentum, activation=activation,
+                            num_batches_tracked=nbt)
+    y = bn_forward(x, gamma, beta, rm, rv, momentum=momentum, activation=activation, backend=BACKEND,
+                   num_batches_tracked=nbt)
+    assert_close(y, ref[0], np.float32, "y")
+    assert_close(rm, ref[3], np.float32, "running_mean")
+    assert_close(rv, ref[4], np.float32, "running_var")
+
+
+@pytest.mark.parametrize("shape,axis", [((16, 3, 8), 1), ((64, 3), 1)])
+def test_large_mean_float32_is_exact(shape, axis, rng):
+    x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
+    y = bn_forward(x, axis=axis, backend=BACKEND)
+    err = np.abs(y.astype(np.float64) - reference_forward(x, axis=axis)[0]).max()
+    assert err <= 1e-4, f"max error {err:.3g} batch stds"
+
+
+def test_device_arrays_in_place_and_returned_as_device_arrays(rng):
+    x = make_input((6, 3, 5), np.float32, rng)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    ref = reference_forward(x, None, None, rm, rv)
+    d_x, d_rm, d_rv = cuda.to_device(x), cuda.to_device(rm), cuda.to_device(rv)
+    y, saved = bn_forward(d_x, None, None, d_rm, d_rv, backend=BACKEND, return_saved=True)
+    assert cuda.devicearray.is_cuda_ndarray(y) and cuda.devicearray.is_cuda_ndarray(saved.mean)
+    assert_close(y.copy_to_host(), ref[0], np.float32, "y")
+    assert_close(d_rm.copy_to_host(), ref[3], np.float32, "running_mean (device, in place)")
+    assert_close(d_rv.copy_to_host(), ref[4], np.float32, "running_var (device, in place)")
+    np.testing.assert_array_equal(d_x.copy_to_host(), x)
+
+
+def test_strided_host_input(rng):
+    base = make_input((5, 3, 8), np.float32, rng)
+    x = base[:, :, ::2]
+    y = bn_forward(x, backend=BACKEND)
+    assert_close(y, reference_forward(x)[0], np.float32, "y")
+
+
+def test_repeated_launches_reset_the_counters(rng):
+    """The last block of each group zeroes its counter: a second launch
+    must find them zero again (else no block would finalize)."""
+    x = make_input((9, 3, 4), np.float32, rng)
+    for _ in range(2):
+        assert_close(bn_forward(x, backend=BACKEND), reference_forward(x)[0], np.float32, "y")
+    counters = next(iter(nc._counters.values())).copy_to_host()
+    assert not counters.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channel_stats(dtype, rng):
+    x = make_input((7, 4, 5), dtype, rng, mean=50.0)
+    s = channel_stats(x, backend=BACKEND)
+    n, mean, var = reference_stats(x)
+    assert s.count == n
+    rtol = 1e-12 if dtype == np.float64 else 1e-6
+    np.testing.assert_allclose(s.mean, mean, rtol=rtol)
+    np.testing.assert_allclose(s.var, var, rtol=100 * rtol)
+
+
+def test_empty_inference_batch():
+    y = bn_forward(np.zeros((0, 3), np.float32), None, None, np.zeros(3), np.ones(3), training=False,
+                   backend=BACKEND)
+    assert y.shape == (0, 3)
