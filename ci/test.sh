@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Install the test dependencies into ./.venv and run the whole test suite.
 # This is the test command of README.md; .ci/run calls it. Extra arguments go
-# to pytest. CPU only: tests marked `gpu` are deselected unless BNKERNELS_GPU=1.
+# to both pytest runs. CPU only: tests marked `gpu` are deselected unless
+# BNKERNELS_GPU=1. Exits non-zero when any test failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-# torch is the comparison point for the torch-marked tests; 2.13.0 CPU is
-# what CI pins. cupy-cuda13x imports without a GPU, so the "cupy installed,
-# no driver" path of backend selection is tested for real.
-TEST_EXTRAS=${BNKERNELS_TEST_EXTRAS:-"torch==2.13.0 cupy-cuda13x"}
+# Beyond bnkernels[test]:
+# - torch==2.13.0 (CPU): the comparison point of the torch-marked tests;
+# - cupy-cuda13x: imports without a GPU, so the "cupy installed, no driver"
+#   path of backend selection is tested for real;
+# - numba + numba-cuda[cu13] (NVVM, NVRTC): the numba-cuda kernels run under
+#   the CUDA simulator and compile to PTX;
+# - cuda-toolkit[nvcc]: a ptxas as new as that NVVM (the machine's CUDA 13.0
+#   ptxas rejects PTX 9.5) to assemble for sm_80/sm_90 and report resources.
+TEST_EXTRAS=${BNKERNELS_TEST_EXTRAS-"torch==2.13.0 cupy-cuda13x numba numba-cuda[cu13] cuda-toolkit[nvcc]"}
 
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
@@ -22,4 +28,17 @@ echo "ci/test.sh: installing bnkernels[test] $TEST_EXTRAS into .venv" >&2
 
 MARKS="not gpu"
 if [ "${BNKERNELS_GPU:-0}" = "1" ]; then MARKS=""; fi
-exec .venv/bin/python -m pytest -m "$MARKS" "$@"
+
+# 1. Everything that runs on the CPU as is (NumPy backend, dispatch, CLI,
+#    benchmarks as smoke tests, compile checks of the GPU kernels).
+status=0
+.venv/bin/python -m pytest -m "$MARKS" "$@" || status=$?
+
+# 2. The GPU kernels executed by Numba's CUDA simulator, in a process of its
+#    own (the simulator replaces numba.cuda at import time).
+if .venv/bin/python -c "import numba.cuda" 2>/dev/null; then
+  NUMBA_ENABLE_CUDASIM=1 .venv/bin/python -m pytest tests/cudasim -p no:cacheprovider "$@" || status=$?
+else
+  echo "ci/test.sh: numba-cuda is not installed: simulator tests not run" >&2
+fi
+exit $status
