@@ -17,7 +17,9 @@ Kernels (built per ``acc`` by :func:`get_kernels`):
   saved mean/invstd, the apply coefficients and the running statistics.
   It then resets the counter for the next launch.
 - ``apply``: ``y = (x - k) * scale + shift`` [ReLU], one pass, layout
-  agnostic (the channel of each flat index is tracked incrementally).
+  agnostic (the channel of each flat index is tracked incrementally, with no
+  division in the loop), 4 loads in flight per thread. Loads are scalar:
+  Numba emits no vector (16-byte) loads, even through complex views.
 - ``infer_coeffs``: per-channel ``k, scale, shift`` from running statistics.
 - ``bwd_planes`` / ``bwd_rows``: ``sum(dy)`` and ``sum(dy * (x - k))`` per
   channel with the same grid and last-block merge; the last block writes
@@ -39,7 +41,6 @@ from numba import cuda
 WARP = 32
 MAX_WARPS = 32  # 1024 threads per block at most
 FULL_MASK = 0xFFFFFFFF
-UNROLL = 4  # independent accumulators / loads in flight per thread
 
 
 @cuda.jit(device=True, inline=True)
@@ -78,6 +79,29 @@ def step(o, i, so, si, inner):
         i -= inner
         o += 1
     return o, i
+
+
+@cuda.jit(device=True, inline=True)
+def advance(i, c, ti, tc, inner, C):
+    """Channel tracking of a grid-stride loop: the position ``i`` within a
+    plane and the channel ``c`` of flat index ``p + T``, given those of ``p``
+    and the decomposition ``(ti, tc)`` of the stride ``T``. No division."""
+    i += ti
+    c += tc
+    if i >= inner:
+        i -= inner
+        c += 1
+    if c >= C:
+        c -= C
+    return i, c
+
+
+@cuda.jit(device=True, inline=True)
+def stride_parts(p, T, C, inner):
+    """(i, c) of flat index p and (ti, tc) of the stride T."""
+    q = p // inner
+    tq = T // inner
+    return p - q * inner, q % C, T - tq * inner, tq % C
 
 
 def _make_block_reduce(combine):
@@ -349,30 +373,49 @@ def _make_apply_kernel(acc):
     def apply(x, y,  # (outer * C * inner,) input and output, same dtype
               C, inner,  # int64
               k, scale, shift,  # (C,) acc
-              relu):  # int32 flag
+              relu):  # int flag
+        # Grid-stride loop unrolled by 4: all loads are issued before
+        # the stores (more bytes in flight per thread); coalesced in every
+        # layout, since consecutive threads take consecutive addresses.
         total = x.size
         T = numba.int64(cuda.gridDim.x) * cuda.blockDim.x
         p = numba.int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-        q = p // inner
-        i = p - q * inner
-        c = q % C
-        tq = T // inner
-        ti = T - tq * inner
-        tc = tq % C
+        i0, c0, ti, tc = stride_parts(p, T, C, inner)
         zero = acc(0)
         while p < total:
-            v = (acc(x[p]) - k[c]) * scale[c] + shift[c]
-            if relu and v < zero:  # NaN < 0 is False: NaN propagates
-                v = zero
-            y[p] = v
-            p += T
-            i += ti
-            c += tc
-            if i >= inner:
-                i -= inner
-                c += 1
-            if c >= C:
-                c -= C
+            i1, c1 = advance(i0, c0, ti, tc, inner, C)
+            i2, c2 = advance(i1, c1, ti, tc, inner, C)
+            i3, c3 = advance(i2, c2, ti, tc, inner, C)
+            v0 = acc(x[p])
+            v1 = v2 = v3 = zero
+            if p + T < total:
+                v1 = acc(x[p + T])
+            if p + 2 * T < total:
+                v2 = acc(x[p + 2 * T])
+            if p + 3 * T < total:
+                v3 = acc(x[p + 3 * T])
+            v0 = (v0 - k[c0]) * scale[c0] + shift[c0]
+            v1 = (v1 - k[c1]) * scale[c1] + shift[c1]
+            v2 = (v2 - k[c2]) * scale[c2] + shift[c2]
+            v3 = (v3 - k[c3]) * scale[c3] + shift[c3]
+            if relu:  # NaN < 0 is False: NaN propagates
+                if v0 < zero:
+                    v0 = zero
+                if v1 < zero:
+                    v1 = zero
+                if v2 < zero:
+                    v2 = zero
+                if v3 < zero:
+                    v3 = zero
+            y[p] = v0
+            if p + T < total:
+                y[p + T] = v1
+            if p + 2 * T < total:
+                y[p + 2 * T] = v2
+            if p + 3 * T < total:
+                y[p + 3 * T] = v3
+            p += 4 * T
+            i0, c0 = advance(i3, c3, ti, tc, inner, C)
 
     return apply
 
@@ -406,25 +449,25 @@ def _make_dx_kernel(acc):
     def dx(dy, x, out,  # (outer * C * inner,) same dtype
            C, inner,  # int64
            k, a, b, cc):  # (C,) acc: out = dy * a + (x - k) * b + cc
+        # Unrolled grid-stride loop as in ``apply``.
         total = x.size
         T = numba.int64(cuda.gridDim.x) * cuda.blockDim.x
         p = numba.int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-        q = p // inner
-        i = p - q * inner
-        c = q % C
-        tq = T // inner
-        ti = T - tq * inner
-        tc = tq % C
+        i0, c0, ti, tc = stride_parts(p, T, C, inner)
+        zero = acc(0)
         while p < total:
-            out[p] = acc(dy[p]) * a[c] + (acc(x[p]) - k[c]) * b[c] + cc[c]
-            p += T
-            i += ti
-            c += tc
-            if i >= inner:
-                i -= inner
-                c += 1
-            if c >= C:
-                c -= C
+            i1, c1 = advance(i0, c0, ti, tc, inner, C)
+            g0 = acc(dy[p])
+            v0 = acc(x[p])
+            g1 = v1 = zero
+            if p + T < total:
+                g1 = acc(dy[p + T])
+                v1 = acc(x[p + T])
+            out[p] = g0 * a[c0] + (v0 - k[c0]) * b[c0] + cc[c0]
+            if p + T < total:
+                out[p + T] = g1 * a[c1] + (v1 - k[c1]) * b[c1] + cc[c1]
+            p += 2 * T
+            i0, c0 = advance(i1, c1, ti, tc, inner, C)
 
     return dx
 
