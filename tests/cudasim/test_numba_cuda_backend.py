@@ -174,3 +174,33 @@ def test_empty_inference_batch():
     y = bn_forward(np.zeros((0, 3), np.float32), None, None, np.zeros(3), np.ones(3), training=False,
                    backend=BACKEND)
     assert y.shape == (0, 3)
+
+
+ON_SIMULATOR = cuda.jit.__module__.startswith("numba.cuda.simulator")
+real_gpu_only = pytest.mark.skipif(ON_SIMULATOR, reason="CuPy arrays and torch CUDA tensors need a real GPU")
+
+
+@real_gpu_only
+def test_cupy_in_cupy_out(rng):
+    cp = pytest.importorskip("cupy")
+    x = make_input((8, 3, 5, 5), np.float32, rng)
+    rm, rv = cp.zeros(3, cp.float32), cp.ones(3, cp.float32)
+    y, saved = bn_forward(cp.asarray(x), None, None, rm, rv, backend=BACKEND, return_saved=True)
+    assert isinstance(y, cp.ndarray) and isinstance(saved.mean, cp.ndarray)
+    ref = reference_forward(x, None, None, np.zeros(3), np.ones(3))
+    assert_close(cp.asnumpy(y), ref[0], np.float32, "y")
+    assert_close(cp.asnumpy(rm), ref[3], np.float32, "running_mean (CuPy, in place)")
+    # channels-last view of the same data: non-contiguous on the device
+    yl = bn_forward(cp.asarray(x).transpose(0, 2, 3, 1), axis=-1, backend=BACKEND)
+    assert_close(cp.asnumpy(yl).transpose(0, 3, 1, 2), ref[0], np.float32, "y (transposed CuPy)")
+
+
+@real_gpu_only
+def test_torch_in_torch_out(rng):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    x = make_input((8, 3, 5, 5), np.float32, rng)
+    y = bn_forward(torch.from_numpy(x).cuda(), backend="auto")  # auto: a GPU array goes to a GPU backend
+    assert isinstance(y, torch.Tensor) and y.is_cuda
+    assert_close(y.cpu().numpy(), reference_forward(x)[0], np.float32, "y")
