@@ -104,6 +104,36 @@ def stride_parts(p, T, C, inner):
     return p - q * inner, q % C, T - tq * inner, tq % C
 
 
+@cuda.jit(device=True, inline=True)
+def walk(inner):
+    """Where this thread starts walking the values of its channel, and its
+    stride, in (o, i) coordinates of the (outer, inner) plane: values
+    j0, j0 + S, ... with S = gridDim.x * blockDim.y. Returns (o, i, so, si)."""
+    height = cuda.blockDim.y
+    S = numba.int64(cuda.gridDim.x) * height
+    j0 = numba.int64(cuda.blockIdx.x) * height + cuda.threadIdx.y
+    o = j0 // inner
+    so = S // inner
+    return o, j0 - o * inner, so, S - so * inner
+
+
+@cuda.jit(device=True, inline=True)
+def last_to_arrive(counters, g, flag):
+    """Count this block's arrival at group ``g`` (after its partials were
+    written) and tell every thread whether it was the last block of the
+    grid row: then all partials of the group are visible to it.
+    ``flag``: a 1-element int32 shared array."""
+    cuda.threadfence()  # this block's partials are visible device-wide first
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0 and cuda.threadIdx.y == 0:
+        flag[0] = cuda.atomic.add(counters, g, 1) == cuda.gridDim.x - 1
+    cuda.syncthreads()
+    last = flag[0] != 0
+    if last:
+        cuda.threadfence()
+    return last
+
+
 def _make_block_reduce(combine):
     """Reduce a triple over the ``ty`` lanes of each ``tx`` column of a 2-D
     block: warp shuffles, then shared memory across warps. The result is
@@ -182,17 +212,11 @@ def _make_stats_kernel(acc, channels_last):
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
         width = cuda.blockDim.x
-        height = cuda.blockDim.y
-        splits = cuda.gridDim.x
         bx = cuda.blockIdx.x
         zero = acc(0)
         one = acc(1)
         groups = (C + width - 1) // width
-        # values of a channel walked by this thread: j0, j0 + S, ... as (o, i)
-        S = numba.int64(splits) * height
-        j0 = numba.int64(bx) * height + ty
-        so = S // inner
-        si = S - so * inner
+        o_start, i_start, so, si = walk(inner)
         for g in range(cuda.blockIdx.y, groups, cuda.gridDim.y):
             c = numba.int64(g) * width + tx
             active = c < C
@@ -203,8 +227,7 @@ def _make_stats_kernel(acc, channels_last):
             k0 = zero
             if active:
                 k0 = acc(x[c * inner])  # shift: the channel's first value
-                o = j0 // inner
-                i = j0 - o * inner
+                o, i = o_start, i_start
                 while o < outer:
                     base = o * C + c
                     v0 = acc(x[base if channels_last else base * inner + i]) - k0
@@ -237,16 +260,10 @@ def _make_stats_kernel(acc, channels_last):
                 stage_n[c, bx] = n0
                 stage_m[c, bx] = m0
                 stage_q[c, bx] = q0
-            cuda.threadfence()  # partials visible device-wide before counting
-            cuda.syncthreads()
-            if tx == 0 and ty == 0:
-                sh_last[0] = cuda.atomic.add(counters, g, 1) == splits - 1
-            cuda.syncthreads()
-            if sh_last[0]:
-                cuda.threadfence()
+            if last_to_arrive(counters, g, sh_last):
                 n0 = m0 = q0 = zero
                 if active:
-                    for b in range(ty, splits, height):
+                    for b in range(ty, cuda.gridDim.x, cuda.blockDim.y):
                         n0, m0, q0 = welford_combine(n0, m0, q0, stage_n[c, b], stage_m[c, b], stage_q[c, b])
                 n0, m0, q0 = welford_block_reduce(n0, m0, q0, sh_a, sh_b, sh_c)
                 if ty == 0 and active:
@@ -293,15 +310,10 @@ def _make_backward_kernel(acc, channels_last):
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
         width = cuda.blockDim.x
-        height = cuda.blockDim.y
-        splits = cuda.gridDim.x
         bx = cuda.blockIdx.x
         zero = acc(0)
         groups = (C + width - 1) // width
-        S = numba.int64(splits) * height
-        j0 = numba.int64(bx) * height + ty
-        so = S // inner
-        si = S - so * inner
+        o_start, i_start, so, si = walk(inner)
         for g in range(cuda.blockIdx.y, groups, cuda.gridDim.y):
             c = numba.int64(g) * width + tx
             active = c < C
@@ -309,8 +321,7 @@ def _make_backward_kernel(acc, channels_last):
             k = zero
             if active:
                 k = acc(saved_mean[c])
-                o = j0 // inner
-                i = j0 - o * inner
+                o, i = o_start, i_start
                 while o < outer:
                     base = o * C + c
                     p0 = base if channels_last else base * inner + i
@@ -335,16 +346,10 @@ def _make_backward_kernel(acc, channels_last):
                 stage_s[c, bx] = s0
                 stage_t[c, bx] = t0
                 stage_u[c, bx] = u0
-            cuda.threadfence()
-            cuda.syncthreads()
-            if tx == 0 and ty == 0:
-                sh_last[0] = cuda.atomic.add(counters, g, 1) == splits - 1
-            cuda.syncthreads()
-            if sh_last[0]:
-                cuda.threadfence()
+            if last_to_arrive(counters, g, sh_last):
                 s0 = t0 = zero
                 if active:
-                    for b in range(ty, splits, height):
+                    for b in range(ty, cuda.gridDim.x, cuda.blockDim.y):
                         s0 += stage_s[c, b]
                         t0 += stage_t[c, b]
                 s0, t0, u0 = sum_block_reduce(s0, t0, zero, sh_a, sh_b, sh_c)
