@@ -13,7 +13,7 @@ from numba import cuda
 
 from bnkernels import bn_backward, bn_forward, channel_stats
 from bnkernels.backends import numba_cuda as nc
-from bnkernels.backends.numba_cuda import launch
+from bnkernels.backends import launch
 from bnkernels.reference import reference_backward, reference_forward, reference_stats
 from bnkernels.validation import channel_layout
 from helpers import DTYPES, assert_close, make_input, make_params

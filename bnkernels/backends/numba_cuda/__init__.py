@@ -1,5 +1,5 @@
 """The ``numba-cuda`` backend: Numba CUDA kernels (``kernels.py``) launched
-with plans from ``launch.py``.
+with plans from ``bnkernels/backends/launch.py``.
 
 Arrays:
 
@@ -29,7 +29,7 @@ import numpy as np
 from numba import cuda
 
 from ...validation import ChannelLayout, compute_dtype
-from . import launch
+from .. import launch
 from .kernels import get_kernels
 
 name = "numba-cuda"

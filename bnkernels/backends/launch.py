@@ -1,7 +1,8 @@
-"""Launch configuration of the Numba CUDA kernels: plain Python, no GPU.
+"""Launch configuration of the GPU kernels (numba-cuda and cupy): plain Python, no GPU.
 
 Every kernel works on the canonical view ``(outer, C, inner)`` of a
-contiguous input. The formulas (all sizes in threads or blocks):
+contiguous input. Both GPU backends use these plans. The formulas (all sizes in threads or
+blocks):
 
 Reductions (statistics, backward sums): 2-D blocks ``(tx, ty)``, ``tx``
 channels side by side and ``ty`` lanes walking the values of each channel.

@@ -1,9 +1,9 @@
-"""Launch plans of the numba-cuda kernels: plain Python, checked without a GPU."""
+"""Launch plans of the GPU kernels (numba-cuda and cupy): plain Python, checked without a GPU."""
 import math
 
 import pytest
 
-from bnkernels.backends.numba_cuda.launch import (DeviceLimits, Tuning, elementwise_plan,
+from bnkernels.backends.launch import (DeviceLimits, Tuning, elementwise_plan,
                                                   reduce_plan)
 
 H100 = DeviceLimits(sm_count=132)
