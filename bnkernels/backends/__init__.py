@@ -10,9 +10,8 @@ Names:
 
 - ``"numpy"``: vectorized NumPy, always available.
 - ``"numba"``: fused parallel CPU kernels (planned).
+- ``"cupy"``: CUDA C++ kernels (``kernels/``) through ``cupy.RawModule``.
 - ``"numba-cuda"``: Numba CUDA kernels.
-- ``"cupy"``: CUDA C kernels through CuPy (planned; its probe already
-  reports whether a GPU is usable).
 - ``"cuda"``: the best usable GPU backend; falls back to the best CPU backend
   with a :class:`~bnkernels.BackendFallbackWarning` (once per reason).
 - ``"auto"``: follow the input: arrays exposing ``__cuda_array_interface__``
@@ -48,7 +47,7 @@ def _always() -> None:
 
 #: Every backend, in order of preference within its device kind.
 BACKENDS: tuple[BackendSpec, ...] = (
-    BackendSpec("cupy", "gpu", None, probes.cupy_device_problem, probes.CUDA_EXTRA),
+    BackendSpec("cupy", "gpu", "bnkernels.backends.cupy_backend", probes.cupy_device_problem, probes.CUDA_EXTRA),
     BackendSpec("numba-cuda", "gpu", "bnkernels.backends.numba_cuda", probes.numba_cuda_device_problem,
                 probes.CUDA_EXTRA),
     BackendSpec("numba", "cpu", None,
