@@ -262,11 +262,51 @@ def _cmd_bench(args, parser, implementations=None) -> int:
 
 
 # --------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------
+
+def _cmd_kernels(args) -> int:
+    """``bnkernels kernels``: compile the CuPy kernels with NVRTC as CuPy
+    would, for each ``--arch``, and print each instantiation's resources and
+    global/local memory instructions (:mod:`bnkernels.kernel_report`).
+    Exit 1 when a tool is missing or the sources do not compile."""
+    from . import kernel_report as kr
+
+    archs = list(dict.fromkeys(args.arch or kr.DEFAULT_ARCHS))
+    try:
+        archs = [kr.normalize_arch(a) for a in archs]
+        reports = [r for arch in archs for r in kr.inspect(arch)]
+        version = "%d.%d" % kr.nvrtc_version()
+    except ValueError as exc:
+        print(f"bnkernels kernels: --arch: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (kr.KernelToolError, kr.KernelCompileError) as exc:
+        print(f"bnkernels kernels: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        options = kr.bnkernels_sources().options
+        print(json.dumps({"nvrtc_version": version, "archs": archs,
+                          "nvrtc_options": {a: list(kr.compile_options(options, a)) for a in archs},
+                          "kernels": [r.to_dict() for r in reports]}, indent=2))
+        return EXIT_OK
+    print(f"NVRTC {version}, options as cupy.RawModule passes them; resources from ptxas, "
+          "memory instructions from cuobjdump -sass")
+    rows = [[r.name_expression, r.arch, str(r.registers), str(r.shared_bytes), str(r.stack_bytes),
+             str(r.spill_bytes), str(r.local_memory_ops), f"{r.vector_loads}/{r.vector_stores}",
+             f"{r.scalar_global_loads}/{r.scalar_global_stores}", "yes" if r.vectorized else "no"]
+            for r in reports]
+    print(_format_table(["kernel", "arch", "regs", "smem B", "stack B", "spill B", "LDL/STL",
+                         "128-bit ld/st", "narrower ld/st", "vectorized"],
+                        rows, [False, False] + [True] * 7 + [False]))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser with the ``info`` and ``bench`` subcommands."""
+    """The argparse parser with the ``info``, ``bench`` and ``kernels`` subcommands."""
     parser = argparse.ArgumentParser(prog="bnkernels", description="bnkernels command-line tool")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -300,6 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="torch.set_num_threads for the torch comparison (default: torch's own)")
     p_bench.add_argument("--json", metavar="FILE", default=None, help="write all figures to FILE")
     p_bench.set_defaults(subparser=p_bench)
+
+    p_kernels = sub.add_parser(
+        "kernels", help="compile the CUDA kernels (no GPU needed) and report their resources",
+        description="Compile every CuPy kernel instantiation with NVRTC and CuPy's options, then "
+                    "print registers, shared memory, stack, spills, local-memory instructions "
+                    "(LDL/STL) and 128-bit global loads/stores from cuobjdump -sass. Needs "
+                    '"cuda-bindings==13.*" and "cuda-toolkit[nvrtc,cudart,cuobjdump,nvdisasm]==13.*".')
+    p_kernels.add_argument("--arch", action="append", metavar="SM",
+                           help="real architecture, repeatable (default: sm_80 and sm_90)")
+    p_kernels.add_argument("--json", action="store_true", help="print as JSON")
+    p_kernels.set_defaults(subparser=p_kernels)
     return parser
 
 
@@ -317,6 +368,8 @@ def main(argv: Sequence[str] | None = None, *,
         args = parser.parse_args(argv)
         if args.command == "info":
             return _cmd_info(args)
+        if args.command == "kernels":
+            return _cmd_kernels(args)
         return _cmd_bench(args, args.subparser, implementations)
     except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE

@@ -13,9 +13,10 @@ PYTHON=${PYTHON:-python3}
 #   path of backend selection is tested for real;
 # - numba + numba-cuda[cu13] (NVVM, NVRTC): the numba-cuda kernels run under
 #   the CUDA simulator and compile to PTX;
-# - cuda-toolkit[nvcc]: a ptxas as new as that NVVM (the machine's CUDA 13.0
-#   ptxas rejects PTX 9.5) to assemble for sm_80/sm_90 and report resources.
-TEST_EXTRAS=${BNKERNELS_TEST_EXTRAS-"torch==2.13.0 cupy-cuda13x numba numba-cuda[cu13] cuda-toolkit[nvcc]"}
+# - cuda-toolkit[nvcc,cuobjdump,nvdisasm]: a ptxas as new as that NVVM (the
+#   machine's CUDA 13.0 ptxas rejects PTX 9.5) to assemble for sm_80/sm_90
+#   and report resources, and cuobjdump/nvdisasm to read the SASS.
+TEST_EXTRAS=${BNKERNELS_TEST_EXTRAS-"torch==2.13.0 cupy-cuda13x numba numba-cuda[cu13] cuda-toolkit[nvcc,cuobjdump,nvdisasm]"}
 
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
@@ -41,4 +42,6 @@ if .venv/bin/python -c "import numba.cuda" 2>/dev/null; then
 else
   echo "ci/test.sh: numba-cuda is not installed: simulator tests not run" >&2
 fi
+# 3. Record the resource report of the CUDA C++ kernels in the log.
+.venv/bin/bnkernels kernels --arch sm_80 --arch sm_90 || status=$?
 exit $status
