@@ -1,0 +1,55 @@
+"""The cupy backend through the public API on a real GPU (marked ``gpu``;
+``pytest -m gpu`` on a machine with a GPU and CuPy). Without a GPU these
+tests are deselected (CI) or skip; the same kernels are executed on the CPU
+by ``tests/host_cuda/test_cupy_kernels.py`` on every commit."""
+import numpy as np
+import pytest
+
+import bnkernels
+from bnkernels import bn_backward, bn_forward
+from bnkernels.reference import reference_backward, reference_forward
+from helpers import DTYPES, assert_close, make_input, make_params
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not bnkernels.available_backends()["cupy"].available,
+                       reason="the cupy backend cannot run here (no GPU or no CuPy)"),
+]
+
+CASES = [((8, 3, 17), 1), ((2, 3, 5, 7), 1), ((9, 2, 3, 5), 2), ((33, 7), 1), ((9, 4, 3), -1), ((4, 40), 1),
+         ((32, 64, 28, 28), 1), ((32, 28, 28, 64), -1), ((4096, 3), 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", CASES)
+def test_forward_backward_on_gpu(shape, axis, dtype, rng, monkeypatch):
+    cp = pytest.importorskip("cupy")
+    monkeypatch.setenv("BNKERNELS_POISON", "1")
+    x = make_input(shape, dtype, rng)
+    C = shape[axis]
+    gamma, beta = make_params(C, rng)
+    rm, rv = cp.zeros(C, cp.float32), cp.ones(C, cp.float32)
+    y, saved = bn_forward(cp.asarray(x), cp.asarray(gamma), cp.asarray(beta), rm, rv, axis=axis, backend="cupy",
+                          return_saved=True)
+    assert isinstance(y, cp.ndarray)
+    ref = reference_forward(x, gamma, beta, np.zeros(C), np.ones(C), axis=axis)
+    assert_close(cp.asnumpy(y), ref[0], dtype, "y")
+    assert_close(cp.asnumpy(rv), ref[4], np.float32, "running_var", scale=np.abs(ref[4]).max() + 1)
+    dy = make_input(shape, dtype, rng, mean=0.5, std=1.0)
+    dx, dgamma, dbeta = bn_backward(cp.asarray(dy), cp.asarray(x), saved.mean, saved.invstd, cp.asarray(gamma),
+                                    axis=axis, backend="cupy")
+    mean, invstd = cp.asnumpy(saved.mean), cp.asnumpy(saved.invstd)
+    rdx, _, rdbeta = reference_backward(dy, x, mean, invstd, gamma, axis=axis)
+    term = float(np.abs(dy.astype(np.float64)).max() * gamma.max() * invstd.astype(np.float64).max())
+    assert_close(cp.asnumpy(dx), rdx, dtype, "dx", scale=3 * term)
+    assert_close(cp.asnumpy(dbeta), rdbeta, dtype, "dbeta", scale=float(np.abs(dy).max()) * (x.size // C))
+
+
+def test_numpy_input_round_trip_and_host_running_stats(rng):
+    x = make_input((8, 3, 5, 5), np.float32, rng)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    y = bn_forward(x, None, None, rm, rv, backend="cupy")
+    ref = reference_forward(x, None, None, np.zeros(3), np.ones(3))
+    assert isinstance(y, np.ndarray)
+    assert_close(y, ref[0], np.float32, "y")
+    assert_close(rm, ref[3], np.float32, "running_mean (host, in place)")

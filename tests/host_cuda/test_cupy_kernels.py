@@ -1,0 +1,206 @@
+"""The CuPy backend's CUDA C++ kernels (``kernels/*.cu``), unchanged,
+executed on the CPU by the host harness (``cuda_host.h``), driven by the very
+launch sequences the backend runs (``plans.run_*``), against the float64
+reference.
+
+Every buffer the plans allocate is poisoned with NaN (an element no kernel
+writes fails), and launches are shrunk (1 SM, 2 resident blocks, 32- and
+64-thread blocks) so that every reduction uses several blocks per channel
+group: the staging buffer and the last-block merge really run. A few cases
+run again under ThreadSanitizer, which must find no data race.
+"""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bnkernels.backends import launch
+from bnkernels.backends.cupy_backend import plans, sources
+from bnkernels.reference import reference_backward, reference_forward, reference_stats
+from bnkernels.validation import channel_layout, compute_dtype
+from helpers import DTYPES, assert_close, make_input, make_params
+from host_cuda import runner
+
+KERNEL_FILE = Path(sources.source_dir()) / sources.MAIN_FILE
+TUNINGS = {
+    "warp": launch.Tuning(block_threads=32, min_values_per_thread=1, waves=2),
+    "2warps": launch.Tuning(block_threads=64, min_values_per_thread=1, waves=2),
+}
+CASES = [  # planes (inner > 1, ragged, a middle axis) and rows (C < 32, ragged, 2 groups)
+    ((8, 3, 17), 1),
+    ((2, 3, 5, 7), 1),
+    ((9, 2, 3, 5), 2),
+    ((33, 7), 1),
+    ((9, 4, 3), -1),
+    ((4, 40), 1),
+]
+
+
+@pytest.fixture(scope="module")
+def library():
+    return runner.build(KERNEL_FILE, sources.name_expressions())
+
+
+class HostGPU:
+    """The device interface of ``plans.run_*``, on the host harness."""
+
+    def __init__(self, so, tuning):
+        self.so, self.tuning = so, tuning
+        self.limits = launch.DeviceLimits(sm_count=1, max_threads_per_sm=2 * tuning.block_threads)
+        self.host = runner.HostDevice()
+        self.counter_array = None
+        self.launches = []
+
+    def alloc(self, shape, dtype):
+        return np.full(shape, np.nan, dtype)  # poison
+
+    def counters(self, n):
+        if self.counter_array is None or self.counter_array.size < n:
+            self.counter_array = np.zeros(max(n, 64), np.uint32)
+        return self.counter_array
+
+    def aligned(self, *arrays):
+        return all(a.ctypes.data % 16 == 0 for a in arrays)
+
+    def run(self, plan):
+        self.launches.append(plan)
+        self.host.run(self.so, plan)
+
+
+@pytest.fixture(params=list(TUNINGS))
+def gpu(request, library):
+    return HostGPU(library, TUNINGS[request.param])
+
+
+def _flat(a):
+    return np.ascontiguousarray(a).reshape(-1)
+
+
+@pytest.mark.parametrize("shape,axis", CASES)
+def test_plans_use_several_blocks_per_channel(shape, axis, gpu):
+    lay = channel_layout(shape, axis)
+    assert launch.reduce_plan(lay.outer, lay.channels, lay.inner, gpu.limits, gpu.tuning).splits > 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", CASES)
+def test_training_forward_and_backward(shape, axis, dtype, gpu, rng):
+    x = make_input(shape, dtype, rng)
+    lay = channel_layout(shape, axis)
+    C, acc = lay.channels, compute_dtype(dtype)
+    gamma, beta = make_params(C, rng)
+    rm, rv = rng.standard_normal(C).astype(np.float32), rng.uniform(0.5, 2, C).astype(np.float32)
+    ref = reference_forward(x, gamma, beta, rm, rv, axis=axis)
+    y, out = plans.run_forward_train(gpu, _flat(x), lay, gamma.astype(acc), beta.astype(acc), (rm, rv, 0.1),
+                                     1e-5, False)
+    assert_close(y.reshape(shape), ref[0], dtype, "y")
+    assert_close(out["mean"], ref[1], dtype, "mean", scale=np.abs(ref[1]).max() + 1)
+    assert_close(out["invstd"], ref[2], dtype, "invstd")
+    assert_close(rm, ref[3], np.float32, "running_mean", scale=np.abs(ref[3]).max() + 1)
+    assert_close(rv, ref[4], np.float32, "running_var", scale=np.abs(ref[4]).max() + 1)
+    assert not gpu.counter_array.any(), "the last blocks reset their counters"
+
+    dy = make_input(shape, dtype, rng, mean=0.5, std=1.0)
+    mean64, invstd64 = out["mean"].astype(np.float64), out["invstd"].astype(np.float64)
+    dx, bout = plans.run_backward(gpu, _flat(dy), _flat(x), lay, gamma.astype(acc), mean64, invstd64)
+    rdx, rdgamma, rdbeta = reference_backward(dy, x, mean64, invstd64, gamma, axis=axis)
+    n = x.size // C
+    dymax = float(np.abs(dy.astype(np.float64)).max())
+    assert_close(dx.reshape(shape), rdx, dtype, "dx", scale=3 * dymax * gamma.max() * invstd64.max())
+    assert_close(bout["dbeta"], rdbeta, dtype, "dbeta", scale=dymax * n)
+    assert_close(bout["dgamma"], rdgamma, dtype, "dgamma", scale=4 * dymax * n)
+    assert not gpu.counter_array.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("running_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("relu", [False, True])
+def test_inference(dtype, running_dtype, relu, gpu, rng):
+    shape, axis = (6, 5, 9), 1
+    x = make_input(shape, dtype, rng)
+    lay = channel_layout(shape, axis)
+    acc = compute_dtype(dtype)
+    gamma, beta = make_params(5, rng)
+    rm = (3 + rng.standard_normal(5)).astype(running_dtype)
+    rv = rng.uniform(0.5, 8, 5).astype(running_dtype)
+    y, out = plans.run_forward_infer(gpu, _flat(x), lay, rm, rv, gamma.astype(acc), beta.astype(acc), 1e-5, relu)
+    ref = reference_forward(x, gamma, beta, rm, rv, training=False, activation="relu" if relu else None)
+    assert_close(y.reshape(shape), ref[0], dtype, "y")
+    assert_close(out["invstd"], ref[2], dtype, "invstd")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", [1, 7, 8, 9, 31, 67])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_apply_vector_and_scalar_paths(dtype, size, offset, gpu, rng):
+    """Sizes that are not a multiple of the vector width (tail), and an input
+    one element off 16-byte alignment (scalar path), give the same result."""
+    C = 3 if size % 3 == 0 else 1  # channel tracking inside the vectors where possible
+    layout = channel_layout((size // C, C), 1)
+    buf = make_input((size + 1,), dtype, rng)
+    x = buf[offset:offset + size]
+    acc = compute_dtype(dtype)
+    k, scale, shift = (rng.standard_normal(C).astype(acc) for _ in range(3))
+    y = gpu.alloc(size, dtype)
+    aligned = gpu.aligned(x, y)
+    assert aligned == (offset == 0)
+    gpu.run(plans.apply(x, y, layout, k, scale, shift, False, aligned, gpu.limits, gpu.tuning))
+    xs = x.astype(np.float64).reshape(-1, C)
+    expected = (xs - k.astype(np.float64)) * scale.astype(np.float64) + shift.astype(np.float64)
+    assert_close(y.reshape(-1, C), expected, dtype, "y", scale=float(np.abs(expected).max()) + 1)
+
+
+@pytest.mark.parametrize("shape,axis", [((16, 3, 8), 1), ((64, 3), 1)])
+def test_large_mean_float32_is_exact(shape, axis, gpu, rng):
+    x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
+    y, _ = plans.run_forward_train(gpu, _flat(x), channel_layout(shape, axis), None, None, None, 1e-5, False)
+    err = np.abs(y.reshape(shape).astype(np.float64) - reference_forward(x, axis=axis)[0]).max()
+    assert err <= 1e-4, f"max error {err:.3g} batch stds"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channel_stats_outputs(dtype, gpu, rng):
+    x = make_input((7, 4, 5), dtype, rng, mean=50.0)
+    out = plans.run_stats(gpu, _flat(x), channel_layout(x.shape, 1), None, None, None, 0.0)
+    n, mean, var = reference_stats(x)
+    rtol = 1e-12 if dtype == np.float64 else 1e-6
+    np.testing.assert_allclose(out["k"].astype(np.float64) + out["dmean"], mean, rtol=rtol)
+    np.testing.assert_allclose(out["m2"] / n, var, rtol=100 * rtol)
+
+
+def test_each_operation_launches_what_the_docs_say(gpu, rng):
+    """Training forward = stats + apply (2 reads + 1 write of x), backward =
+    sums + dx, inference = coefficients + apply."""
+    x = make_input((4, 3, 5), np.float32, rng)
+    lay = channel_layout(x.shape, 1)
+    y, out = plans.run_forward_train(gpu, _flat(x), lay, None, None, None, 1e-5, False)
+    plans.run_forward_infer(gpu, _flat(x), lay, np.zeros(3, np.float32), np.ones(3, np.float32), None, None,
+                            1e-5, False)
+    plans.run_backward(gpu, _flat(x), _flat(x), lay, None, out["mean"].astype(np.float64),
+                       out["invstd"].astype(np.float64))
+    kinds = [p.kernel.split("<")[0] for p in gpu.launches]
+    assert kinds == ["bn_stats", "bn_apply", "bn_infer_coeffs", "bn_apply", "bn_bwd_reduce", "bn_dx"]
+
+
+# --- ThreadSanitizer --------------------------------------------------------
+
+tsan = pytest.mark.skipif(not runner.tsan_available(), reason="g++ has no libtsan here")
+
+
+@tsan
+@pytest.mark.parametrize("shape,axis", [((8, 3, 17), 1), ((33, 7), 1)], ids=["planes", "rows"])
+def test_reductions_are_race_free(shape, axis, rng):
+    """Statistics and backward sums of several blocks per channel, with
+    2-warp blocks: ThreadSanitizer reports no data race."""
+    so = runner.build(KERNEL_FILE, sources.name_expressions(), tsan=True)
+    gpu = HostGPU(None, TUNINGS["2warps"])
+    lay = channel_layout(shape, axis)
+    x = _flat(make_input(shape, np.float32, rng))
+    counters = np.zeros(64, np.uint32)
+    stats_plan, out = plans.stats(x, lay, None, None, None, 1e-5, gpu.alloc, counters, gpu.limits, gpu.tuning)
+    mean = np.zeros(lay.channels)
+    bwd_plan, _ = plans.bwd_reduce(x, x, lay, None, mean, np.ones(lay.channels), gpu.alloc, counters,
+                                   gpu.limits, gpu.tuning)
+    for plan in (stats_plan, bwd_plan):
+        result = runner.tsan_run(so, plan)
+        assert result.clean, result.report
