@@ -5,7 +5,6 @@ The float64 oracle is ``bnkernels.reference`` (shared with the benchmarks).
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 
 #: Per-dtype tolerances for outputs of size O(1), applied as
@@ -64,3 +63,38 @@ def strided(x, rng):
     view = big[..., ::2]
     assert not view.flags.c_contiguous or x.shape[-1] <= 1
     return view
+
+
+# --- GPU kernel tests (CUDA simulator and host harness) ---------------------
+
+#: (shape, axis): channel planes (inner > 1: ragged 17 and 5*7, a middle
+#: axis) and channel fastest (inner == 1: C = 7 gives a ragged tx = 8,
+#: C = 40 two channel groups of 32).
+GPU_CASES = [
+    ((8, 3, 17), 1),
+    ((2, 3, 5, 7), 1),
+    ((9, 2, 3, 5), 2),
+    ((33, 7), 1),
+    ((9, 4, 3), -1),
+    ((4, 40), 1),
+]
+
+
+def gpu_tunings():
+    """32-thread blocks (one warp: shuffles only) and 64-thread blocks (two
+    warps: shuffles, then shared memory)."""
+    from bnkernels.backends import launch
+
+    return {
+        "warp": launch.Tuning(block_threads=32, min_values_per_thread=1, waves=2),
+        "2warps": launch.Tuning(block_threads=64, min_values_per_thread=1, waves=2),
+    }
+
+
+def tiny_device(tuning):
+    """One SM with 2 resident blocks: reductions get 2-4 blocks per channel
+    group and elementwise grids at most 4 blocks, so every path of the
+    kernels runs while CPU execution stays fast."""
+    from bnkernels.backends import launch
+
+    return launch.DeviceLimits(sm_count=1, max_threads_per_sm=2 * tuning.block_threads)

@@ -16,37 +16,19 @@ from bnkernels.backends import numba_cuda as nc
 from bnkernels.backends import launch
 from bnkernels.reference import reference_backward, reference_forward, reference_stats
 from bnkernels.validation import channel_layout
-from helpers import DTYPES, assert_close, make_input, make_params
+from helpers import DTYPES, GPU_CASES, assert_close, gpu_tunings, make_input, make_params, tiny_device
 
 BACKEND = "numba-cuda"
 
-#: 32-thread blocks (one warp: shuffles only) and 64-thread blocks (two
-#: warps: shuffles, then shared memory).
-TUNINGS = {
-    "warp": launch.Tuning(block_threads=32, min_values_per_thread=1, waves=2),
-    "2warps": launch.Tuning(block_threads=64, min_values_per_thread=1, waves=2),
-}
-
-# (shape, axis): channel planes (inner > 1, ragged 17 and 5*7, a middle
-# axis) and channel fastest (inner == 1) with C = 3, C = 7 (ragged tx = 8)
-# and C = 40 (two channel groups of 32).
-CASES = [
-    ((8, 3, 17), 1),
-    ((2, 3, 5, 7), 1),
-    ((9, 2, 3, 5), 2),
-    ((33, 7), 1),
-    ((9, 4, 3), -1),
-    ((4, 40), 1),
-]
+TUNINGS = gpu_tunings()
+CASES = GPU_CASES
 
 
 @pytest.fixture(params=list(TUNINGS), autouse=True)
 def small_launches(request, monkeypatch):
-    """A tiny device (1 SM, 2 blocks resident): reductions get 2-4 blocks
-    per channel group and elementwise grids at most 4 blocks, so every path
-    runs while the simulator stays fast."""
+    """Shrunk launches on a tiny device (see ``helpers.tiny_device``)."""
     tuning = TUNINGS[request.param]
-    limits = launch.DeviceLimits(sm_count=1, max_threads_per_sm=2 * tuning.block_threads)
+    limits = tiny_device(tuning)
     monkeypatch.setattr(nc, "TUNING", tuning)
     monkeypatch.setattr(nc, "_limits", lambda: limits)
     monkeypatch.setenv(nc.POISON_ENV, "1")

@@ -18,22 +18,12 @@ from bnkernels.backends import launch
 from bnkernels.backends.cupy_backend import plans, sources
 from bnkernels.reference import reference_backward, reference_forward, reference_stats
 from bnkernels.validation import channel_layout, compute_dtype
-from helpers import DTYPES, assert_close, make_input, make_params
+from helpers import DTYPES, GPU_CASES, assert_close, gpu_tunings, make_input, make_params, tiny_device
 from host_cuda import runner
 
 KERNEL_FILE = Path(sources.source_dir()) / sources.MAIN_FILE
-TUNINGS = {
-    "warp": launch.Tuning(block_threads=32, min_values_per_thread=1, waves=2),
-    "2warps": launch.Tuning(block_threads=64, min_values_per_thread=1, waves=2),
-}
-CASES = [  # planes (inner > 1, ragged, a middle axis) and rows (C < 32, ragged, 2 groups)
-    ((8, 3, 17), 1),
-    ((2, 3, 5, 7), 1),
-    ((9, 2, 3, 5), 2),
-    ((33, 7), 1),
-    ((9, 4, 3), -1),
-    ((4, 40), 1),
-]
+TUNINGS = gpu_tunings()
+CASES = GPU_CASES
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +36,7 @@ class HostGPU:
 
     def __init__(self, so, tuning):
         self.so, self.tuning = so, tuning
-        self.limits = launch.DeviceLimits(sm_count=1, max_threads_per_sm=2 * tuning.block_threads)
+        self.limits = tiny_device(tuning)
         self.host = runner.HostDevice()
         self.counter_array = None
         self.launches = []

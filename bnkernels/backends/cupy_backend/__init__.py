@@ -149,15 +149,24 @@ def _copy_back(pairs):
             original[...] = d.astype(original.dtype)
 
 
+def _prepare(x):
+    """The operand, the device, the accumulation dtype and the flat
+    contiguous device input."""
+    x = asarray(x)
+    return x, _Device(), compute_dtype(x.dtype), x.device().reshape(-1)
+
+
+def _no_channels(x, dev, acc, xd, layout):
+    """Forward result of an input with C == 0: nothing to normalize."""
+    empty = dev.cp.empty(0, acc)
+    return _result(x, xd.reshape(layout.shape).copy()), _result(x, empty), _result(x, empty)
+
+
 def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running):
     """See ``numpy_backend.forward_train``; kernels: bn_stats + bn_apply."""
-    x = asarray(x)
-    dev = _Device()
-    acc = compute_dtype(x.dtype)
-    xd = x.device().reshape(-1)
+    x, dev, acc, xd = _prepare(x)
     if layout.channels == 0:
-        empty = dev.cp.empty(0, acc)
-        return _result(x, xd.reshape(layout.shape).copy()), _result(x, empty), _result(x, empty)
+        return _no_channels(x, dev, acc, xd, layout)
     copy_back = []
     run = _running_pair(running, copy_back) if running is not None else None
     y, out = plans.run_forward_train(dev, xd, layout, _param(gamma, acc), _param(beta, acc), run, eps, relu)
@@ -167,13 +176,9 @@ def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool,
 
 def forward_infer(x, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float, relu: bool):
     """See ``numpy_backend.forward_infer``; kernels: bn_infer_coeffs + bn_apply."""
-    x = asarray(x)
-    dev = _Device()
-    acc = compute_dtype(x.dtype)
-    xd = x.device().reshape(-1)
+    x, dev, acc, xd = _prepare(x)
     if layout.channels == 0:
-        empty = dev.cp.empty(0, acc)
-        return _result(x, xd.reshape(layout.shape).copy()), _result(x, empty), _result(x, empty)
+        return _no_channels(x, dev, acc, xd, layout)
     rm, rv = asarray(running_mean), asarray(running_var)
     rdt = np.float64 if np.float64 in (rm.dtype, rv.dtype) else np.float32
     y, out = plans.run_forward_infer(dev, xd, layout, rm.device(rdt), rv.device(rdt), _param(gamma, acc),
