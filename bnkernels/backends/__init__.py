@@ -9,7 +9,8 @@ backends can be used side by side in one process.
 Names:
 
 - ``"numpy"``: vectorized NumPy, always available.
-- ``"numba"``: fused parallel CPU kernels (planned).
+- ``"numba"``: fused parallel CPU kernels (preferred for host arrays when
+  numba is installed).
 - ``"cupy"``: CUDA C++ kernels (``kernels/``) through ``cupy.RawModule``.
 - ``"numba-cuda"``: Numba CUDA kernels.
 - ``"cuda"``: the best usable GPU backend; falls back to the best CPU backend
@@ -50,7 +51,7 @@ BACKENDS: tuple[BackendSpec, ...] = (
     BackendSpec("cupy", "gpu", "bnkernels.backends.cupy_backend", probes.cupy_device_problem, probes.CUDA_EXTRA),
     BackendSpec("numba-cuda", "gpu", "bnkernels.backends.numba_cuda", probes.numba_cuda_device_problem,
                 probes.CUDA_EXTRA),
-    BackendSpec("numba", "cpu", None,
+    BackendSpec("numba", "cpu", "bnkernels.backends.numba_backend",
                 lambda: probes.missing_package("numba"),
                 'pip install "bnkernels[numba]"'),
     BackendSpec("numpy", "cpu", "bnkernels.backends.numpy_backend", _always, "numpy (always installed)"),

@@ -16,7 +16,7 @@ strided inputs need no copy; outputs follow the input's memory order.
 
 IEEE semantics, silently, as on a GPU: NaN/Inf propagate, ``eps=0`` on a
 constant channel gives NaN, a float16 output beyond 65504 becomes Inf;
-NumPy's floating-point warnings are suppressed (``_ieee``) so that they do not
+NumPy's floating-point warnings are suppressed (``ieee_semantics``) so that they do not
 surface in callers' code.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ..validation import ChannelLayout, compute_dtype
 name = "numpy"
 
 #: Decorator for the entry points: no NumPy floating-point warnings.
-_ieee = np.errstate(divide="ignore", invalid="ignore", over="ignore")
+ieee_semantics = np.errstate(divide="ignore", invalid="ignore", over="ignore")
 
 
 def asarray(x):
@@ -107,7 +107,7 @@ def update_running(running_mean, running_var, mean, var_unbiased, factor):
         run[...] = new
 
 
-@_ieee
+@ieee_semantics
 def channel_stats(x, layout: ChannelLayout):
     """Per-channel mean and M2 (sum of squared deviations) of x.
 
@@ -117,7 +117,7 @@ def channel_stats(x, layout: ChannelLayout):
     return mean, m2
 
 
-@_ieee
+@ieee_semantics
 def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running):
     """Training forward.
 
@@ -139,7 +139,7 @@ def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool,
     return y, mean.astype(cdt), invstd.astype(cdt)
 
 
-@_ieee
+@ieee_semantics
 def forward_infer(x, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float,
                   relu: bool):
     """Inference forward from running statistics (C,).
@@ -157,7 +157,7 @@ def forward_infer(x, layout: ChannelLayout, running_mean, running_var, gamma, be
     return y, k, invstd.astype(xc.dtype)
 
 
-@_ieee
+@ieee_semantics
 def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma):
     """Backward of the training forward (before any activation).
 

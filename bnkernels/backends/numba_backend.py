@@ -1,0 +1,350 @@
+"""The ``numba`` backend: fused, parallel CPU kernels compiled by Numba.
+
+Kernels work on the canonical view ``(outer, C, inner)`` of a contiguous
+input (other inputs are copied to that layout first):
+
+- channel planes (``inner > 1``, NCHW-like): one parallel task per channel
+  reduces the channel's slab and then normalizes it while the slab is still
+  in cache, so training forward reads x from memory once and writes y once
+  when a channel's slab fits the cache (2 effective passes); backward does
+  the same with x and dy.
+- channel fastest (``inner == 1``): parallel chunks of rows compute
+  per-channel partial sums, a tiny merge, then a parallel apply pass
+  (2 reads + 1 write of x).
+
+Accuracy: sums are float64 around a shift ``k`` (the channel's first
+value), elementwise work is float64, and outputs are rounded once. float16
+input is read through a 65536-entry table and written with round-to-nearest
+-even bit arithmetic inside the kernels (Numba has no CPU float16).
+Fast-math is limited to reassociation and contraction, which keeps NaN and
+Inf semantics. Threads: Numba's (``NUMBA_NUM_THREADS``,
+``numba.set_num_threads``).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from ..validation import ChannelLayout, compute_dtype
+from .numpy_backend import ieee_semantics, update_running
+
+name = "numba"
+
+_JIT = dict(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True)
+#: float16 bit pattern -> float32 value, for every pattern.
+HALF_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+#: rows of a chunk of channel-fastest data handled by one task
+ROWS_PER_CHUNK = 2048
+
+
+def asarray(x):
+    return np.asarray(x)
+
+
+# --- float16 inside the kernels ---------------------------------------------
+
+@njit(inline="always")
+def half_bits(f):
+    """float32/float64 value -> float16 bits, round to nearest even (as
+    NumPy's astype(float16)); NaN stays NaN, overflow gives Inf."""
+    b = np.float32(f).view(np.uint32)
+    sign = (b >> 16) & 0x8000
+    e = (b >> 23) & 0xFF
+    m = b & 0x7FFFFF
+    if e == 0xFF:  # Inf or NaN
+        return np.uint16(sign | 0x7C00 | (0x200 if m != 0 else 0))
+    exp = np.int64(e) - 127 + 15
+    if exp >= 0x1F:  # overflow
+        return np.uint16(sign | 0x7C00)
+    if exp <= 0:  # subnormal half (or zero)
+        if exp < -10:
+            return np.uint16(sign)
+        m = m | 0x800000
+        shift = np.uint32(14 - exp)
+        half_m = m >> shift
+        rem = m & ((np.uint32(1) << shift) - 1)
+        halfway = np.uint32(1) << (shift - 1)
+        if rem > halfway or (rem == halfway and (half_m & 1)):
+            half_m += 1
+        return np.uint16(sign | half_m)
+    half_m = m >> 13
+    rem = m & 0x1FFF
+    out = np.uint32(sign | (np.uint32(exp) << 10) | half_m)
+    if rem > 0x1000 or (rem == 0x1000 and (half_m & 1)):
+        out += 1  # may carry into the exponent: correct (rounds up to the next binade or Inf)
+    return np.uint16(out)
+
+
+def to_f64(v, table):
+    """Load as float64 (a stub; Numba picks the implementation by type)."""
+
+
+@overload(to_f64, inline="always")
+def _to_f64(v, table):
+    if isinstance(v, types.Integer):  # float16 bits
+        return lambda v, table: np.float64(table[v])
+    return lambda v, table: np.float64(v)
+
+
+def store(out, idx, v):
+    """Store a float64 value in the output's dtype (stub)."""
+
+
+@overload(store, inline="always")
+def _store(out, idx, v):
+    if out.dtype == types.uint16:
+        def impl(out, idx, v):
+            out[idx] = half_bits(v)
+    else:
+        def impl(out, idx, v):
+            out[idx] = v
+    return impl
+
+
+# --- kernels -----------------------------------------------------------------
+
+@njit(**_JIT)
+def train_planes(x, y, gamma, beta, eps, relu, mean_out, m2_out, invstd_out, table):
+    """Training forward of (outer, C, inner) data, one task per channel."""
+    outer, C, inner = x.shape
+    n = outer * inner
+    for c in prange(C):
+        k = to_f64(x[0, c, 0], table)
+        s1 = 0.0
+        s2 = 0.0
+        for o in range(outer):
+            for i in range(inner):
+                d = to_f64(x[o, c, i], table) - k
+                s1 += d
+                s2 += d * d
+        dm = s1 / n
+        m2 = max(s2 - s1 * dm, 0.0)
+        invstd = 1.0 / np.sqrt(m2 / n + eps)
+        scale = gamma[c] * invstd
+        shift = beta[c] - dm * scale
+        for o in range(outer):  # the channel's slab is still in cache
+            for i in range(inner):
+                v = (to_f64(x[o, c, i], table) - k) * scale + shift
+                if relu and v < 0.0:
+                    v = 0.0
+                store(y, (o, c, i), v)
+        mean_out[c] = k + dm
+        m2_out[c] = m2
+        invstd_out[c] = invstd
+
+
+@njit(**_JIT)
+def row_sums(x, k, s1, s2, table):
+    """Partial sums of (x - k) and (x - k)^2 per chunk of rows: (chunks, C)."""
+    rows, C = x.shape
+    chunks = s1.shape[0]
+    for t in prange(chunks):
+        lo = t * rows // chunks
+        hi = (t + 1) * rows // chunks
+        for r in range(lo, hi):
+            for c in range(C):
+                d = to_f64(x[r, c], table) - k[c]
+                s1[t, c] += d
+                s2[t, c] += d * d
+
+
+@njit(**_JIT)
+def apply(x, y, k, scale, shift, relu, chunks, table):
+    """y = (x - k) * scale + shift [ReLU] on (outer, C, inner) data, in
+    ``chunks`` parallel tasks over the outer dimension."""
+    outer, C, inner = x.shape
+    for t in prange(chunks):
+        lo = t * outer // chunks
+        hi = (t + 1) * outer // chunks
+        for o in range(lo, hi):
+            for c in range(C):
+                kc, sc, sh = k[c], scale[c], shift[c]
+                for i in range(inner):
+                    v = (to_f64(x[o, c, i], table) - kc) * sc + sh
+                    if relu and v < 0.0:
+                        v = 0.0
+                    store(y, (o, c, i), v)
+
+
+@njit(**_JIT)
+def bwd_planes(dy, x, dx, mean, invstd, gamma, dgamma, dbeta, table):
+    """Backward of (outer, C, inner) data, one task per channel: sums, then
+    dx while the slabs are in cache."""
+    outer, C, inner = x.shape
+    n = outer * inner
+    for c in prange(C):
+        m = mean[c]
+        s = 0.0
+        t = 0.0
+        for o in range(outer):
+            for i in range(inner):
+                g = to_f64(dy[o, c, i], table)
+                s += g
+                t += g * (to_f64(x[o, c, i], table) - m)
+        inv = invstd[c]
+        sum_dy_xhat = t * inv
+        a = gamma[c] * inv
+        b = -a * inv * sum_dy_xhat / n
+        cc = -a * s / n
+        for o in range(outer):
+            for i in range(inner):
+                v = to_f64(dy[o, c, i], table) * a + (to_f64(x[o, c, i], table) - m) * b + cc
+                store(dx, (o, c, i), v)
+        dgamma[c] = sum_dy_xhat
+        dbeta[c] = s
+
+
+@njit(**_JIT)
+def bwd_row_sums(dy, x, mean, s, t, table):
+    """Partial sum(dy) and sum(dy * (x - mean)) per chunk of rows."""
+    rows, C = x.shape
+    chunks = s.shape[0]
+    for j in prange(chunks):
+        lo = j * rows // chunks
+        hi = (j + 1) * rows // chunks
+        for r in range(lo, hi):
+            for c in range(C):
+                g = to_f64(dy[r, c], table)
+                s[j, c] += g
+                t[j, c] += g * (to_f64(x[r, c], table) - mean[c])
+
+
+@njit(**_JIT)
+def dx_apply(dy, x, dx, mean, a, b, cc, chunks, table):
+    """dx = dy * a + (x - mean) * b + c on (outer, C, inner) data."""
+    outer, C, inner = x.shape
+    for t in prange(chunks):
+        lo = t * outer // chunks
+        hi = (t + 1) * outer // chunks
+        for o in range(lo, hi):
+            for c in range(C):
+                mc, ac, bc, ccc = mean[c], a[c], b[c], cc[c]
+                for i in range(inner):
+                    v = to_f64(dy[o, c, i], table) * ac + (to_f64(x[o, c, i], table) - mc) * bc + ccc
+                    store(dx, (o, c, i), v)
+
+
+# --- host side ---------------------------------------------------------------
+
+def _view3(a, layout: ChannelLayout):
+    """C-contiguous (outer, C, inner) view; float16 as its uint16 bits."""
+    a = np.ascontiguousarray(a).reshape(layout.outer, layout.channels, layout.inner)
+    return a.view(np.uint16) if a.dtype == np.float16 else a
+
+
+def _out3(layout: ChannelLayout, dtype):
+    y = np.empty((layout.outer, layout.channels, layout.inner), dtype)
+    return y, (y.view(np.uint16) if y.dtype == np.float16 else y)
+
+
+def _vec(p, C, default):
+    return np.full(C, default) if p is None else np.asarray(p, np.float64)
+
+
+def _chunks(rows):
+    """Parallel tasks for row-chunked reductions (each gets a row of partials)."""
+    return max(1, min(rows // ROWS_PER_CHUNK, 8 * numba.get_num_threads())) if rows else 1
+
+
+def _tasks(outer):
+    """Parallel tasks for the elementwise passes over the outer dimension."""
+    return max(1, min(outer, 4 * numba.get_num_threads()))
+
+
+def _row_stats(x3, C):
+    """Channel-fastest statistics: (mean, m2) float64 from chunked sums."""
+    x2 = x3.reshape(-1, C)
+    k = np.array([to_host_f64(v) for v in x2[0]]) if x2.dtype == np.uint16 else x2[0].astype(np.float64)
+    chunks = _chunks(x2.shape[0])
+    s1, s2 = np.zeros((chunks, C)), np.zeros((chunks, C))
+    row_sums(x2, k, s1, s2, HALF_TABLE)
+    n = x2.shape[0]
+    s1, s2 = s1.sum(0), s2.sum(0)
+    dm = s1 / n
+    return k, dm, np.maximum(s2 - s1 * dm, 0.0)
+
+
+def to_host_f64(bits):
+    return float(HALF_TABLE[bits])
+
+
+@ieee_semantics
+def channel_stats(x, layout: ChannelLayout):
+    """Per-channel float64 mean and M2."""
+    if layout.count == 0 or layout.channels == 0:
+        z = np.zeros(layout.channels)
+        return z, z.copy()
+    x3 = _view3(x, layout)
+    if layout.inner == 1:
+        k, dm, m2 = _row_stats(x3, layout.channels)
+        return k + dm, m2
+    C = layout.channels
+    y, y_store = _out3(layout, np.float64)
+    mean, m2, invstd = np.empty(C), np.empty(C), np.empty(C)
+    train_planes(x3, y_store, np.ones(C), np.zeros(C), 0.0, False, mean, m2, invstd, HALF_TABLE)
+    return mean, m2
+
+
+@ieee_semantics
+def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running):
+    """See ``numpy_backend.forward_train``."""
+    C, n = layout.channels, layout.count
+    cdt = compute_dtype(x.dtype)
+    x3 = _view3(x, layout)
+    y, y_store = _out3(layout, x.dtype)
+    g, b = _vec(gamma, C, 1.0), _vec(beta, C, 0.0)
+    if C == 0:
+        return y.reshape(layout.shape), np.zeros(0, cdt), np.zeros(0, cdt)
+    if layout.inner > 1:
+        mean, m2, invstd = np.empty(C), np.empty(C), np.empty(C)
+        train_planes(x3, y_store, g, b, eps, relu, mean, m2, invstd, HALF_TABLE)
+    else:
+        k, dm, m2 = _row_stats(x3, C)
+        invstd = 1.0 / np.sqrt(m2 / n + eps)
+        scale = g * invstd
+        apply(x3, y_store, k, scale, b - dm * scale, relu, _tasks(layout.outer), HALF_TABLE)
+        mean = k + dm
+    if running is not None:
+        update_running(running[0], running[1], mean, m2 / (n - 1), running[2])
+    return y.reshape(layout.shape), mean.astype(cdt), invstd.astype(cdt)
+
+
+@ieee_semantics
+def forward_infer(x, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float, relu: bool):
+    """See ``numpy_backend.forward_infer``."""
+    C = layout.channels
+    cdt = compute_dtype(x.dtype)
+    mean = np.asarray(running_mean, np.float64)
+    invstd = 1.0 / np.sqrt(np.asarray(running_var, np.float64) + eps)
+    scale = _vec(gamma, C, 1.0) * invstd
+    y, y_store = _out3(layout, x.dtype)
+    if C and layout.count:
+        apply(_view3(x, layout), y_store, mean, scale, _vec(beta, C, 0.0), relu, _tasks(layout.outer), HALF_TABLE)
+    return y.reshape(layout.shape), mean.astype(cdt), invstd.astype(cdt)
+
+
+@ieee_semantics
+def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma):
+    """See ``numpy_backend.backward``."""
+    C, n = layout.channels, layout.count
+    cdt = compute_dtype(x.dtype)
+    out, out_store = _out3(layout, x.dtype)
+    if C == 0 or n == 0:
+        return out.reshape(layout.shape), np.zeros(C, cdt), np.zeros(C, cdt)
+    x3, dy3 = _view3(x, layout), _view3(dy, layout)
+    m, inv, g = np.asarray(mean, np.float64), np.asarray(invstd, np.float64), _vec(gamma, C, 1.0)
+    if layout.inner > 1:
+        dgamma, dbeta = np.empty(C), np.empty(C)
+        bwd_planes(dy3, x3, out_store, m, inv, g, dgamma, dbeta, HALF_TABLE)
+    else:
+        chunks = _chunks(layout.outer)
+        s, t = np.zeros((chunks, C)), np.zeros((chunks, C))
+        bwd_row_sums(dy3.reshape(-1, C), x3.reshape(-1, C), m, s, t, HALF_TABLE)
+        dbeta = s.sum(0)
+        dgamma = t.sum(0) * inv
+        a = g * inv
+        b = -a * inv * dgamma / n
+        dx_apply(dy3, x3, out_store, m, a, b, -a * dbeta / n, _tasks(layout.outer), HALF_TABLE)
+    return out.reshape(layout.shape), dgamma.astype(cdt), dbeta.astype(cdt)
