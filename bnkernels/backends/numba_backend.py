@@ -169,6 +169,35 @@ def apply(x, y, k, scale, shift, relu, chunks, table):
 
 
 @njit(**_JIT)
+def apply_rows(x, y, k, scale, shift, relu, chunks, table):
+    """``apply`` for channel-fastest (rows, C) data: the innermost loop runs
+    over the channels (contiguous), so it vectorizes."""
+    rows, C = x.shape
+    for t in prange(chunks):
+        lo = t * rows // chunks
+        hi = (t + 1) * rows // chunks
+        for r in range(lo, hi):
+            for c in range(C):
+                v = (to_f64(x[r, c], table) - k[c]) * scale[c] + shift[c]
+                if relu and v < 0.0:
+                    v = 0.0
+                store(y, (r, c), v)
+
+
+@njit(**_JIT)
+def dx_rows(dy, x, dx, mean, a, b, cc, chunks, table):
+    """dx = dy * a + (x - mean) * b + c on channel-fastest (rows, C) data."""
+    rows, C = x.shape
+    for t in prange(chunks):
+        lo = t * rows // chunks
+        hi = (t + 1) * rows // chunks
+        for r in range(lo, hi):
+            for c in range(C):
+                v = to_f64(dy[r, c], table) * a[c] + (to_f64(x[r, c], table) - mean[c]) * b[c] + cc[c]
+                store(dx, (r, c), v)
+
+
+@njit(**_JIT)
 def bwd_planes(dy, x, dx, mean, invstd, gamma, dgamma, dbeta, table):
     """Backward of (outer, C, inner) data, one task per channel: sums, then
     dx while the slabs are in cache."""
@@ -209,21 +238,6 @@ def bwd_row_sums(dy, x, mean, s, t, table):
                 g = to_f64(dy[r, c], table)
                 s[j, c] += g
                 t[j, c] += g * (to_f64(x[r, c], table) - mean[c])
-
-
-@njit(**_JIT)
-def dx_apply(dy, x, dx, mean, a, b, cc, chunks, table):
-    """dx = dy * a + (x - mean) * b + c on (outer, C, inner) data."""
-    outer, C, inner = x.shape
-    for t in prange(chunks):
-        lo = t * outer // chunks
-        hi = (t + 1) * outer // chunks
-        for o in range(lo, hi):
-            for c in range(C):
-                mc, ac, bc, ccc = mean[c], a[c], b[c], cc[c]
-                for i in range(inner):
-                    v = to_f64(dy[o, c, i], table) * ac + (to_f64(x[o, c, i], table) - mc) * bc + ccc
-                    store(dx, (o, c, i), v)
 
 
 # --- host side ---------------------------------------------------------------
@@ -270,6 +284,15 @@ def to_host_f64(bits):
     return float(HALF_TABLE[bits])
 
 
+def _apply(x3, y3, layout: ChannelLayout, k, scale, shift, relu):
+    """The apply pass with the kernel suited to the layout."""
+    if layout.inner == 1:
+        C = layout.channels
+        apply_rows(x3.reshape(-1, C), y3.reshape(-1, C), k, scale, shift, relu, _tasks(layout.outer), HALF_TABLE)
+    else:
+        apply(x3, y3, k, scale, shift, relu, _tasks(layout.outer), HALF_TABLE)
+
+
 @ieee_semantics
 def channel_stats(x, layout: ChannelLayout):
     """Per-channel float64 mean and M2."""
@@ -304,7 +327,7 @@ def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool,
         k, dm, m2 = _row_stats(x3, C)
         invstd = 1.0 / np.sqrt(m2 / n + eps)
         scale = g * invstd
-        apply(x3, y_store, k, scale, b - dm * scale, relu, _tasks(layout.outer), HALF_TABLE)
+        _apply(x3, y_store, layout, k, scale, b - dm * scale, relu)
         mean = k + dm
     if running is not None:
         update_running(running[0], running[1], mean, m2 / (n - 1), running[2])
@@ -321,7 +344,7 @@ def forward_infer(x, layout: ChannelLayout, running_mean, running_var, gamma, be
     scale = _vec(gamma, C, 1.0) * invstd
     y, y_store = _out3(layout, x.dtype)
     if C and layout.count:
-        apply(_view3(x, layout), y_store, mean, scale, _vec(beta, C, 0.0), relu, _tasks(layout.outer), HALF_TABLE)
+        _apply(_view3(x, layout), y_store, layout, mean, scale, _vec(beta, C, 0.0), relu)
     return y.reshape(layout.shape), mean.astype(cdt), invstd.astype(cdt)
 
 
@@ -346,5 +369,6 @@ def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma):
         dgamma = t.sum(0) * inv
         a = g * inv
         b = -a * inv * dgamma / n
-        dx_apply(dy3, x3, out_store, m, a, b, -a * dbeta / n, _tasks(layout.outer), HALF_TABLE)
+        dx_rows(dy3.reshape(-1, C), x3.reshape(-1, C), out_store.reshape(-1, C), m, a, b, -a * dbeta / n,
+                _tasks(layout.outer), HALF_TABLE)
     return out.reshape(layout.shape), dgamma.astype(cdt), dbeta.astype(cdt)
