@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 # Beyond bnkernels[test]:
+# - matplotlib: `bnkernels bench --plot` is tested for real;
 # - torch==2.13.0 (CPU): the comparison point of the torch-marked tests;
 # - cupy-cuda13x: imports without a GPU, so the "cupy installed, no driver"
 #   path of backend selection is tested for real;
@@ -16,7 +17,7 @@ PYTHON=${PYTHON:-python3}
 # - cuda-toolkit[nvcc,cuobjdump,nvdisasm]: a ptxas as new as that NVVM (the
 #   machine's CUDA 13.0 ptxas rejects PTX 9.5) to assemble for sm_80/sm_90
 #   and report resources, and cuobjdump/nvdisasm to read the SASS.
-TEST_EXTRAS=${BNKERNELS_TEST_EXTRAS-"torch==2.13.0 cupy-cuda13x numba numba-cuda[cu13] cuda-toolkit[nvcc,cuobjdump,nvdisasm]"}
+TEST_EXTRAS=${BNKERNELS_TEST_EXTRAS-"matplotlib torch==2.13.0 cupy-cuda13x numba numba-cuda[cu13] cuda-toolkit[nvcc,cuobjdump,nvdisasm]"}
 
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv

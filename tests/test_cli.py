@@ -4,21 +4,31 @@ behind ``bnkernels bench`` (``bnkernels.benchmark``).
 Benchmarks run on tiny shapes with one repeat and a small copy buffer, so
 these tests take seconds; no test looks at how fast anything is.
 """
+import dataclasses
+import io
 import json
+import math
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bnkernels import benchmark as bm
-from bnkernels.cli import main
+from bnkernels.cli import Progress, build_parser, main, select_implementations
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEM_INFO = bm.system_info()
 
 # NCHW, the same data channels-last, and 2-D: tiny, but every layout.
 TINY_SHAPES = "4x8x5x5,4x5x5x8@-1,64x16"
-FAST = ["--repeat", "1", "--ceiling-mib", "4", "--shapes", TINY_SHAPES]
-RESULT_FIELDS = {"op", "shape", "dtype", "implementation", "median_s", "gbps", "pct_of_ceiling", "bytes"}
+FAST = ["--repeat", "1", "--warmup", "0", "--min-time", "0", "--ceiling-mib", "4", "--shapes", TINY_SHAPES]
+RESULT_FIELDS = {"op", "shape_name", "shape", "axis", "layout", "dtype", "implementation", "role", "device",
+                 "device_name", "bytes", "status", "max_err", "tolerance", "timer", "copies", "times_s",
+                 "median_s", "min_s", "max_s", "q1_s", "q3_s", "gbps", "ceiling_gbps", "pct_of_ceiling",
+                 "speedup_vs_textbook", "speedup_vs_torch"}
 
 
 def _info_json(capsys):
@@ -89,42 +99,62 @@ def test_console_script_is_installed():
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["backends"]
 
+# --------------------------------------------------------------------------
+# bench: the command
+# --------------------------------------------------------------------------
 
-# --------------------------------------------------------------------------
-# bench
-# --------------------------------------------------------------------------
+def _run_json(argv, tmp_path, implementations=None, expect=0):
+    out = tmp_path / "out.json"
+    assert main([*argv, "--json", str(out)], implementations=implementations) == expect
+    return json.loads(out.read_text())
+
 
 def test_bench_quick_writes_json_with_all_fields(tmp_path, capsys):
-    out = tmp_path / "out.json"
-    argv = ["bench", "--quick", "--ops", "train", "--backends", "numpy,textbook-numpy", *FAST,
-            "--json", str(out)]
-    assert main(argv) == 0
+    data = _run_json(["bench", "--quick", "--ops", "train", "--backends", "numpy,textbook-numpy", *FAST],
+                     tmp_path)
     captured = capsys.readouterr()
-    assert "Bytes model" in captured.out and "Ceiling" in captured.out
-    assert "[1/6] train NCHW" in captured.err and "[6/6]" in captured.err
+    for text in ("Bytes model", "Ceiling (cpu)", "Timing (cpu)", "Allocation: outputs are not preallocated",
+                 "WRONG result is not timed", "vs textbook"):
+        assert text in captured.out
+    # stderr is not a terminal here: plain progress lines, no bar
+    assert "[ceiling] cpu" in captured.err
+    assert "[1/6] train 4x8x5x5 float32 numpy" in captured.err and "[6/6]" in captured.err
+    assert "\r" not in captured.err
 
-    data = json.loads(out.read_text())
-    assert data["ceiling"]["gbps"] > 0 and data["ceiling"]["bytes"] == 2 * data["ceiling"]["buffer_bytes"]
+    cpu = data["devices"]["cpu"]
+    assert cpu["name"].startswith(bm.cpu_model()) and cpu["timer"].startswith("time.perf_counter")
+    ceiling = data["ceilings"]["cpu"]
+    assert ceiling["gbps"] > 0 and ceiling["bytes"] == 2 * ceiling["buffer_bytes"] == 2 * 4 * bm.MiB
+    assert ceiling["method"] in ceiling["variants"]
+    assert data["quick"] is True and data["cold"] is False
+    assert data["command"].startswith("bnkernels bench --quick")
+    assert data["timing"]["cpu"]["repeat"] == 1 and data["bytes_model"] == bm.BYTES_MODEL
     results = data["results"]
     assert len(results) == 3 * 2
-    assert {r["implementation"] for r in results} == {"numpy", "textbook-numpy"}
+    assert [r["implementation"] for r in results[:2]] == ["numpy", "textbook-numpy"]
     assert {r["layout"] for r in results} == {"NCHW", "NHWC", "2-D"}
     for r in results:
         assert RESULT_FIELDS <= r.keys()
         assert r["status"] == "ok" and r["op"] == "train" and r["dtype"] == "float32"
+        assert r["device"] == "cpu" and r["device_name"] == cpu["name"] and r["copies"] == 1
+        assert r["shape_name"] == "x".join(map(str, r["shape"]))
         assert r["bytes"] == 3 * 4 * int(np.prod(r["shape"]))
         assert r["median_s"] > 0 and r["gbps"] > 0 and r["pct_of_ceiling"] > 0
+        assert r["min_s"] <= r["q1_s"] <= r["median_s"] <= r["q3_s"] <= r["max_s"]
+        assert r["median_s"] == pytest.approx(float(np.median(r["times_s"])))
         assert r["gbps"] == pytest.approx(r["bytes"] / r["median_s"] / 1e9)
+        assert r["pct_of_ceiling"] == pytest.approx(100 * r["gbps"] / ceiling["gbps"])
         assert r["max_err"] <= r["tolerance"]
+        assert r["speedup_vs_torch"] is None
         if r["implementation"] == "textbook-numpy":
-            assert r["speedup_vs_textbook"] == pytest.approx(1.0)
+            assert r["speedup_vs_textbook"] == pytest.approx(1.0) and r["role"] == "textbook"
+        else:
+            assert r["role"] == "candidate"
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
 def test_bench_every_op_and_dtype_is_correct(dtype, tmp_path):
-    out = tmp_path / "out.json"
-    assert main(["bench", "--backends", "numpy", "--dtype", dtype, *FAST, "--json", str(out)]) == 0
-    results = json.loads(out.read_text())["results"]
+    results = _run_json(["bench", "--backends", "numpy", "--dtype", dtype, *FAST], tmp_path)["results"]
     assert {(r["op"], r["layout"]) for r in results} == {
         (op, layout) for op in bm.OPS for layout in ("NCHW", "NHWC", "2-D")}
     factor = {"train": 3, "infer": 2, "backward": 5}
@@ -133,13 +163,54 @@ def test_bench_every_op_and_dtype_is_correct(dtype, tmp_path):
         assert r["bytes"] == factor[r["op"]] * np.dtype(dtype).itemsize * int(np.prod(r["shape"]))
 
 
+def test_table_has_one_row_per_result_and_both_speedups(capsys):
+    assert main(["bench", "--backends", "numpy,textbook-numpy", "--ops", "infer", *FAST]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("op "))
+    for col in ("shape", "dims", "layout", "dtype", "implementation", "median ms", "min-max ms", "GB/s",
+                "% ceil", "vs textbook", "vs torch"):
+        assert col in header
+    rows = [line.split() for line in out.splitlines() if line.startswith("infer ")]
+    assert len(rows) == 3 * 2 * 2  # shapes x implementations x the default dtypes
+    assert [row[4] for row in rows[::6]] == ["float32", "float16"]
+    assert all(row[-1] == "-" and row[-2].endswith("x") and row[-3].endswith("%") for row in rows)
+
+
 @pytest.mark.torch
-def test_bench_torch_when_installed(tmp_path):
-    pytest.importorskip("torch")
-    out = tmp_path / "out.json"
-    assert main(["bench", "--backends", "torch", *FAST, "--json", str(out)]) == 0
-    results = json.loads(out.read_text())["results"]
-    assert len(results) == 9 and all(r["status"] == "ok" for r in results)
+def test_bench_torch_when_installed(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    data = _run_json(["bench", "--backends", "torch,textbook-numpy", "--dtype", "float32", *FAST], tmp_path)
+    results = data["results"]
+    assert len(results) == 18 and all(r["status"] == "ok" for r in results)
+    assert data["torch_threads"] == torch.get_num_threads()
+    assert f"({torch.get_num_threads()} thread" in capsys.readouterr().out
+    by = {(r["op"], r["shape_name"], r["implementation"]): r for r in results}
+    for (op, shape, name), r in by.items():
+        assert r["role"] == ("torch" if name == "torch" else "textbook")
+        t, b = by[(op, shape, "torch")], by[(op, shape, "textbook-numpy")]
+        assert r["speedup_vs_torch"] == pytest.approx(t["median_s"] / r["median_s"])
+        assert r["speedup_vs_textbook"] == pytest.approx(b["median_s"] / r["median_s"])
+
+
+def test_cold_rotates_copies_of_the_inputs(tmp_path, capsys, monkeypatch):
+    # A 64 KiB "cache": x (3200 bytes) then needs ceil(2 * 64 KiB / 3200) + 1 = 42 copies.
+    monkeypatch.setattr(bm, "last_level_cache_bytes", lambda: 64 << 10)
+    data = _run_json(["bench", "--cold", "--backends", "numpy", "--ops", "train,backward", "--repeat", "3",
+                      "--ceiling-mib", "4", "--shapes", "4x8x5x5", "--dtype", "float32"], tmp_path)
+    assert data["cold"] is True
+    train, backward = data["results"]
+    assert train["status"] == backward["status"] == "ok"
+    assert train["copies"] == math.ceil(2 * (64 << 10) / 3200) + 1 == 42
+    assert backward["copies"] == math.ceil(2 * (64 << 10) / 6400) + 1  # x and dy
+    assert "Caches: cold (--cold)" in capsys.readouterr().out
+
+
+def test_rotation_count():
+    assert bm.rotation_count(1 * bm.MiB, 4 * bm.MiB, 1 << 40) == (9, 9)
+    assert bm.rotation_count(1 * bm.MiB, None, 1 << 40) == (129, 129)  # 64 MiB assumed
+    assert bm.rotation_count(1 * bm.MiB, 4 * bm.MiB, 6 * bm.MiB) == (2, 9)  # bounded by memory
+    assert bm.rotation_count(1, 4 * bm.MiB, 1 << 40) == (bm.MAX_COPIES, 8 * bm.MiB + 1)
+    assert bm.rotation_count(1 << 30, 4 * bm.MiB, 1 << 20) == (1, 2)
 
 
 @pytest.mark.parametrize("argv", [
@@ -148,20 +219,133 @@ def test_bench_torch_when_installed(tmp_path):
     ["bench", "--ops", "train,nope"],
     ["bench", "--dtype", "int8"],
     ["bench", "--backends", "no-such-backend"],
-    ["bench", "--backends", "cupy"],  # GPU backends are not benchmarked yet
     ["bench", "--shapes", "4xQ"],
+    ["bench", "--shapes", "resnet-57"],
     ["bench", "--shapes", "4x8@5"],
     ["bench", "--repeat", "0"],
+    ["bench", "--warmup", "-1"],
+    ["bench", "--min-time", "-1"],
+    ["bench", "--device", "tpu"],
     ["bench", "--torch-threads", "0"],
+    ["bench", "--backends", "textbook-numpy", "--device", "gpu"],
+    ["bench", "--json", "/no/such/dir/out.json"],
+    ["bench", "--plot", "/no/such/dir/out.png"],
 ])
 def test_usage_errors_exit_2(argv, capsys):
     assert main(argv) == 2
     assert "usage:" in capsys.readouterr().err
 
 
-def test_help_exits_0(capsys):
+no_gpu = pytest.mark.skipif(bm.gpu_problem() is None, reason="a GPU is usable here")
+
+
+@no_gpu
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "--device", "gpu"], "--device gpu: no bnkernels GPU backend is usable here (cupy: "),
+    (["bench", "--device", "all"], "--device all: no bnkernels GPU backend is usable here"),
+    (["bench", "--backends", "cupy"], "--backends cupy: not usable here: "),
+    (["bench", "--backends", "numba-cuda"], "--backends numba-cuda: not usable here: "),
+    (["bench", "--backends", "textbook-cupy"], "--backends textbook-cupy: not usable here: "),
+    (["bench", "--backends", "numpy,torch-cuda"], "--backends torch-cuda: not usable here: "),
+])
+def test_gpu_without_a_gpu_is_a_clear_usage_error(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "pip install" in err or "torch" in err
+
+
+@no_gpu
+def test_default_device_without_a_gpu_is_the_cpu():
+    impls = select_implementations(None, build_parser())
+    names = [i.name for i in impls]
+    assert {i.device for i in impls} == {"cpu"}
+    assert "numpy" in names and "textbook-numpy" in names
+    assert names.index("numpy") < names.index("textbook-numpy")
+
+
+def test_torch_that_does_not_import_is_left_out_or_a_usage_error(monkeypatch, capsys):
+    monkeypatch.setattr(bm, "import_torch", lambda: None)  # as if installed but broken
+    names = [i.name for i in select_implementations(None, build_parser(), device="cpu")]
+    assert "torch" not in names and "numpy" in names
+    assert main(["bench", "--backends", "torch", *FAST]) == 2
+    assert "--backends torch: could not be set up here" in capsys.readouterr().err
+
+
+def test_without_torch_the_table_says_so(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now fails, find_spec says missing
+    monkeypatch.setattr(bm, "system_info", lambda: {**SYSTEM_INFO, "torch": None})
+    assert main(["bench", "--device", "cpu", "--ops", "infer", *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "torch is not installed here" in out and 'pip install "bnkernels[torch]"' in out
+    assert not any(line.split()[5:6] == ["torch"] for line in out.splitlines() if line.startswith("infer"))
+
+
+def test_plot_without_matplotlib_is_a_usage_error(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    assert main(["bench", "--backends", "numpy", *FAST, "--plot", str(tmp_path / "p.png")]) == 2
+    assert 'pip install "bnkernels[plot]"' in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_plot_writes_a_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "bench.png"
+    argv = ["bench", "--backends", "numpy,textbook-numpy", *FAST, "--dtype", "float32,float16",
+            "--plot", str(png)]
+    assert main(argv) == 0
+    assert f"Plot: {png}" in capsys.readouterr().out
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def test_plot_marks_results_that_were_not_timed(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = bm.run_benchmarks([bm.TEXTBOOK_NUMPY, _wrong_implementation([])], [bm.parse_case("4x8x5x5")],
+                                timing=bm.Timing(repeat=1, warmup=0))
+    bm.add_derived(results, bm.measure_copy_ceiling(1 * bm.MiB, repeat=1))
+    bm.plot_results(results, str(tmp_path / "p.png"), title="test")
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_help_and_list_exit_0(capsys):
     assert main(["bench", "--help"]) == 0
-    assert "--quick" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    for option in ("--quick", "--shapes", "--device", "--cold", "--json", "--plot", "--backends"):
+        assert option in out
+    assert main(["bench", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name, case in bm.NAMED_CASES.items():
+        assert any(line.split()[:2] == [name, case.shape_str] for line in out.splitlines())
+    for name in ("numpy", "textbook-numpy", "torch", "cupy", "textbook-cupy", "torch-cuda"):
+        assert any(line.split()[:1] == [name] for line in out.splitlines())
+
+
+# --------------------------------------------------------------------------
+# the progress bar
+# --------------------------------------------------------------------------
+
+def test_progress_on_a_terminal_is_one_line_redrawn():
+    stream = io.StringIO()
+    progress = Progress(stream, tty=True, width=10)
+    progress.note("[ceiling] cpu")
+    for i in range(1, 5):
+        progress(i, 4, f"step {i}")
+    progress.close()
+    text = stream.getvalue()
+    assert text.count("\n") == 2  # the note and the finished bar
+    assert "\r[..........] 1/4 0:00  step 1" in text
+    assert "[#####.....] 3/4" in text and "eta" in text
+    assert text.endswith("[##########] 4/4 done in 0:00\x1b[K\n")
+
+
+def test_progress_elsewhere_is_plain_lines():
+    stream = io.StringIO()
+    progress = Progress(stream)  # StringIO is not a terminal
+    progress(1, 2, "a")
+    progress(2, 2, "b")
+    progress.close()
+    assert stream.getvalue() == "[1/2] a\n[2/2] b\n"
 
 
 # --------------------------------------------------------------------------
@@ -196,7 +380,8 @@ def _wrong_implementation(calls):
 def test_check_catches_wrong_implementation_and_does_not_time_it():
     calls = []
     results = bm.run_benchmarks([bm.TEXTBOOK_NUMPY, _wrong_implementation(calls)],
-                                [bm.parse_case("4x8x5x5"), bm.parse_case("64x16")], repeat=2)
+                                [bm.parse_case("4x8x5x5"), bm.parse_case("64x16")],
+                                timing=bm.Timing(repeat=2, warmup=1))
     wrong = [r for r in results if r.implementation == "wrong"]
     assert len(wrong) == 2 * len(bm.OPS)
     for r in wrong:
@@ -207,13 +392,20 @@ def test_check_catches_wrong_implementation_and_does_not_time_it():
 
 
 def test_bench_exits_1_and_prints_wrong(capsys, tmp_path):
-    out = tmp_path / "out.json"
-    argv = ["bench", "--ops", "train", *FAST, "--json", str(out)]
-    assert main(argv, implementations=[bm.TEXTBOOK_NUMPY, _wrong_implementation([])]) == 1
+    data = _run_json(["bench", "--ops", "train", "--dtype", "float32", *FAST], tmp_path,
+                     implementations=[bm.TEXTBOOK_NUMPY, _wrong_implementation([])], expect=1)
     text = capsys.readouterr().out
     assert text.count("WRONG (max err") == 3
-    results = json.loads(out.read_text())["results"]
-    assert [r["status"] for r in results if r["implementation"] == "wrong"] == ["wrong"] * 3
+    assert "3 result(s) failed: wrong train 4x8x5x5 float32 WRONG" in text
+    assert [r["status"] for r in data["results"] if r["implementation"] == "wrong"] == ["wrong"] * 3
+
+
+def test_wrong_comparison_point_is_shown_but_does_not_fail(capsys):
+    wrong_textbook = dataclasses.replace(_wrong_implementation([]), name="bad-textbook", role=bm.TEXTBOOK)
+    assert main(["bench", "--ops", "infer", *FAST], implementations=[bm.bnkernels_implementation("numpy"),
+                                                                       wrong_textbook]) == 0
+    out = capsys.readouterr().out
+    assert out.count("WRONG (max err") == 3 and "failed" not in out
 
 
 def test_nan_output_and_bad_shape_are_wrong():
@@ -232,6 +424,99 @@ def test_implementation_that_raises_is_an_error_not_a_crash(capsys):
     assert "ERROR (RuntimeError: boom)" in capsys.readouterr().out
 
 
+def test_textbook_float16_is_wrong_without_warnings():
+    """The textbook code sums float16 in float16 and overflows on the named
+    shapes' data (means 1..4): shown as WRONG, with no RuntimeWarning (which
+    pytest would turn into an error here)."""
+    inp = bm.make_inputs(bm.Case((2048, 64)), np.float16)
+    run = bm.TEXTBOOK_NUMPY.prepare("train", inp)
+    assert bm.check_outputs(run(), bm.reference_outputs("train", inp)) > bm.TOLERANCE[np.dtype(np.float16)]
+
+
+# --------------------------------------------------------------------------
+# the GPU path, with a stand-in for CuPy (no GPU needed)
+# --------------------------------------------------------------------------
+
+class _FakeCupy:
+    """Just enough of CuPy for CudaDevice: NumPy arrays, and events that
+    read a fake clock advanced by 1 ms per call of the timed function."""
+
+    def __init__(self):
+        self.clock_ms = 0.0
+        self.syncs = 0
+        fake = self
+
+        class Event:
+            def record(self):
+                self.t = fake.clock_ms
+
+            def synchronize(self):
+                pass
+
+        class Device:
+            id = 0
+
+            def synchronize(self):
+                fake.syncs += 1
+
+        self.cuda = types.SimpleNamespace(
+            Device=Device, Event=Event,
+            get_elapsed_time=lambda start, stop: stop.t - start.t,
+            runtime=types.SimpleNamespace(
+                getDeviceProperties=lambda i: {"name": b"Fake GPU", "l2CacheSize": 1 << 20},
+                memGetInfo=lambda: (8 << 30, 16 << 30)))
+        self.float64 = np.float64
+        self.ones, self.empty_like = np.ones, np.empty_like
+
+    def copyto(self, dst, src):
+        self.clock_ms += 1.0
+        np.copyto(dst, src)
+
+
+def test_event_timer_brackets_each_call_with_events():
+    fake = _FakeCupy()
+    calls = []
+
+    def fn():
+        calls.append(1)
+        fake.clock_ms += 2.5
+
+    timer = bm.EventTimer(fake.cuda.Event, fake.cuda.get_elapsed_time, fake.cuda.Device().synchronize)
+    times = timer.time(fn, bm.Timing(repeat=4, warmup=3))
+    assert len(calls) == 7 and fake.syncs == 1  # warm-up calls, then one synchronize
+    assert times == [0.0025] * 4
+
+
+def test_cuda_device_with_a_stand_in_for_cupy():
+    fake = _FakeCupy()
+    dev = bm.CudaDevice(fake)
+    assert (dev.kind, dev.name, dev.cache_bytes) == ("gpu", "Fake GPU (device 0)", 1 << 20)
+    assert dev.memory_budget_bytes() == 2 << 30
+    c = dev.measure_ceiling(1 * bm.MiB, repeat=3, warmup=1)
+    assert (c.device, c.buffer_bytes, c.bytes) == ("gpu", bm.MiB, 2 * bm.MiB)
+    assert c.times_s == [0.001] * 3 and c.gbps == pytest.approx(2 * bm.MiB / 1e-3 / 1e9)
+
+    # A GPU implementation is timed by the device's events, ceiling and speed-ups per device.
+    def prepare(op, inp):
+        run = bm.TEXTBOOK_NUMPY.prepare(op, inp)
+
+        def timed():
+            fake.clock_ms += 0.5
+            return run()
+        return timed
+
+    gpu_impl = bm.Implementation("fake-gpu", prepare, device="gpu")
+    results = bm.run_benchmarks([gpu_impl, bm.TEXTBOOK_NUMPY], [bm.parse_case("4x8x5x5")], ops=["infer"],
+                                devices={"gpu": dev}, timing=bm.Timing(repeat=3, warmup=1))
+    gpu, cpu = results
+    assert gpu.status == "ok" and gpu.device == "gpu" and gpu.device_name == "Fake GPU (device 0)"
+    assert gpu.timer.startswith("CUDA events") and gpu.times_s == [0.0005] * 3
+    bm.add_derived(results, {"gpu": c})
+    assert gpu.pct_of_ceiling == pytest.approx(100 * gpu.gbps / c.gbps)
+    assert cpu.pct_of_ceiling is None  # no CPU ceiling given
+    assert gpu.speedup_vs_textbook is None  # the textbook result ran on the other device
+
+
 # --------------------------------------------------------------------------
 # benchmark helpers
 # --------------------------------------------------------------------------
@@ -240,11 +525,24 @@ def test_bytes_model():
     assert [bm.min_bytes(op, 100) for op in bm.OPS] == [300, 200, 500]
 
 
+def test_named_shapes_are_the_issue_shapes():
+    assert {(c.shape, c.axis % len(c.shape)) for c in bm.DEFAULT_CASES} == {
+        ((32, 64, 56, 56), 1), ((256, 256, 14, 14), 1), ((32, 56, 56, 64), 3), ((256, 14, 14, 256), 3),
+        ((8192, 1024), 1), ((100000, 32), 1), ((64, 3, 224, 224), 1)}
+    assert [c.shape for c in bm.QUICK_CASES][:2] == [(8, 64, 56, 56), (8, 56, 56, 64)]
+    assert [c.name for c in bm.QUICK_CASES][:2] == ["resnet-56/4", "resnet-56-nhwc/4"]
+    assert bm.parse_cases("all") == list(bm.DEFAULT_CASES)
+    assert bm.parse_cases("dense, 4x8@0") == [bm.NAMED_CASES["dense"], bm.Case((4, 8), 0)]
+    assert bm.NAMED_CASES["resnet-14"].tiny().shape == (4, 256, 4, 4)
+    assert bm.NAMED_CASES["tall-skinny"].tiny().shape == (64, 32)
+
+
 @pytest.mark.parametrize("text,shape,axis,layout", [
     ("8x32x28x28", (8, 32, 28, 28), 1, "NCHW"),
     ("8x28x28x32@-1", (8, 28, 28, 32), -1, "NHWC"),
     ("2048x256", (2048, 256), 1, "2-D"),
     ("4x5x6@2", (4, 5, 6), 2, "3-D axis=2"),
+    ("resnet-56-nhwc", (32, 56, 56, 64), -1, "NHWC"),
 ])
 def test_parse_case(text, shape, axis, layout):
     case = bm.parse_case(text)
@@ -260,5 +558,76 @@ def test_channels_last_case_holds_the_same_data():
     np.testing.assert_array_equal(nhwc.gamma, nchw.gamma)
 
 
-def test_default_ceiling_size_is_between_64_and_256_mib():
-    assert 64 * bm.MiB <= bm.default_ceiling_bytes() <= 256 * bm.MiB
+def test_default_ceiling_buffer_is_beyond_the_cache(monkeypatch):
+    monkeypatch.setattr(bm, "available_memory_bytes", lambda: 64 << 30)
+    for llc, expected in [(None, 256 * bm.MiB), (32 * bm.MiB, 256 * bm.MiB), (480 * bm.MiB, 960 * bm.MiB),
+                          (4 << 30, 2 << 30)]:
+        monkeypatch.setattr(bm, "last_level_cache_bytes", lambda llc=llc: llc)
+        assert bm.default_ceiling_bytes() == expected
+    monkeypatch.setattr(bm, "available_memory_bytes", lambda: 1 << 30)  # an eighth of the memory
+    assert bm.default_ceiling_bytes() == 128 * bm.MiB
+
+
+def test_cpu_ceiling_tries_one_and_several_threads():
+    c = bm.measure_copy_ceiling(2 * bm.MiB, repeat=2, threads=2)
+    assert set(c.variants) == {"np.copyto, 1 thread", "np.copyto, 2 threads"}
+    assert c.gbps == max(c.variants.values()) and c.method in c.variants
+
+
+# --------------------------------------------------------------------------
+# the pytest-benchmark suite (bench/), run as documented
+# --------------------------------------------------------------------------
+
+def _pytest_bench(tmp_path, *args):
+    cmd = [sys.executable, "-m", "pytest", "bench", "--benchmark-only", "-p", "no:cacheprovider",
+           "-k", "tall-skinny and float32 and infer and numpy and not textbook",
+           "--benchmark-max-time=0.02", "--benchmark-min-rounds=2", "--bench-ceiling-mib=8",
+           f"--benchmark-storage=file://{tmp_path}/storage", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_pytest_bench_benchmark_only_records_extra_info(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _pytest_bench(tmp_path, f"--benchmark-json={out}", "--benchmark-save=first")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (b,) = json.loads(out.read_text())["benchmarks"]
+    info = b["extra_info"]
+    assert b["group"] == "infer tall-skinny float32" and b["stats"]["rounds"] >= 2
+    assert (info["op"], info["implementation"], info["device"], info["dtype"], info["layout"]) == (
+        "infer", "numpy", "cpu", "float32", "2-D")
+    assert info["shape"] == [100000, 32]  # timed: the full shape
+    assert info["bytes"] == 2 * 4 * 100000 * 32
+    assert info["gbps"] == pytest.approx(info["bytes"] / b["stats"]["median"] / 1e9)
+    assert info["pct_of_ceiling"] == pytest.approx(100 * info["gbps"] / info["ceiling_gbps"])
+    assert info["device_name"].startswith(bm.cpu_model())
+
+    proc = _pytest_bench(tmp_path, "--benchmark-compare")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Comparing against benchmarks from: Linux" in proc.stderr and "0001_first" in proc.stderr
+    assert "(0001_first)" in proc.stdout and "(NOW)" in proc.stdout
+
+
+def test_cold_timing_uses_a_different_copy_on_each_call(monkeypatch):
+    seen = []
+
+    def prepare(op, inp):
+        buf = inp.x
+        return lambda: (seen.append(buf) or bm.TEXTBOOK_NUMPY.prepare(op, inp)())
+
+    class SmallCache(bm.CpuDevice):
+        def __init__(self):
+            super().__init__()
+            self.cache_bytes = 16 << 10  # 16 KiB: 3200-byte inputs need 12 copies
+
+    case = bm.parse_case("4x8x5x5")
+    inp = bm.make_inputs(case, np.float32)
+    res = bm.run_one(bm.Implementation("rec", prepare), "infer", case, inp, bm.reference_outputs("infer", inp),
+                     SmallCache(), bm.Timing(repeat=24, warmup=0), cold=True)
+    assert res.status == "ok" and res.copies == 12 and len(res.times_s) == 24
+    checked, timed = seen[0], seen[1:]
+    assert checked is inp.x
+    assert len({id(b) for b in timed}) == 12
+    assert all(timed[i] is timed[i + 12] for i in range(12))  # a fixed rotation
+    assert timed[11] is inp.x  # the checked (hot) inputs come last
+    for b in timed:
+        np.testing.assert_array_equal(b, inp.x)

@@ -1,0 +1,157 @@
+"""pytest-benchmark suite: training forward, inference forward and backward
+of every implementation usable here (the bnkernels backends, textbook
+NumPy, ``torch.nn.functional.batch_norm``; with a GPU also the GPU
+backends, textbook CuPy and torch CUDA) on the named shapes of
+:data:`bnkernels.benchmark.NAMED_CASES`, float32 and float16::
+
+    pytest bench --benchmark-only                            # everything, a few minutes on 2 cores
+    pytest bench --benchmark-only -k "resnet-56 and float32"
+    pytest bench --benchmark-only --benchmark-autosave       # keep the run in .benchmarks/
+    pytest bench --benchmark-only --benchmark-compare        # ... and compare with the last kept run
+
+Groups are ``op shape dtype``, so each table compares the implementations
+of one case. Each output is checked against the float64 reference before
+it is timed (that call is also the warm-up); a comparison point that is
+wrong on a case (textbook NumPy's float16 sums overflow) is skipped with
+the reason instead of being timed, a wrong bnkernels result fails.
+
+``benchmark.extra_info`` holds op, implementation, role, device,
+device_name, shape_name, shape, axis, layout, dtype, bytes (the minimum
+bytes the op must move, :data:`bnkernels.benchmark.BYTES_MODEL`),
+bytes_model, max_err, timer, allocation and, when timed, gbps (from the
+median), ceiling_gbps and ceiling_method (a large copy on the same device,
+measured once per session) and pct_of_ceiling; torch_threads for torch. On
+a GPU, pytest-benchmark's wall clock includes a device synchronize after
+each call, and ``cuda_event_median_s``/``gbps`` come from CUDA events.
+Outputs are not preallocated (no API here takes one), so allocation is part
+of every time. Cache-cold timing is ``bnkernels bench --cold``.
+
+With timing off (the normal test run, see ``bench/conftest.py``) every
+benchmark runs once on a tiny version of its shape, as a smoke test.
+"""
+import statistics
+
+import numpy as np
+import pytest
+
+from bnkernels import benchmark as bm
+
+CATALOG = bm.implementation_catalog()
+DTYPES = ("float32", "float16")
+
+
+def _impl_params(usable: bool):
+    params = []
+    for e in CATALOG.values():
+        if (e.problem is None) != usable:
+            continue
+        marks = [pytest.mark.gpu] if e.device == "gpu" else []
+        params.append(pytest.param(e.name, marks=marks, id=e.name))
+    return params
+
+
+@pytest.fixture(scope="session")
+def implementations():
+    """name -> Implementation, built once (torch imports once)."""
+    return {}
+
+
+@pytest.fixture(scope="session")
+def devices():
+    return {}
+
+
+@pytest.fixture(scope="session")
+def ceilings():
+    """kind -> Ceiling, measured once, on first use, when timing is on."""
+    return {}
+
+
+@pytest.fixture(scope="module", params=list(bm.NAMED_CASES))
+def case(request, timed):
+    c = bm.NAMED_CASES[request.param]
+    return c if timed else c.tiny()
+
+
+@pytest.fixture(scope="module", params=DTYPES)
+def dtype(request):
+    return np.dtype(request.param)
+
+
+@pytest.fixture(scope="module")
+def inputs(case, dtype):
+    return bm.make_inputs(case, dtype)
+
+
+@pytest.fixture(scope="module")
+def expected(inputs):
+    """op -> float64 reference outputs, computed on first use."""
+    cache = {}
+
+    def get(op):
+        if op not in cache:
+            cache[op] = bm.reference_outputs(op, inputs)
+        return cache[op]
+
+    return get
+
+
+def _get(cache, key, make):
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
+@pytest.mark.parametrize("op", bm.OPS)
+@pytest.mark.parametrize("name", _impl_params(usable=True))
+def test_bench(benchmark, name, op, case, dtype, inputs, expected, implementations, devices, ceilings,
+               timed, ceiling_bytes):
+    impl = _get(implementations, name, CATALOG[name].make)
+    device = _get(devices, impl.device, lambda: bm.make_device(impl.device))
+    tol = bm.TOLERANCE[dtype]
+    run = impl.prepare(op, inputs)
+
+    # Correctness first; this call is also the warm-up.
+    err = bm.check_outputs(run(), expected(op), impl.to_host)
+    info = benchmark.extra_info
+    info.update(op=op, implementation=impl.name, role=impl.role, device=impl.device,
+                device_name=device.name, shape_name=case.label, shape=list(case.shape), axis=case.axis,
+                layout=case.layout, dtype=dtype.name, bytes=bm.min_bytes(op, inputs.x.nbytes),
+                bytes_model=bm.BYTES_MODEL, max_err=err, allocation=bm.ALLOCATION_NOTE,
+                timer="pytest-benchmark wall clock" + (
+                    ", device synchronized after each call; gbps from CUDA events"
+                    if impl.device == "gpu" else ""),
+                gbps=None, ceiling_gbps=None, pct_of_ceiling=None)
+    if impl.role == bm.TORCH:
+        info["torch_threads"] = bm.import_torch().get_num_threads()
+    if not err <= tol:
+        assert impl.role != bm.CANDIDATE, f"{name} {op}: max relative error {err:.3g} > {tol:.0e}"
+        pytest.skip(f"{name} is wrong on {op} {case.label} {dtype.name} "
+                    f"(max relative error {err:.3g} > {tol:.0e}): not timed")
+    benchmark.group = f"{op} {case.label} {dtype.name}"
+
+    def call():
+        out = run()
+        device.synchronize()
+        return out
+
+    outputs = benchmark(call)
+
+    if not timed:  # the smoke run: check what the benchmark call returned too
+        err = bm.check_outputs(outputs, expected(op), impl.to_host)
+        assert err <= tol, f"{name} {op}: max relative error {err:.3g}"
+        return
+    median = benchmark.stats.stats.median
+    if impl.device == "gpu":  # the wall clock includes launch and sync overhead: use events
+        median = statistics.median(device.time(run, device.quick_timing))
+        info["cuda_event_median_s"] = median
+    ceiling = _get(ceilings, impl.device, lambda: device.measure_ceiling(ceiling_bytes))
+    info.update(gbps=info["bytes"] / median / 1e9, ceiling_gbps=ceiling.gbps, ceiling_method=ceiling.method)
+    info["pct_of_ceiling"] = 100.0 * info["gbps"] / ceiling.gbps
+
+
+if _impl_params(usable=False):
+    @pytest.mark.parametrize("name", _impl_params(usable=False))
+    def test_not_benchmarked_here(name):
+        """One skip per implementation that cannot run here, with the reason."""
+        pytest.skip(f"{name} not benchmarked here: {CATALOG[name].problem}")
