@@ -45,36 +45,38 @@ def asarray(x):
 
 # --- float16 inside the kernels ---------------------------------------------
 
+_F16_MAX = np.uint32((127 + 16) << 23)  # first float32 that overflows float16
+_F32_INF = np.uint32(255 << 23)
+_DENORM_MAGIC = np.uint32(((127 - 15) + (23 - 10) + 1) << 23)
+_DENORM_MAGIC_F = _DENORM_MAGIC.view(np.float32)  # 0.5: aligns the 10 mantissa bits at the bottom
+_MIN_NORMAL = np.uint32(113 << 23)  # smallest float32 that is a normal float16
+_REBIAS = np.uint32((((15 - 127) << 23) + 0xFFF) & 0xFFFFFFFF)
+_SIGN, _QNAN16, _INF16 = np.uint32(0x80000000), np.uint32(0x7E00), np.uint32(0x7C00)
+_U1, _U13, _U16 = np.uint32(1), np.uint32(13), np.uint32(16)
+
+
 @njit(inline="always")
 def half_bits(f):
     """float32/float64 value -> float16 bits, round to nearest even (as
-    NumPy's astype(float16)); NaN stays NaN, overflow gives Inf."""
-    b = np.float32(f).view(np.uint32)
-    sign = (b >> 16) & 0x8000
-    e = (b >> 23) & 0xFF
-    m = b & 0x7FFFFF
-    if e == 0xFF:  # Inf or NaN
-        return np.uint16(sign | 0x7C00 | (0x200 if m != 0 else 0))
-    exp = np.int64(e) - 127 + 15
-    if exp >= 0x1F:  # overflow
-        return np.uint16(sign | 0x7C00)
-    if exp <= 0:  # subnormal half (or zero)
-        if exp < -10:
-            return np.uint16(sign)
-        m = m | 0x800000
-        shift = np.uint32(14 - exp)
-        half_m = m >> shift
-        rem = m & ((np.uint32(1) << shift) - 1)
-        halfway = np.uint32(1) << (shift - 1)
-        if rem > halfway or (rem == halfway and (half_m & 1)):
-            half_m += 1
-        return np.uint16(sign | half_m)
-    half_m = m >> 13
-    rem = m & 0x1FFF
-    out = np.uint32(sign | (np.uint32(exp) << 10) | half_m)
-    if rem > 0x1000 or (rem == 0x1000 and (half_m & 1)):
-        out += 1  # may carry into the exponent: correct (rounds up to the next binade or Inf)
-    return np.uint16(out)
+    NumPy's astype(float16)); NaN stays NaN, overflow gives Inf.
+
+    Branch-light so that loops storing float16 vectorize (F. Giesen's
+    float_to_half_fast3_rtne): subnormals are rounded by a float addition of
+    a magic number, normals by adding the rounding bias to the bits.
+    """
+    # Numba widens uint32 arithmetic to 64 bits and unifies uint64 with int64
+    # as float64: every constant and intermediate is an explicit np.uint32.
+    bits = np.float32(f).view(np.uint32)
+    sign = np.uint32(bits & _SIGN)
+    u = np.uint32(bits ^ sign)
+    if u >= _F16_MAX:  # Inf or NaN (or overflow)
+        o = _QNAN16 if u > _F32_INF else _INF16
+    elif u < _MIN_NORMAL:  # subnormal float16 or zero
+        summed = np.float32(u.view(np.float32) + _DENORM_MAGIC_F)
+        o = np.uint32(summed.view(np.uint32) - _DENORM_MAGIC)
+    else:
+        o = np.uint32(np.uint32(u + _REBIAS + ((u >> _U13) & _U1)) >> _U13)
+    return np.uint16(np.uint32(o | (sign >> _U16)))
 
 
 def to_f64(v, table):
