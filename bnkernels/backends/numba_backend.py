@@ -14,8 +14,8 @@ input (other inputs are copied to that layout first):
 
 Accuracy: sums are float64 around a shift ``k`` (the channel's first
 value), elementwise work is float64, and outputs are rounded once. float16
-input is read through a 65536-entry table and written with round-to-nearest
--even bit arithmetic inside the kernels (Numba has no CPU float16).
+input is converted inside the kernels by branch-light bit arithmetic, exact
+in both directions with round-to-nearest-even (Numba has no CPU float16).
 Fast-math is limited to reassociation and contraction, which keeps NaN and
 Inf semantics. Threads: Numba's (``NUMBA_NUM_THREADS``,
 ``numba.set_num_threads``).
@@ -33,8 +33,6 @@ from .numpy_backend import ieee_semantics, update_running
 name = "numba"
 
 _JIT = dict(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True)
-#: float16 bit pattern -> float32 value, for every pattern.
-HALF_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 #: rows of a chunk of channel-fastest data handled by one task
 ROWS_PER_CHUNK = 2048
 
@@ -79,15 +77,39 @@ def half_bits(f):
     return np.uint16(np.uint32(o | (sign >> _U16)))
 
 
-def to_f64(v, table):
+_EXP16_SHIFTED = np.uint32(0x7C00 << 13)  # float16 exponent bits, moved to float32 place
+_REBIAS_IN = np.uint32((127 - 15) << 23)
+_INF_NAN_ADJ = np.uint32((128 - 16) << 23)
+_U23 = np.uint32(1 << 23)
+_SUBNORMAL_MAGIC_F = np.uint32(113 << 23).view(np.float32)  # 2^-14
+
+
+@njit  # not IR-inlined: Numba's IR inliner trips over its branches (LLVM inlines it)
+def half_value(h):
+    """float16 bits -> float32 value, exact for every bit pattern
+    (F. Giesen's half_to_float_fast5): branch-light, so loads vectorize."""
+    h32 = np.uint32(h)
+    o = np.uint32((h32 & np.uint32(0x7FFF)) << _U13)
+    exp = np.uint32(o & _EXP16_SHIFTED)
+    o = np.uint32(o + _REBIAS_IN)
+    if exp == _EXP16_SHIFTED:  # Inf or NaN
+        o = np.uint32(o + _INF_NAN_ADJ)
+    elif exp == 0:  # zero or subnormal: renormalize with a float subtraction
+        f = np.float32(np.uint32(o + _U23).view(np.float32) - _SUBNORMAL_MAGIC_F)
+        o = f.view(np.uint32)
+    o = np.uint32(o | ((h32 & np.uint32(0x8000)) << _U16))
+    return o.view(np.float32)
+
+
+def to_f64(v):
     """Load as float64 (a stub; Numba picks the implementation by type)."""
 
 
 @overload(to_f64, inline="always")
-def _to_f64(v, table):
+def _to_f64(v):
     if isinstance(v, types.Integer):  # float16 bits
-        return lambda v, table: np.float64(table[v])
-    return lambda v, table: np.float64(v)
+        return lambda v: np.float64(half_value(v))
+    return lambda v: np.float64(v)
 
 
 def store(out, idx, v):
@@ -108,17 +130,17 @@ def _store(out, idx, v):
 # --- kernels -----------------------------------------------------------------
 
 @njit(**_JIT)
-def train_planes(x, y, gamma, beta, eps, relu, mean_out, m2_out, invstd_out, table):
+def train_planes(x, y, gamma, beta, eps, relu, mean_out, m2_out, invstd_out):
     """Training forward of (outer, C, inner) data, one task per channel."""
     outer, C, inner = x.shape
     n = outer * inner
     for c in prange(C):
-        k = to_f64(x[0, c, 0], table)
+        k = to_f64(x[0, c, 0])
         s1 = 0.0
         s2 = 0.0
         for o in range(outer):
             for i in range(inner):
-                d = to_f64(x[o, c, i], table) - k
+                d = to_f64(x[o, c, i]) - k
                 s1 += d
                 s2 += d * d
         dm = s1 / n
@@ -128,7 +150,7 @@ def train_planes(x, y, gamma, beta, eps, relu, mean_out, m2_out, invstd_out, tab
         shift = beta[c] - dm * scale
         for o in range(outer):  # the channel's slab is still in cache
             for i in range(inner):
-                v = (to_f64(x[o, c, i], table) - k) * scale + shift
+                v = (to_f64(x[o, c, i]) - k) * scale + shift
                 if relu and v < 0.0:
                     v = 0.0
                 store(y, (o, c, i), v)
@@ -138,7 +160,7 @@ def train_planes(x, y, gamma, beta, eps, relu, mean_out, m2_out, invstd_out, tab
 
 
 @njit(**_JIT)
-def row_sums(x, k, s1, s2, table):
+def row_sums(x, k, s1, s2):
     """Partial sums of (x - k) and (x - k)^2 per chunk of rows: (chunks, C)."""
     rows, C = x.shape
     chunks = s1.shape[0]
@@ -147,13 +169,13 @@ def row_sums(x, k, s1, s2, table):
         hi = (t + 1) * rows // chunks
         for r in range(lo, hi):
             for c in range(C):
-                d = to_f64(x[r, c], table) - k[c]
+                d = to_f64(x[r, c]) - k[c]
                 s1[t, c] += d
                 s2[t, c] += d * d
 
 
 @njit(**_JIT)
-def apply(x, y, k, scale, shift, relu, chunks, table):
+def apply(x, y, k, scale, shift, relu, chunks):
     """y = (x - k) * scale + shift [ReLU] on (outer, C, inner) data, in
     ``chunks`` parallel tasks over the outer dimension."""
     outer, C, inner = x.shape
@@ -164,14 +186,14 @@ def apply(x, y, k, scale, shift, relu, chunks, table):
             for c in range(C):
                 kc, sc, sh = k[c], scale[c], shift[c]
                 for i in range(inner):
-                    v = (to_f64(x[o, c, i], table) - kc) * sc + sh
+                    v = (to_f64(x[o, c, i]) - kc) * sc + sh
                     if relu and v < 0.0:
                         v = 0.0
                     store(y, (o, c, i), v)
 
 
 @njit(**_JIT)
-def apply_rows(x, y, k, scale, shift, relu, chunks, table):
+def apply_rows(x, y, k, scale, shift, relu, chunks):
     """``apply`` for channel-fastest (rows, C) data: the innermost loop runs
     over the channels (contiguous), so it vectorizes."""
     rows, C = x.shape
@@ -180,14 +202,14 @@ def apply_rows(x, y, k, scale, shift, relu, chunks, table):
         hi = (t + 1) * rows // chunks
         for r in range(lo, hi):
             for c in range(C):
-                v = (to_f64(x[r, c], table) - k[c]) * scale[c] + shift[c]
+                v = (to_f64(x[r, c]) - k[c]) * scale[c] + shift[c]
                 if relu and v < 0.0:
                     v = 0.0
                 store(y, (r, c), v)
 
 
 @njit(**_JIT)
-def dx_rows(dy, x, dx, mean, a, b, cc, chunks, table):
+def dx_rows(dy, x, dx, mean, a, b, cc, chunks):
     """dx = dy * a + (x - mean) * b + c on channel-fastest (rows, C) data."""
     rows, C = x.shape
     for t in prange(chunks):
@@ -195,12 +217,12 @@ def dx_rows(dy, x, dx, mean, a, b, cc, chunks, table):
         hi = (t + 1) * rows // chunks
         for r in range(lo, hi):
             for c in range(C):
-                v = to_f64(dy[r, c], table) * a[c] + (to_f64(x[r, c], table) - mean[c]) * b[c] + cc[c]
+                v = to_f64(dy[r, c]) * a[c] + (to_f64(x[r, c]) - mean[c]) * b[c] + cc[c]
                 store(dx, (r, c), v)
 
 
 @njit(**_JIT)
-def bwd_planes(dy, x, dx, mean, invstd, gamma, dgamma, dbeta, table):
+def bwd_planes(dy, x, dx, mean, invstd, gamma, dgamma, dbeta):
     """Backward of (outer, C, inner) data, one task per channel: sums, then
     dx while the slabs are in cache."""
     outer, C, inner = x.shape
@@ -211,9 +233,9 @@ def bwd_planes(dy, x, dx, mean, invstd, gamma, dgamma, dbeta, table):
         t = 0.0
         for o in range(outer):
             for i in range(inner):
-                g = to_f64(dy[o, c, i], table)
+                g = to_f64(dy[o, c, i])
                 s += g
-                t += g * (to_f64(x[o, c, i], table) - m)
+                t += g * (to_f64(x[o, c, i]) - m)
         inv = invstd[c]
         sum_dy_xhat = t * inv
         a = gamma[c] * inv
@@ -221,14 +243,14 @@ def bwd_planes(dy, x, dx, mean, invstd, gamma, dgamma, dbeta, table):
         cc = -a * s / n
         for o in range(outer):
             for i in range(inner):
-                v = to_f64(dy[o, c, i], table) * a + (to_f64(x[o, c, i], table) - m) * b + cc
+                v = to_f64(dy[o, c, i]) * a + (to_f64(x[o, c, i]) - m) * b + cc
                 store(dx, (o, c, i), v)
         dgamma[c] = sum_dy_xhat
         dbeta[c] = s
 
 
 @njit(**_JIT)
-def bwd_row_sums(dy, x, mean, s, t, table):
+def bwd_row_sums(dy, x, mean, s, t):
     """Partial sum(dy) and sum(dy * (x - mean)) per chunk of rows."""
     rows, C = x.shape
     chunks = s.shape[0]
@@ -237,9 +259,9 @@ def bwd_row_sums(dy, x, mean, s, t, table):
         hi = (j + 1) * rows // chunks
         for r in range(lo, hi):
             for c in range(C):
-                g = to_f64(dy[r, c], table)
+                g = to_f64(dy[r, c])
                 s[j, c] += g
-                t[j, c] += g * (to_f64(x[r, c], table) - mean[c])
+                t[j, c] += g * (to_f64(x[r, c]) - mean[c])
 
 
 # --- host side ---------------------------------------------------------------
@@ -272,27 +294,23 @@ def _tasks(outer):
 def _row_stats(x3, C):
     """Channel-fastest statistics: (mean, m2) float64 from chunked sums."""
     x2 = x3.reshape(-1, C)
-    k = np.array([to_host_f64(v) for v in x2[0]]) if x2.dtype == np.uint16 else x2[0].astype(np.float64)
+    k = (x2[0].view(np.float16) if x2.dtype == np.uint16 else x2[0]).astype(np.float64)
     chunks = _chunks(x2.shape[0])
     s1, s2 = np.zeros((chunks, C)), np.zeros((chunks, C))
-    row_sums(x2, k, s1, s2, HALF_TABLE)
+    row_sums(x2, k, s1, s2)
     n = x2.shape[0]
     s1, s2 = s1.sum(0), s2.sum(0)
     dm = s1 / n
     return k, dm, np.maximum(s2 - s1 * dm, 0.0)
 
 
-def to_host_f64(bits):
-    return float(HALF_TABLE[bits])
-
-
 def _apply(x3, y3, layout: ChannelLayout, k, scale, shift, relu):
     """The apply pass with the kernel suited to the layout."""
     if layout.inner == 1:
         C = layout.channels
-        apply_rows(x3.reshape(-1, C), y3.reshape(-1, C), k, scale, shift, relu, _tasks(layout.outer), HALF_TABLE)
+        apply_rows(x3.reshape(-1, C), y3.reshape(-1, C), k, scale, shift, relu, _tasks(layout.outer))
     else:
-        apply(x3, y3, k, scale, shift, relu, _tasks(layout.outer), HALF_TABLE)
+        apply(x3, y3, k, scale, shift, relu, _tasks(layout.outer))
 
 
 @ieee_semantics
@@ -308,7 +326,7 @@ def channel_stats(x, layout: ChannelLayout):
     C = layout.channels
     y, y_store = _out3(layout, np.float64)
     mean, m2, invstd = np.empty(C), np.empty(C), np.empty(C)
-    train_planes(x3, y_store, np.ones(C), np.zeros(C), 0.0, False, mean, m2, invstd, HALF_TABLE)
+    train_planes(x3, y_store, np.ones(C), np.zeros(C), 0.0, False, mean, m2, invstd)
     return mean, m2
 
 
@@ -324,7 +342,7 @@ def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool,
         return y.reshape(layout.shape), np.zeros(0, cdt), np.zeros(0, cdt)
     if layout.inner > 1:
         mean, m2, invstd = np.empty(C), np.empty(C), np.empty(C)
-        train_planes(x3, y_store, g, b, eps, relu, mean, m2, invstd, HALF_TABLE)
+        train_planes(x3, y_store, g, b, eps, relu, mean, m2, invstd)
     else:
         k, dm, m2 = _row_stats(x3, C)
         invstd = 1.0 / np.sqrt(m2 / n + eps)
@@ -362,15 +380,15 @@ def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma):
     m, inv, g = np.asarray(mean, np.float64), np.asarray(invstd, np.float64), _vec(gamma, C, 1.0)
     if layout.inner > 1:
         dgamma, dbeta = np.empty(C), np.empty(C)
-        bwd_planes(dy3, x3, out_store, m, inv, g, dgamma, dbeta, HALF_TABLE)
+        bwd_planes(dy3, x3, out_store, m, inv, g, dgamma, dbeta)
     else:
         chunks = _chunks(layout.outer)
         s, t = np.zeros((chunks, C)), np.zeros((chunks, C))
-        bwd_row_sums(dy3.reshape(-1, C), x3.reshape(-1, C), m, s, t, HALF_TABLE)
+        bwd_row_sums(dy3.reshape(-1, C), x3.reshape(-1, C), m, s, t)
         dbeta = s.sum(0)
         dgamma = t.sum(0) * inv
         a = g * inv
         b = -a * inv * dgamma / n
         dx_rows(dy3.reshape(-1, C), x3.reshape(-1, C), out_store.reshape(-1, C), m, a, b, -a * dbeta / n,
-                _tasks(layout.outer), HALF_TABLE)
+                _tasks(layout.outer))
     return out.reshape(layout.shape), dgamma.astype(cdt), dbeta.astype(cdt)
