@@ -70,6 +70,16 @@ struct SumOp {
     }
 };
 
+// Shared memory of a reduction block: per-warp partial triples and the
+// "last block" flag. Declared once per kernel as `__shared__ BlockScratch<ACC>`.
+template <typename ACC>
+struct BlockScratch {
+    ACC a[kMaxWarps][kWarp];
+    ACC b[kMaxWarps][kWarp];
+    ACC c[kMaxWarps][kWarp];
+    int last;
+};
+
 // Reduce a triple over the ty lanes of each tx column of a 2-D block: warp
 // shuffles (lanes lane and lane + offset hold the same channel while offset
 // >= blockDim.x), then shared memory across warps. The result is valid in
@@ -77,8 +87,7 @@ struct SumOp {
 // (barriers); blockDim.x is a power of two <= 32, the block a whole number
 // of warps.
 template <typename Op, typename ACC>
-__device__ __forceinline__ void block_reduce(ACC& a, ACC& b, ACC& c, ACC (*sh_a)[kWarp],
-                                             ACC (*sh_b)[kWarp], ACC (*sh_c)[kWarp]) {
+__device__ __forceinline__ void block_reduce(ACC& a, ACC& b, ACC& c, BlockScratch<ACC>& sh) {
     const unsigned width = blockDim.x;
     const unsigned lin = threadIdx.x + threadIdx.y * width;
     const unsigned lane = lin % kWarp;
@@ -91,16 +100,16 @@ __device__ __forceinline__ void block_reduce(ACC& a, ACC& b, ACC& c, ACC (*sh_a)
         Op::merge(a, b, c, a2, b2, c2);
     }
     if (lane < width) {
-        sh_a[warp][lane] = a;
-        sh_b[warp][lane] = b;
-        sh_c[warp][lane] = c;
+        sh.a[warp][lane] = a;
+        sh.b[warp][lane] = b;
+        sh.c[warp][lane] = c;
     }
     __syncthreads();
     if (warp == 0 && lane < width) {
-        a = sh_a[0][lane];
-        b = sh_b[0][lane];
-        c = sh_c[0][lane];
-        for (unsigned w = 1; w < nwarps; ++w) Op::merge(a, b, c, sh_a[w][lane], sh_b[w][lane], sh_c[w][lane]);
+        a = sh.a[0][lane];
+        b = sh.b[0][lane];
+        c = sh.c[0][lane];
+        for (unsigned w = 1; w < nwarps; ++w) Op::merge(a, b, c, sh.a[w][lane], sh.b[w][lane], sh.c[w][lane]);
     }
     __syncthreads();  // the shared slots may be reused after this
 }
@@ -125,6 +134,22 @@ __device__ __forceinline__ bool last_to_arrive(unsigned int* counters, long long
 struct Walk {
     long long o, i, so, si;
 };
+
+// The geometry of a reduction block: blockDim.x channels per group (tx is
+// this thread's), groups along gridDim.y, splits along gridDim.x.
+struct ReduceGrid {
+    long long width, tx, ty, splits, groups;
+};
+
+__device__ __forceinline__ ReduceGrid reduce_grid(long long C) {
+    ReduceGrid r;
+    r.width = blockDim.x;
+    r.tx = threadIdx.x;
+    r.ty = threadIdx.y;
+    r.splits = gridDim.x;
+    r.groups = (C + r.width - 1) / r.width;
+    return r;
+}
 
 __device__ __forceinline__ Walk walk_start(long long inner) {
     const long long S = static_cast<long long>(gridDim.x) * blockDim.y;

@@ -34,15 +34,9 @@ __global__ void bn_stats(const T* __restrict__ x,              // (outer, C, inn
                          ACC* stage_q,                         // (C, gridDim.x) partial M2
                          unsigned int* counters)               // (groups,) zero between launches
 {
-    __shared__ ACC sh_a[bn::kMaxWarps][bn::kWarp];
-    __shared__ ACC sh_b[bn::kMaxWarps][bn::kWarp];
-    __shared__ ACC sh_c[bn::kMaxWarps][bn::kWarp];
-    __shared__ int sh_last;
-    const long long width = blockDim.x;
-    const long long tx = threadIdx.x;
-    const long long ty = threadIdx.y;
-    const long long splits = gridDim.x;
-    const long long groups = (C + width - 1) / width;
+    __shared__ bn::BlockScratch<ACC> sh;
+    const bn::ReduceGrid rg = bn::reduce_grid(C);
+    const long long width = rg.width, tx = rg.tx, ty = rg.ty, splits = rg.splits, groups = rg.groups;
     const bn::Walk walk = bn::walk_start(inner);
     for (long long g = blockIdx.y; g < groups; g += gridDim.y) {
         const long long c = g * width + tx;
@@ -82,13 +76,13 @@ __global__ void bn_stats(const T* __restrict__ x,              // (outer, C, inn
             bn::welford_merge(n[2], m[2], q[2], n[3], m[3], q[3]);
             bn::welford_merge(n[0], m[0], q[0], n[2], m[2], q[2]);
         }
-        bn::block_reduce<bn::WelfordOp>(n[0], m[0], q[0], sh_a, sh_b, sh_c);
+        bn::block_reduce<bn::WelfordOp>(n[0], m[0], q[0], sh);
         if (ty == 0 && active) {
             stage_n[c * splits + blockIdx.x] = n[0];
             stage_m[c * splits + blockIdx.x] = m[0];
             stage_q[c * splits + blockIdx.x] = q[0];
         }
-        if (bn::last_to_arrive(counters, g, &sh_last)) {
+        if (bn::last_to_arrive(counters, g, &sh.last)) {
             ACC nn = ACC(0), mm = ACC(0), qq = ACC(0);
             if (active) {
                 // volatile: other blocks' partials, never from a stale cache line
@@ -97,7 +91,7 @@ __global__ void bn_stats(const T* __restrict__ x,              // (outer, C, inn
                 const volatile ACC* sq = stage_q + c * splits;
                 for (long long b = ty; b < splits; b += blockDim.y) bn::welford_merge(nn, mm, qq, sn[b], sm[b], sq[b]);
             }
-            bn::block_reduce<bn::WelfordOp>(nn, mm, qq, sh_a, sh_b, sh_c);
+            bn::block_reduce<bn::WelfordOp>(nn, mm, qq, sh);
             if (ty == 0 && active) {
                 const double var = static_cast<double>(qq) * inv_n;
                 const ACC invstd = static_cast<ACC>(1.0 / sqrt(var + eps));
@@ -121,7 +115,7 @@ __global__ void bn_stats(const T* __restrict__ x,              // (outer, C, inn
             }
             if (tx == 0 && ty == 0) counters[g] = 0u;  // ready for the next launch
         }
-        __syncthreads();  // sh_last is reused by the next group
+        __syncthreads();  // sh.last is reused by the next group
     }
 }
 
@@ -146,15 +140,9 @@ __global__ void bn_bwd_reduce(const T* __restrict__ dy,              // (outer, 
                               ACC* stage_t,                          // (C, gridDim.x) partial sum(dy * (x - k))
                               unsigned int* counters)                // (groups,) zero between launches
 {
-    __shared__ ACC sh_a[bn::kMaxWarps][bn::kWarp];
-    __shared__ ACC sh_b[bn::kMaxWarps][bn::kWarp];
-    __shared__ ACC sh_c[bn::kMaxWarps][bn::kWarp];
-    __shared__ int sh_last;
-    const long long width = blockDim.x;
-    const long long tx = threadIdx.x;
-    const long long ty = threadIdx.y;
-    const long long splits = gridDim.x;
-    const long long groups = (C + width - 1) / width;
+    __shared__ bn::BlockScratch<ACC> sh;
+    const bn::ReduceGrid rg = bn::reduce_grid(C);
+    const long long width = rg.width, tx = rg.tx, ty = rg.ty, splits = rg.splits, groups = rg.groups;
     const bn::Walk walk = bn::walk_start(inner);
     for (long long g = blockIdx.y; g < groups; g += gridDim.y) {
         const long long c = g * width + tx;
@@ -188,12 +176,12 @@ __global__ void bn_bwd_reduce(const T* __restrict__ dy,              // (outer, 
             }
         }
         ACC s0 = s[0] + s[1], t0 = t[0] + t[1], unused = ACC(0);
-        bn::block_reduce<bn::SumOp>(s0, t0, unused, sh_a, sh_b, sh_c);
+        bn::block_reduce<bn::SumOp>(s0, t0, unused, sh);
         if (ty == 0 && active) {
             stage_s[c * splits + blockIdx.x] = s0;
             stage_t[c * splits + blockIdx.x] = t0;
         }
-        if (bn::last_to_arrive(counters, g, &sh_last)) {
+        if (bn::last_to_arrive(counters, g, &sh.last)) {
             ACC ss = ACC(0), tt = ACC(0);
             unused = ACC(0);
             if (active) {
@@ -204,7 +192,7 @@ __global__ void bn_bwd_reduce(const T* __restrict__ dy,              // (outer, 
                     tt += vt[b];
                 }
             }
-            bn::block_reduce<bn::SumOp>(ss, tt, unused, sh_a, sh_b, sh_c);
+            bn::block_reduce<bn::SumOp>(ss, tt, unused, sh);
             if (ty == 0 && active) {
                 const double invstd = saved_invstd[c];
                 const double delta = saved_mean[c] - static_cast<double>(k);  // saved mean beyond ACC
