@@ -53,7 +53,7 @@ class BatchNorm:
         self.reset_running_stats()
         self.training = True
         self.grad_gamma = self.grad_beta = None
-        self._saved = None  # (x, SavedStats, relu mask source) of the last training forward
+        self._saved = None  # (x, SavedStats) of the last batch-statistics forward
 
     def reset_running_stats(self) -> None:
         """Running mean 0, running var 1, batch count 0."""

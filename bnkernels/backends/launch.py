@@ -28,7 +28,18 @@ waves * sm_count * blocks_per_sm)``.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+
+#: Debugging switch of both GPU backends: ``BNKERNELS_POISON=1`` fills every
+#: buffer they allocate with NaN, so an element no kernel writes shows up
+#: (the kernel tests run this way).
+POISON_ENV = "BNKERNELS_POISON"
+
+
+def poison_requested() -> bool:
+    return os.environ.get(POISON_ENV) == "1"
+
 
 MAX_GRID_Y = 65535
 WARP = 32

@@ -21,7 +21,6 @@ host results are synchronized by the copy back.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import numba
@@ -149,14 +148,14 @@ def _counters_for(groups: int, stream):
     return cur
 
 
-POISON_ENV = "BNKERNELS_POISON"
+POISON_ENV = launch.POISON_ENV
 
 
 def _empty(shape, dtype, stream):
     """An uninitialized device buffer; with ``BNKERNELS_POISON=1`` it is
     filled with NaN instead, so an element no kernel writes shows up (the
     tests run this way)."""
-    if os.environ.get(POISON_ENV) == "1":
+    if launch.poison_requested():
         return cuda.to_device(np.full(shape, np.nan, dtype), stream=stream)
     return cuda.device_array(shape, dtype=dtype, stream=stream)
 
