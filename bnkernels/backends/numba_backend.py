@@ -14,8 +14,8 @@ input (other inputs are copied to that layout first):
 
 Accuracy: sums are float64 around a shift ``k`` (the channel's first
 value), elementwise work is float64, and outputs are rounded once. float16
-input is converted inside the kernels by branch-light bit arithmetic, exact
-in both directions with round-to-nearest-even (Numba has no CPU float16).
+is converted inside the kernels (``numba_half``: F16C instructions where
+the CPU has them, else bit arithmetic; exact both ways).
 Fast-math is limited to reassociation and contraction, which keeps NaN and
 Inf semantics. Threads: Numba's (``NUMBA_NUM_THREADS``,
 ``numba.set_num_threads``).
@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import overload
+from numba import njit, prange
 
 from ..validation import ChannelLayout, compute_dtype
+from .numba_half import store, to_f64, to_work, work_value
 from .numpy_backend import ieee_semantics, update_running
 
 name = "numba"
 
 _JIT = dict(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True)
+#: helpers called inside the parallel kernels (LLVM inlines them)
+_SERIAL = dict(_JIT, parallel=False)
 #: rows of a chunk of channel-fastest data handled by one task
 ROWS_PER_CHUNK = 2048
 
@@ -41,118 +43,59 @@ def asarray(x):
     return np.asarray(x)
 
 
-# --- float16 inside the kernels ---------------------------------------------
-
-_F16_MAX = np.uint32((127 + 16) << 23)  # first float32 that overflows float16
-_F32_INF = np.uint32(255 << 23)
-_DENORM_MAGIC = np.uint32(((127 - 15) + (23 - 10) + 1) << 23)
-_DENORM_MAGIC_F = _DENORM_MAGIC.view(np.float32)  # 0.5: aligns the 10 mantissa bits at the bottom
-_MIN_NORMAL = np.uint32(113 << 23)  # smallest float32 that is a normal float16
-_REBIAS = np.uint32((((15 - 127) << 23) + 0xFFF) & 0xFFFFFFFF)
-_SIGN, _QNAN16, _INF16 = np.uint32(0x80000000), np.uint32(0x7E00), np.uint32(0x7C00)
-_U1, _U13, _U16 = np.uint32(1), np.uint32(13), np.uint32(16)
-
-
-@njit(inline="always")
-def half_bits(f):
-    """float32/float64 value -> float16 bits, round to nearest even (as
-    NumPy's astype(float16)); NaN stays NaN, overflow gives Inf.
-
-    Branch-light so that loops storing float16 vectorize (F. Giesen's
-    float_to_half_fast3_rtne): subnormals are rounded by a float addition of
-    a magic number, normals by adding the rounding bias to the bits.
-    """
-    # Numba widens uint32 arithmetic to 64 bits and unifies uint64 with int64
-    # as float64: every constant and intermediate is an explicit np.uint32.
-    bits = np.float32(f).view(np.uint32)
-    sign = np.uint32(bits & _SIGN)
-    u = np.uint32(bits ^ sign)
-    if u >= _F16_MAX:  # Inf or NaN (or overflow)
-        o = _QNAN16 if u > _F32_INF else _INF16
-    elif u < _MIN_NORMAL:  # subnormal float16 or zero
-        summed = np.float32(u.view(np.float32) + _DENORM_MAGIC_F)
-        o = np.uint32(summed.view(np.uint32) - _DENORM_MAGIC)
-    else:
-        o = np.uint32(np.uint32(u + _REBIAS + ((u >> _U13) & _U1)) >> _U13)
-    return np.uint16(np.uint32(o | (sign >> _U16)))
-
-
-_EXP16_SHIFTED = np.uint32(0x7C00 << 13)  # float16 exponent bits, moved to float32 place
-_REBIAS_IN = np.uint32((127 - 15) << 23)
-_INF_NAN_ADJ = np.uint32((128 - 16) << 23)
-_U23 = np.uint32(1 << 23)
-_SUBNORMAL_MAGIC_F = np.uint32(113 << 23).view(np.float32)  # 2^-14
-
-
-@njit  # not IR-inlined: Numba's IR inliner trips over its branches (LLVM inlines it)
-def half_value(h):
-    """float16 bits -> float32 value, exact for every bit pattern
-    (F. Giesen's half_to_float_fast5): branch-light, so loads vectorize."""
-    h32 = np.uint32(h)
-    o = np.uint32((h32 & np.uint32(0x7FFF)) << _U13)
-    exp = np.uint32(o & _EXP16_SHIFTED)
-    o = np.uint32(o + _REBIAS_IN)
-    if exp == _EXP16_SHIFTED:  # Inf or NaN
-        o = np.uint32(o + _INF_NAN_ADJ)
-    elif exp == 0:  # zero or subnormal: renormalize with a float subtraction
-        f = np.float32(np.uint32(o + _U23).view(np.float32) - _SUBNORMAL_MAGIC_F)
-        o = f.view(np.uint32)
-    o = np.uint32(o | ((h32 & np.uint32(0x8000)) << _U16))
-    return o.view(np.float32)
-
-
-def to_f64(v):
-    """Load as float64 (a stub; Numba picks the implementation by type)."""
-
-
-@overload(to_f64, inline="always")
-def _to_f64(v):
-    if isinstance(v, types.Integer):  # float16 bits
-        return lambda v: np.float64(half_value(v))
-    return lambda v: np.float64(v)
-
-
-def store(out, idx, v):
-    """Store a float64 value in the output's dtype (stub)."""
-
-
-@overload(store, inline="always")
-def _store(out, idx, v):
-    if out.dtype == types.uint16:
-        def impl(out, idx, v):
-            out[idx] = half_bits(v)
-    else:
-        def impl(out, idx, v):
-            out[idx] = v
-    return impl
-
-
 # --- kernels -----------------------------------------------------------------
+# Sums load through to_f64 (float64 for every dtype); elementwise work loads
+# through to_work and uses per-channel values of the same type (float32 for
+# float16 data, float64 otherwise: see numba_half).
+
+@njit(**_SERIAL)
+def plane_moments(x, c, k):
+    """Sums of (x - k) and (x - k)^2 over channel ``c`` of (outer, C, inner)
+    data (a helper: LLVM inlines it into the kernels below)."""
+    outer, _, inner = x.shape
+    s1 = 0.0
+    s2 = 0.0
+    for o in range(outer):
+        for i in range(inner):
+            d = to_f64(x[o, c, i]) - k
+            s1 += d
+            s2 += d * d
+    return s1, s2
+
 
 @njit(**_JIT)
-def train_planes(x, y, gamma, beta, eps, relu, mean_out, m2_out, invstd_out):
-    """Training forward of (outer, C, inner) data, one task per channel."""
+def plane_stats(x, mean_out, m2_out):
+    """Per-channel mean and M2 of (outer, C, inner) data, one task per channel."""
     outer, C, inner = x.shape
     n = outer * inner
     for c in prange(C):
         k = to_f64(x[0, c, 0])
-        s1 = 0.0
-        s2 = 0.0
-        for o in range(outer):
-            for i in range(inner):
-                d = to_f64(x[o, c, i]) - k
-                s1 += d
-                s2 += d * d
+        s1, s2 = plane_moments(x, c, k)
+        dm = s1 / n
+        mean_out[c] = k + dm
+        m2_out[c] = max(s2 - s1 * dm, 0.0)
+
+
+@njit(**_JIT)
+def train_planes(x, y, gamma, beta, eps, relu, mean_out, m2_out, invstd_out):
+    """Training forward of (outer, C, inner) data, one task per channel: the
+    channel's sums, then y while its slab is still in cache."""
+    outer, C, inner = x.shape
+    n = outer * inner
+    zero = work_value(x, 0.0)
+    for c in prange(C):
+        k = to_f64(x[0, c, 0])
+        s1, s2 = plane_moments(x, c, k)
         dm = s1 / n
         m2 = max(s2 - s1 * dm, 0.0)
         invstd = 1.0 / np.sqrt(m2 / n + eps)
         scale = gamma[c] * invstd
-        shift = beta[c] - dm * scale
-        for o in range(outer):  # the channel's slab is still in cache
+        kc, sc, sh = work_value(x, k), work_value(x, scale), work_value(x, beta[c] - dm * scale)
+        for o in range(outer):
             for i in range(inner):
-                v = (to_f64(x[o, c, i]) - k) * scale + shift
-                if relu and v < 0.0:
-                    v = 0.0
+                v = (to_work(x[o, c, i]) - kc) * sc + sh
+                if relu and v < 0:
+                    v = zero
                 store(y, (o, c, i), v)
         mean_out[c] = k + dm
         m2_out[c] = m2
@@ -177,8 +120,10 @@ def row_sums(x, k, s1, s2):
 @njit(**_JIT)
 def apply(x, y, k, scale, shift, relu, chunks):
     """y = (x - k) * scale + shift [ReLU] on (outer, C, inner) data, in
-    ``chunks`` parallel tasks over the outer dimension."""
+    ``chunks`` parallel tasks over the outer dimension; k, scale, shift in
+    the working type."""
     outer, C, inner = x.shape
+    zero = work_value(x, 0.0)
     for t in prange(chunks):
         lo = t * outer // chunks
         hi = (t + 1) * outer // chunks
@@ -186,9 +131,9 @@ def apply(x, y, k, scale, shift, relu, chunks):
             for c in range(C):
                 kc, sc, sh = k[c], scale[c], shift[c]
                 for i in range(inner):
-                    v = (to_f64(x[o, c, i]) - kc) * sc + sh
-                    if relu and v < 0.0:
-                        v = 0.0
+                    v = (to_work(x[o, c, i]) - kc) * sc + sh
+                    if relu and v < 0:
+                        v = zero
                     store(y, (o, c, i), v)
 
 
@@ -197,27 +142,29 @@ def apply_rows(x, y, k, scale, shift, relu, chunks):
     """``apply`` for channel-fastest (rows, C) data: the innermost loop runs
     over the channels (contiguous), so it vectorizes."""
     rows, C = x.shape
+    zero = work_value(x, 0.0)
     for t in prange(chunks):
         lo = t * rows // chunks
         hi = (t + 1) * rows // chunks
         for r in range(lo, hi):
             for c in range(C):
-                v = (to_f64(x[r, c]) - k[c]) * scale[c] + shift[c]
-                if relu and v < 0.0:
-                    v = 0.0
+                v = (to_work(x[r, c]) - k[c]) * scale[c] + shift[c]
+                if relu and v < 0:
+                    v = zero
                 store(y, (r, c), v)
 
 
 @njit(**_JIT)
 def dx_rows(dy, x, dx, mean, a, b, cc, chunks):
-    """dx = dy * a + (x - mean) * b + c on channel-fastest (rows, C) data."""
+    """dx = dy * a + (x - mean) * b + c on channel-fastest (rows, C) data;
+    per-channel values in the working type."""
     rows, C = x.shape
     for t in prange(chunks):
         lo = t * rows // chunks
         hi = (t + 1) * rows // chunks
         for r in range(lo, hi):
             for c in range(C):
-                v = to_f64(dy[r, c]) * a[c] + (to_f64(x[r, c]) - mean[c]) * b[c] + cc[c]
+                v = to_work(dy[r, c]) * a[c] + (to_work(x[r, c]) - mean[c]) * b[c] + cc[c]
                 store(dx, (r, c), v)
 
 
@@ -240,10 +187,10 @@ def bwd_planes(dy, x, dx, mean, invstd, gamma, dgamma, dbeta):
         sum_dy_xhat = t * inv
         a = gamma[c] * inv
         b = -a * inv * sum_dy_xhat / n
-        cc = -a * s / n
+        aw, bw, cw, mw = work_value(x, a), work_value(x, b), work_value(x, -a * s / n), work_value(x, m)
         for o in range(outer):
             for i in range(inner):
-                v = to_f64(dy[o, c, i]) * a + (to_f64(x[o, c, i]) - m) * b + cc
+                v = to_work(dy[o, c, i]) * aw + (to_work(x[o, c, i]) - mw) * bw + cw
                 store(dx, (o, c, i), v)
         dgamma[c] = sum_dy_xhat
         dbeta[c] = s
@@ -281,6 +228,13 @@ def _vec(p, C, default):
     return np.full(C, default) if p is None else np.asarray(p, np.float64)
 
 
+def _work(x3, *vectors):
+    """Per-channel float64 vectors in the kernels' working type for x3's
+    elements: float32 for float16 data (uint16 bits), else float64."""
+    dt = np.float32 if x3.dtype == np.uint16 else np.float64
+    return tuple(np.asarray(v, dt) for v in vectors)
+
+
 def _chunks(rows):
     """Parallel tasks for row-chunked reductions (each gets a row of partials)."""
     return max(1, min(rows // ROWS_PER_CHUNK, 8 * numba.get_num_threads())) if rows else 1
@@ -306,6 +260,7 @@ def _row_stats(x3, C):
 
 def _apply(x3, y3, layout: ChannelLayout, k, scale, shift, relu):
     """The apply pass with the kernel suited to the layout."""
+    k, scale, shift = _work(x3, k, scale, shift)
     if layout.inner == 1:
         C = layout.channels
         apply_rows(x3.reshape(-1, C), y3.reshape(-1, C), k, scale, shift, relu, _tasks(layout.outer))
@@ -323,10 +278,8 @@ def channel_stats(x, layout: ChannelLayout):
     if layout.inner == 1:
         k, dm, m2 = _row_stats(x3, layout.channels)
         return k + dm, m2
-    C = layout.channels
-    y, y_store = _out3(layout, np.float64)
-    mean, m2, invstd = np.empty(C), np.empty(C), np.empty(C)
-    train_planes(x3, y_store, np.ones(C), np.zeros(C), 0.0, False, mean, m2, invstd)
+    mean, m2 = np.empty(layout.channels), np.empty(layout.channels)
+    plane_stats(x3, mean, m2)
     return mean, m2
 
 
@@ -389,6 +342,6 @@ def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma):
         dgamma = t.sum(0) * inv
         a = g * inv
         b = -a * inv * dgamma / n
-        dx_rows(dy3.reshape(-1, C), x3.reshape(-1, C), out_store.reshape(-1, C), m, a, b, -a * dbeta / n,
-                _tasks(layout.outer))
+        dx_rows(dy3.reshape(-1, C), x3.reshape(-1, C), out_store.reshape(-1, C),
+                *_work(x3, m, a, b, -a * dbeta / n), _tasks(layout.outer))
     return out.reshape(layout.shape), dgamma.astype(cdt), dbeta.astype(cdt)

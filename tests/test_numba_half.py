@@ -1,0 +1,116 @@
+"""float16 conversions of the numba backend (``numba_half``), both the
+native F16C one and the portable bit arithmetic, called from compiled loops
+as the kernels call them, against NumPy's conversions bit for bit; and the
+whole backend compiled without F16C."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+from numba import njit  # noqa: E402
+
+from bnkernels.backends import numba_half as nh  # noqa: E402
+
+ALL_BITS = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+
+
+def _loader(convert):
+    @njit
+    def load(bits, out):
+        for i in range(bits.size):
+            out[i] = convert(bits[i])
+    return load
+
+
+def _storer(convert):
+    @njit
+    def store(values, out):
+        for i in range(values.size):
+            out[i] = convert(values[i])
+    return store
+
+
+LOADERS = {"portable": _loader(nh.half_value), "native": _loader(nh.half_to_f32_native)}
+STORERS = {"portable": _storer(nh.half_bits), "native": _storer(nh.f32_to_half_native)}
+
+
+def _needs(kind):
+    if kind == "native" and not nh.NATIVE_HALF:
+        pytest.skip("the CPU Numba compiles for has no F16C")
+
+
+def hard_float32_values():
+    """Every finite float16, every midpoint between neighbours (ties to
+    even), the float32 values just beside each midpoint, subnormals,
+    overflow, Inf, signed zeros and values far below the float16 range."""
+    halves = ALL_BITS.view(np.float16)
+    finite = np.sort(halves[np.isfinite(halves)].astype(np.float64))
+    mids = ((finite[:-1] + finite[1:]) / 2).astype(np.float32)  # exact: 12 bits
+    return np.concatenate([
+        finite.astype(np.float32), mids, np.nextafter(mids, np.float32(np.inf)),
+        np.nextafter(mids, np.float32(-np.inf)),
+        np.array([65504.0, 65519.99, 65520.0, 1e6, -1e6, 3e38, 1e-8, -1e-8, 2.0**-25, 2.0**-24 * 1.5, 1e-40,
+                  0.0, -0.0, np.inf, -np.inf], np.float32)])
+
+
+@pytest.mark.parametrize("kind", ["portable", "native"])
+def test_loads_are_exact_for_every_bit_pattern(kind):
+    _needs(kind)
+    got = np.empty(65536, np.float32)
+    LOADERS[kind](ALL_BITS, got)
+    expected = ALL_BITS.view(np.float16).astype(np.float32)
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), expected[~nan].view(np.uint32))  # -0, Inf too
+    assert np.isnan(got[nan]).all()
+
+
+@pytest.mark.parametrize("kind", ["portable", "native"])
+def test_stores_round_like_numpy(kind):
+    _needs(kind)
+    values = hard_float32_values()
+    got = np.empty(values.size, np.uint16)
+    STORERS[kind](values, got)
+    with np.errstate(over="ignore"):  # 1e6 -> inf is the point
+        expected = values.astype(np.float16).view(np.uint16)
+    bad = got != expected
+    assert not bad.any(), f"{bad.sum()} mismatches, e.g. {values[bad][:4]} -> {got[bad][:4]} vs {expected[bad][:4]}"
+    nan = np.empty(1, np.uint16)
+    STORERS[kind](np.array([np.nan], np.float32), nan)
+    assert np.isnan(nan.view(np.float16)[0])
+
+
+def test_kernels_without_f16c_match_the_reference(tmp_path):
+    """The whole backend compiled for a CPU without F16C (the portable
+    conversions inside every kernel), in a fresh interpreter."""
+    from numba.core.codegen import get_host_cpu_features
+
+    features = ",".join(f for f in str(get_host_cpu_features()).split(",") if f and f != "+f16c")
+    env = dict(os.environ, NUMBA_CPU_FEATURES=features + ",-f16c", NUMBA_CACHE_DIR=str(tmp_path))
+    script = r"""
+import numpy as np
+import bnkernels as bk
+from bnkernels.backends import numba_half
+from bnkernels.reference import reference_forward, reference_backward
+assert not numba_half.NATIVE_HALF
+rng = np.random.default_rng(5)
+for shape, axis in (((3, 5, 7, 9), 1), ((3, 7, 9, 5), -1)):
+    x = (rng.standard_normal(shape) * 3 + 40).astype(np.float16)
+    dy = rng.standard_normal(shape).astype(np.float16)
+    g = rng.random(shape[axis]) + 0.5
+    b = rng.standard_normal(shape[axis])
+    y, saved = bk.bn_forward(x, g, b, axis=axis, backend="numba", return_saved=True)
+    ref = reference_forward(x, g, b, axis=axis)[0]
+    assert y.dtype == np.float16 and np.abs(y - ref).max() <= 2e-3 * np.abs(ref).max(), "forward"
+    dx = bk.bn_backward(dy, x, saved.mean, saved.invstd, g, axis=axis, backend="numba")[0]
+    ref = reference_backward(dy, x, saved.mean, saved.invstd, g, axis=axis)[0]
+    assert dx.dtype == np.float16 and np.abs(dx - ref).max() <= 2e-3 * np.abs(ref).max(), "backward"
+    yi = bk.bn_forward(x, g, b, saved.mean, 1 / saved.invstd.astype(np.float64) ** 2 - 1e-5, training=False,
+                       axis=axis, backend="numba")
+    assert np.abs(yi - y).max() <= 4e-3 * np.abs(y).max(), "inference"
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
