@@ -27,7 +27,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..validation import ChannelLayout, compute_dtype
-from .numba_half import store, to_f64, to_work, work_value
+from .numba_half import store, to_work, work_value
 from .numpy_backend import ieee_semantics, update_running
 
 name = "numba"
@@ -44,20 +44,21 @@ def asarray(x):
 
 
 # --- kernels -----------------------------------------------------------------
-# Sums load through to_f64 (float64 for every dtype); elementwise work loads
-# through to_work and uses per-channel values of the same type (float32 for
-# float16 data, float64 otherwise: see numba_half).
+# Elements load through to_work and meet per-channel values of the same
+# working type (float32 for float16 data, float64 otherwise: see numba_half);
+# differences such as x - k are then summed in float64.
 
 @njit(**_SERIAL)
 def plane_moments(x, c, k):
     """Sums of (x - k) and (x - k)^2 over channel ``c`` of (outer, C, inner)
     data (a helper: LLVM inlines it into the kernels below)."""
     outer, _, inner = x.shape
+    kw = work_value(x, k)
     s1 = 0.0
     s2 = 0.0
     for o in range(outer):
         for i in range(inner):
-            d = to_f64(x[o, c, i]) - k
+            d = np.float64(to_work(x[o, c, i]) - kw)
             s1 += d
             s2 += d * d
     return s1, s2
@@ -69,7 +70,7 @@ def plane_stats(x, mean_out, m2_out):
     outer, C, inner = x.shape
     n = outer * inner
     for c in prange(C):
-        k = to_f64(x[0, c, 0])
+        k = np.float64(to_work(x[0, c, 0]))
         s1, s2 = plane_moments(x, c, k)
         dm = s1 / n
         mean_out[c] = k + dm
@@ -84,7 +85,7 @@ def train_planes(x, y, gamma, beta, eps, relu, mean_out, m2_out, invstd_out):
     n = outer * inner
     zero = work_value(x, 0.0)
     for c in prange(C):
-        k = to_f64(x[0, c, 0])
+        k = np.float64(to_work(x[0, c, 0]))
         s1, s2 = plane_moments(x, c, k)
         dm = s1 / n
         m2 = max(s2 - s1 * dm, 0.0)
@@ -112,7 +113,7 @@ def row_sums(x, k, s1, s2):
         hi = (t + 1) * rows // chunks
         for r in range(lo, hi):
             for c in range(C):
-                d = to_f64(x[r, c]) - k[c]
+                d = np.float64(to_work(x[r, c]) - k[c])
                 s1[t, c] += d
                 s2[t, c] += d * d
 
@@ -176,18 +177,19 @@ def bwd_planes(dy, x, dx, mean, invstd, gamma, dgamma, dbeta):
     n = outer * inner
     for c in prange(C):
         m = mean[c]
+        mw = work_value(x, m)
         s = 0.0
         t = 0.0
         for o in range(outer):
             for i in range(inner):
-                g = to_f64(dy[o, c, i])
+                g = np.float64(to_work(dy[o, c, i]))
                 s += g
-                t += g * (to_f64(x[o, c, i]) - m)
+                t += g * np.float64(to_work(x[o, c, i]) - mw)
         inv = invstd[c]
         sum_dy_xhat = t * inv
         a = gamma[c] * inv
         b = -a * inv * sum_dy_xhat / n
-        aw, bw, cw, mw = work_value(x, a), work_value(x, b), work_value(x, -a * s / n), work_value(x, m)
+        aw, bw, cw = work_value(x, a), work_value(x, b), work_value(x, -a * s / n)
         for o in range(outer):
             for i in range(inner):
                 v = to_work(dy[o, c, i]) * aw + (to_work(x[o, c, i]) - mw) * bw + cw
@@ -206,9 +208,9 @@ def bwd_row_sums(dy, x, mean, s, t):
         hi = (j + 1) * rows // chunks
         for r in range(lo, hi):
             for c in range(C):
-                g = to_f64(dy[r, c])
+                g = np.float64(to_work(dy[r, c]))
                 s[j, c] += g
-                t[j, c] += g * (to_f64(x[r, c]) - mean[c])
+                t[j, c] += g * np.float64(to_work(x[r, c]) - mean[c])
 
 
 # --- host side ---------------------------------------------------------------
@@ -251,7 +253,7 @@ def _row_stats(x3, C):
     k = (x2[0].view(np.float16) if x2.dtype == np.uint16 else x2[0]).astype(np.float64)
     chunks = _chunks(x2.shape[0])
     s1, s2 = np.zeros((chunks, C)), np.zeros((chunks, C))
-    row_sums(x2, k, s1, s2)
+    row_sums(x2, *_work(x3, k), s1, s2)
     n = x2.shape[0]
     s1, s2 = s1.sum(0), s2.sum(0)
     dm = s1 / n
@@ -337,7 +339,7 @@ def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma):
     else:
         chunks = _chunks(layout.outer)
         s, t = np.zeros((chunks, C)), np.zeros((chunks, C))
-        bwd_row_sums(dy3.reshape(-1, C), x3.reshape(-1, C), m, s, t)
+        bwd_row_sums(dy3.reshape(-1, C), x3.reshape(-1, C), *_work(x3, m), s, t)
         dbeta = s.sum(0)
         dgamma = t.sum(0) * inv
         a = g * inv

@@ -1,13 +1,14 @@
 """float16 inside the numba backend's kernels: loads and stores.
 
 Numba has no CPU float16 type, so the kernels see float16 arrays as their
-uint16 bits. They load through :func:`to_f64` for sums (float64 for every
-dtype) and :func:`to_work` for elementwise work, and write with
-:func:`store`. Elementwise work on float16 data is float32 (FMA, one
-float32 roundings of 2^-13 of a float16 unit each, then one rounding to
-float16), as float64 would halve the vector width and double the
-conversion work for nothing visible in a float16 result; float32 and
-float64 data are worked in float64.
+uint16 bits. They load elements through :func:`to_work`, which gives the
+working type: float32 for float16 data, float64 for float32 and float64
+data; per-channel values are cast to it by :func:`work_value`, and results
+are written by :func:`store`. float32 work on float16 data (differences
+``x - k`` that the kernels then sum in float64, and the elementwise
+``(x - k) * scale + shift``) costs float32 roundings of 2^-13 of a float16
+unit each, while float64 would halve the vector width and double the
+conversion work for nothing visible in a float16 result.
 
 Two implementations of the float16 conversions, both exact:
 
@@ -129,19 +130,6 @@ def _is_half(t) -> bool:
 
 def _half_to_f32():
     return half_to_f32_native if NATIVE_HALF else half_value
-
-
-def to_f64(v):
-    """Load an element as float64, for sums (a stub; Numba picks the
-    implementation by type)."""
-
-
-@overload(to_f64, inline="always")
-def _to_f64(v):
-    if _is_half(v):
-        convert = _half_to_f32()
-        return lambda v: np.float64(convert(v))
-    return lambda v: np.float64(v)
 
 
 def to_work(v):
