@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from ..validation import ChannelLayout, compute_dtype
 from .numba_half import store, to_work, work_value
@@ -48,20 +49,36 @@ def asarray(x):
 # working type (float32 for float16 data, float64 otherwise: see numba_half);
 # differences such as x - k are then summed in float64.
 
+def times_centered(d, v, kv, idx, c):
+    """``d * (v[idx] - kv)`` in float64, or ``d * d`` when v is None (a stub:
+    the statistics pass None so that x is loaded once)."""
+
+
+@overload(times_centered, inline="always")
+def _times_centered(d, v, kv, idx, c):
+    if isinstance(v, types.NoneType):
+        return lambda d, v, kv, idx, c: d * d
+    if isinstance(kv, types.Array):  # one value per channel
+        return lambda d, v, kv, idx, c: d * np.float64(to_work(v[idx]) - kv[c])
+    return lambda d, v, kv, idx, c: d * np.float64(to_work(v[idx]) - kv)
+
+
 @njit(**_SERIAL)
-def plane_moments(x, c, k):
-    """Sums of (x - k) and (x - k)^2 over channel ``c`` of (outer, C, inner)
-    data (a helper: LLVM inlines it into the kernels below)."""
-    outer, _, inner = x.shape
-    kw = work_value(x, k)
-    s1 = 0.0
-    s2 = 0.0
+def plane_sums(u, ku, v, kv, c):
+    """``sum(u - ku)`` and ``sum((u - ku) * (v - kv))`` over channel ``c``
+    of (outer, C, inner) arrays; ku, kv in the working type. With u = x and
+    v = None, ``sum((x - ku)^2)``: the shifted moments; with u = dy, v = x,
+    the backward sums.
+    (A helper: LLVM inlines it into the kernels below.)"""
+    outer, _, inner = u.shape
+    s = 0.0
+    t = 0.0
     for o in range(outer):
         for i in range(inner):
-            d = np.float64(to_work(x[o, c, i]) - kw)
-            s1 += d
-            s2 += d * d
-    return s1, s2
+            d = np.float64(to_work(u[o, c, i]) - ku)
+            s += d
+            t += times_centered(d, v, kv, (o, c, i), c)
+    return s, t
 
 
 @njit(**_JIT)
@@ -70,8 +87,9 @@ def plane_stats(x, mean_out, m2_out):
     outer, C, inner = x.shape
     n = outer * inner
     for c in prange(C):
-        k = np.float64(to_work(x[0, c, 0]))
-        s1, s2 = plane_moments(x, c, k)
+        kw = to_work(x[0, c, 0])
+        s1, s2 = plane_sums(x, kw, None, None, c)
+        k = np.float64(kw)
         dm = s1 / n
         mean_out[c] = k + dm
         m2_out[c] = max(s2 - s1 * dm, 0.0)
@@ -85,16 +103,17 @@ def train_planes(x, y, gamma, beta, eps, relu, mean_out, m2_out, invstd_out):
     n = outer * inner
     zero = work_value(x, 0.0)
     for c in prange(C):
-        k = np.float64(to_work(x[0, c, 0]))
-        s1, s2 = plane_moments(x, c, k)
+        kw = to_work(x[0, c, 0])
+        s1, s2 = plane_sums(x, kw, None, None, c)
+        k = np.float64(kw)
         dm = s1 / n
         m2 = max(s2 - s1 * dm, 0.0)
         invstd = 1.0 / np.sqrt(m2 / n + eps)
         scale = gamma[c] * invstd
-        kc, sc, sh = work_value(x, k), work_value(x, scale), work_value(x, beta[c] - dm * scale)
+        sc, sh = work_value(x, scale), work_value(x, beta[c] - dm * scale)
         for o in range(outer):
             for i in range(inner):
-                v = (to_work(x[o, c, i]) - kc) * sc + sh
+                v = (to_work(x[o, c, i]) - kw) * sc + sh
                 if relu and v < 0:
                     v = zero
                 store(y, (o, c, i), v)
@@ -104,18 +123,34 @@ def train_planes(x, y, gamma, beta, eps, relu, mean_out, m2_out, invstd_out):
 
 
 @njit(**_JIT)
-def row_sums(x, k, s1, s2):
-    """Partial sums of (x - k) and (x - k)^2 per chunk of rows: (chunks, C)."""
-    rows, C = x.shape
-    chunks = s1.shape[0]
-    for t in prange(chunks):
-        lo = t * rows // chunks
-        hi = (t + 1) * rows // chunks
-        for r in range(lo, hi):
+def row_sums(u, ku, v, kv, s, t):
+    """Partial ``sum(u - ku)`` and ``sum((u - ku) * (v - kv))`` per chunk of
+    rows of channel-fastest (rows, C) arrays, into s and t (chunks, C); ku,
+    kv (C,) in the working type; v = None for ``sum((u - ku)^2)`` (see
+    ``plane_sums``). Four rows at a time, so the partials are
+    loaded and stored once per four elements."""
+    rows, C = u.shape
+    chunks = s.shape[0]
+    for j in prange(chunks):
+        lo = j * rows // chunks
+        hi = (j + 1) * rows // chunks
+        r = lo
+        while r + 4 <= hi:
             for c in range(C):
-                d = np.float64(to_work(x[r, c]) - k[c])
-                s1[t, c] += d
-                s2[t, c] += d * d
+                d0 = np.float64(to_work(u[r, c]) - ku[c])
+                d1 = np.float64(to_work(u[r + 1, c]) - ku[c])
+                d2 = np.float64(to_work(u[r + 2, c]) - ku[c])
+                d3 = np.float64(to_work(u[r + 3, c]) - ku[c])
+                s[j, c] += (d0 + d1) + (d2 + d3)
+                t[j, c] += ((times_centered(d0, v, kv, (r, c), c) + times_centered(d1, v, kv, (r + 1, c), c))
+                            + (times_centered(d2, v, kv, (r + 2, c), c)
+                               + times_centered(d3, v, kv, (r + 3, c), c)))
+            r += 4
+        for q in range(r, hi):
+            for c in range(C):
+                d = np.float64(to_work(u[q, c]) - ku[c])
+                s[j, c] += d
+                t[j, c] += times_centered(d, v, kv, (q, c), c)
 
 
 @njit(**_JIT)
@@ -176,15 +211,8 @@ def bwd_planes(dy, x, dx, mean, invstd, gamma, dgamma, dbeta):
     outer, C, inner = x.shape
     n = outer * inner
     for c in prange(C):
-        m = mean[c]
-        mw = work_value(x, m)
-        s = 0.0
-        t = 0.0
-        for o in range(outer):
-            for i in range(inner):
-                g = np.float64(to_work(dy[o, c, i]))
-                s += g
-                t += g * np.float64(to_work(x[o, c, i]) - mw)
+        mw = work_value(x, mean[c])
+        s, t = plane_sums(dy, work_value(x, 0.0), x, mw, c)
         inv = invstd[c]
         sum_dy_xhat = t * inv
         a = gamma[c] * inv
@@ -196,21 +224,6 @@ def bwd_planes(dy, x, dx, mean, invstd, gamma, dgamma, dbeta):
                 store(dx, (o, c, i), v)
         dgamma[c] = sum_dy_xhat
         dbeta[c] = s
-
-
-@njit(**_JIT)
-def bwd_row_sums(dy, x, mean, s, t):
-    """Partial sum(dy) and sum(dy * (x - mean)) per chunk of rows."""
-    rows, C = x.shape
-    chunks = s.shape[0]
-    for j in prange(chunks):
-        lo = j * rows // chunks
-        hi = (j + 1) * rows // chunks
-        for r in range(lo, hi):
-            for c in range(C):
-                g = np.float64(to_work(dy[r, c]))
-                s[j, c] += g
-                t[j, c] += g * np.float64(to_work(x[r, c]) - mean[c])
 
 
 # --- host side ---------------------------------------------------------------
@@ -253,7 +266,8 @@ def _row_stats(x3, C):
     k = (x2[0].view(np.float16) if x2.dtype == np.uint16 else x2[0]).astype(np.float64)
     chunks = _chunks(x2.shape[0])
     s1, s2 = np.zeros((chunks, C)), np.zeros((chunks, C))
-    row_sums(x2, *_work(x3, k), s1, s2)
+    kw = _work(x3, k)[0]
+    row_sums(x2, kw, None, None, s1, s2)
     n = x2.shape[0]
     s1, s2 = s1.sum(0), s2.sum(0)
     dm = s1 / n
@@ -339,7 +353,8 @@ def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma):
     else:
         chunks = _chunks(layout.outer)
         s, t = np.zeros((chunks, C)), np.zeros((chunks, C))
-        bwd_row_sums(dy3.reshape(-1, C), x3.reshape(-1, C), *_work(x3, m), s, t)
+        mw, zero = _work(x3, m, np.zeros(C))
+        row_sums(dy3.reshape(-1, C), zero, x3.reshape(-1, C), mw, s, t)
         dbeta = s.sum(0)
         dgamma = t.sum(0) * inv
         a = g * inv
