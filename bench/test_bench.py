@@ -20,7 +20,10 @@ device_name, shape_name, shape, axis, layout, dtype, bytes (the minimum
 bytes the op must move, :data:`bnkernels.benchmark.BYTES_MODEL`),
 bytes_model, max_err, timer, allocation and, when timed, gbps (from the
 median), ceiling_gbps and ceiling_method (a large copy on the same device,
-measured once per session) and pct_of_ceiling; torch_threads for torch. On
+measured once per session), pct_of_ceiling, copy_gbps and pct_of_copy (a
+copy of x into a preallocated buffer of its size on the same device, hot,
+timed with the device's ``quick_timing`` once per shape, dtype and device;
+:data:`bnkernels.benchmark.SAME_SIZE_COPY_NOTE`); torch_threads for torch. On
 a GPU, pytest-benchmark's wall clock includes a device synchronize after
 each call, and ``cuda_event_median_s``/``gbps`` come from CUDA events.
 Outputs are not preallocated (no API here takes one), so allocation is part
@@ -67,6 +70,12 @@ def ceilings():
     return {}
 
 
+@pytest.fixture(scope="session")
+def copies():
+    """(case, dtype, kind) -> Result of the same-size copy, timed on first use."""
+    return {}
+
+
 @pytest.fixture(scope="module", params=list(bm.NAMED_CASES))
 def case(request, timed):
     c = bm.NAMED_CASES[request.param]
@@ -105,7 +114,7 @@ def _get(cache, key, make):
 @pytest.mark.parametrize("op", bm.OPS)
 @pytest.mark.parametrize("name", _impl_params(usable=True))
 def test_bench(benchmark, name, op, case, dtype, inputs, expected, implementations, devices, ceilings,
-               timed, ceiling_bytes):
+               copies, timed, ceiling_bytes):
     impl = _get(implementations, name, CATALOG[name].make)
     device = _get(devices, impl.device, lambda: bm.make_device(impl.device))
     tol = bm.TOLERANCE[dtype]
@@ -121,7 +130,7 @@ def test_bench(benchmark, name, op, case, dtype, inputs, expected, implementatio
                 timer="pytest-benchmark wall clock" + (
                     ", device synchronized after each call; gbps from CUDA events"
                     if impl.device == "gpu" else ""),
-                gbps=None, ceiling_gbps=None, pct_of_ceiling=None)
+                gbps=None, ceiling_gbps=None, pct_of_ceiling=None, copy_gbps=None, pct_of_copy=None)
     if impl.role == bm.TORCH:
         info["torch_threads"] = bm.import_torch().get_num_threads()
     if not err <= tol:
@@ -148,6 +157,11 @@ def test_bench(benchmark, name, op, case, dtype, inputs, expected, implementatio
     ceiling = _get(ceilings, impl.device, lambda: device.measure_ceiling(ceiling_bytes))
     info.update(gbps=info["bytes"] / median / 1e9, ceiling_gbps=ceiling.gbps, ceiling_method=ceiling.method)
     info["pct_of_ceiling"] = 100.0 * info["gbps"] / ceiling.gbps
+    copy = _get(copies, (case, dtype.name, impl.device),
+                lambda: bm.run_one(device.copy_implementation(), bm.COPY, case, inputs, None, device,
+                                   device.quick_timing))
+    if copy.gbps:
+        info.update(copy_gbps=copy.gbps, pct_of_copy=100.0 * info["gbps"] / copy.gbps)
 
 
 if _impl_params(usable=False):

@@ -21,16 +21,19 @@ Pieces, each usable on its own:
 - Devices: :class:`CpuDevice` (``time.perf_counter``; ceiling: a
   multi-threaded ``np.copyto``) and :class:`CudaDevice` (CUDA events through
   :class:`EventTimer`; ceiling: a device-to-device ``cupy.copyto``). Both
-  have ``time(fn, timing)`` and ``measure_ceiling(...)``; nothing else in this
-  module knows which device it runs on.
+  have ``time(fn, timing)``, ``measure_ceiling(...)`` and
+  ``copy_implementation()`` (the same-size copy reference, :data:`COPY`);
+  nothing else in this module knows which device it runs on.
 - :func:`reference_outputs` and :func:`check_outputs`: correctness against
   the float64 oracle in :mod:`bnkernels.reference`, before any timing; a
   wrong result is never timed.
 - :func:`min_bytes` (:data:`BYTES_MODEL`), :func:`add_derived` (GB/s as % of
-  the ceiling, speed-ups), :func:`plot_results` (matplotlib, optional).
+  the ceiling and of the same-size copy, speed-ups), :func:`plot_results`
+  (matplotlib, optional).
 """
 from __future__ import annotations
 
+import functools
 import glob
 import itertools
 import math
@@ -54,26 +57,41 @@ OPS = ("train", "infer", "backward")
 OP_TITLES = {"train": "training forward", "infer": "inference forward", "backward": "backward"}
 
 #: Minimum traffic of each operation in units of ``x.nbytes`` (see
-#: :func:`min_bytes`).
-BYTES_FACTOR = {"train": 3, "infer": 2, "backward": 5}
+#: :func:`min_bytes`); ``"copy"`` is the same-size copy reference (:data:`COPY`).
+BYTES_FACTOR = {"train": 3, "infer": 2, "backward": 5, "copy": 2}
 
 BYTES_MODEL = (
     "minimum bytes an operation must move, in sizes of x (storage dtype), for a two-pass method: "
     "training forward 3 (read x for the statistics, read x again and write y), inference 2 "
     "(read x, write y), backward 5 (read x and dy for the sums, read x and dy again and write dx); "
-    "per-channel vectors are ignored. GB/s = bytes / median time / 1e9"
+    "per-channel vectors are ignored; the same-size copy 2 (read x, write a buffer of its size). "
+    "GB/s = bytes / median time / 1e9"
 )
 
 ALLOCATION_NOTE = (
     "outputs are not preallocated: no API compared here takes an output buffer (bn_forward and "
     "bn_backward, textbook NumPy/CuPy and torch.nn.functional.batch_norm all return new arrays), so "
-    "every time includes allocating the outputs, as in real use; only the copy ceiling writes into "
-    "a preallocated buffer"
+    "every time includes allocating the outputs, as in real use; only the copy ceiling and the "
+    "same-size copy write into preallocated buffers"
+)
+
+SAME_SIZE_COPY_NOTE = (
+    "% copy = GB/s / GB/s of a copy of x into a preallocated buffer of the same size on the same "
+    "device, with the same threads and in the same cache state (hot, or rotated through copies with "
+    "--cold), read + write counted; 100 % means the op moved its bytes as fast as that copy. The copy "
+    "rows show that copy"
 )
 
 #: Roles: candidates are what is being measured (a wrong candidate fails
 #: ``bnkernels bench``); the two comparison points give the speed-ups.
 CANDIDATE, TEXTBOOK, TORCH = "candidate", "textbook", "torch"
+
+#: The same-size copy reference: both its role and its op (not one of
+#: :data:`OPS`; users do not select it). A copy of ``x`` into a preallocated
+#: buffer of the same size on the device of the ops, timed like them
+#: (``CpuDevice.copy_implementation``, ``CudaDevice.copy_implementation``);
+#: ``pct_of_copy`` is relative to it.
+COPY = "copy"
 
 #: Name of the CPU textbook baseline.
 BASELINE = "textbook-numpy"
@@ -292,7 +310,9 @@ class Implementation:
     ``"backward"``. It raises :class:`Unsupported` for what it cannot do.
     ``to_host`` turns one output into a NumPy array. ``device``: ``"cpu"`` or
     ``"gpu"`` (which :class:`CpuDevice`/:class:`CudaDevice` times it);
-    ``role``: :data:`CANDIDATE`, :data:`TEXTBOOK` or :data:`TORCH`.
+    ``role``: :data:`CANDIDATE`, :data:`TEXTBOOK`, :data:`TORCH` or
+    :data:`COPY`. ``checked``: False for the same-size copy, which has no
+    outputs to check (:func:`run_one` then only calls it once untimed).
     """
 
     name: str
@@ -301,6 +321,7 @@ class Implementation:
     to_host: Callable[[Any], np.ndarray] = _host
     device: str = "cpu"
     role: str = CANDIDATE
+    checked: bool = True
 
 
 def _bshape(x, axis):
@@ -738,12 +759,64 @@ class Ceiling:
     variants: dict[str, float] = field(default_factory=dict)
 
 
+def sliced_copy(dst: np.ndarray, src: np.ndarray, pool: ThreadPoolExecutor | None = None,
+                threads: int = 1) -> Callable[[], None]:
+    """A callable that copies ``src`` into ``dst`` (C-contiguous, same size)
+    with ``np.copyto``: one call when ``threads`` is 1, else ``threads``
+    contiguous slices of the flat arrays copied on ``pool`` (NumPy releases
+    the GIL)."""
+    if not (src.flags.c_contiguous and dst.flags.c_contiguous) or src.shape != dst.shape:
+        raise ValueError("sliced_copy needs two C-contiguous arrays of one shape")
+    src, dst = src.reshape(-1), dst.reshape(-1)  # views
+    if threads <= 1 or pool is None:
+        return lambda: np.copyto(dst, src)
+    bounds = np.linspace(0, src.size, threads + 1).astype(int)
+    slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def run():
+        list(pool.map(lambda s: np.copyto(dst[s], src[s]), slices))
+
+    return run
+
+
+@functools.cache
+def _numba_copy_kernel():
+    try:
+        import numba
+    except ImportError:
+        return None
+
+    @numba.njit(parallel=True, nogil=True)
+    def parallel_copy(dst, src):
+        for i in numba.prange(src.size):
+            dst[i] = src[i]
+
+    return parallel_copy
+
+
+def numba_copy(dst: np.ndarray, src: np.ndarray) -> Callable[[], None] | None:
+    """A callable that copies ``src`` into ``dst`` (C-contiguous, same shape)
+    in a Numba parallel loop on Numba's threads (the threads the ``numba``
+    backend uses), or None when numba is not installed. On the 2-core VM
+    this was written on it copies a hot 3-51 MB array at about 59-70 GB/s
+    against 27-55 GB/s for ``np.copyto``."""
+    kernel = _numba_copy_kernel()
+    if kernel is None:
+        return None
+    if not (src.flags.c_contiguous and dst.flags.c_contiguous) or src.shape != dst.shape:
+        raise ValueError("numba_copy needs two C-contiguous arrays of one shape")
+    bits = np.dtype(f"u{src.itemsize}")  # any dtype, as unsigned integers of its size
+    s, d = src.reshape(-1).view(bits), dst.reshape(-1).view(bits)
+    return lambda: kernel(d, s)
+
+
 def measure_copy_ceiling(buffer_bytes: int | None = None, repeat: int = 5, warmup: int = 1,
                          threads: int | None = None) -> Ceiling:
-    """CPU ceiling: ``np.copyto`` of a large float64 buffer (default
-    :func:`default_ceiling_bytes`), with one thread and with ``threads``
-    threads (default: the usable cores; each copies a contiguous slice, NumPy
-    releases the GIL), into a preallocated destination; the faster wins.
+    """CPU ceiling: a copy of a large float64 buffer (default
+    :func:`default_ceiling_bytes`) into a preallocated destination by
+    ``np.copyto`` with one thread and with ``threads`` threads (default: the
+    usable cores; each copies a contiguous slice, NumPy releases the GIL),
+    and by :func:`numba_copy` when numba is installed; the fastest wins.
     GB/s from the median."""
     nbytes = default_ceiling_bytes() if buffer_bytes is None else int(buffer_bytes)
     n = max(nbytes // 8, 1)
@@ -751,17 +824,15 @@ def measure_copy_ceiling(buffer_bytes: int | None = None, repeat: int = 5, warmu
     dst = np.empty_like(src)
     moved = 2 * src.nbytes
     threads = usable_cpus() if threads is None else max(int(threads), 1)
-    bounds = np.linspace(0, n, threads + 1).astype(int)
-    slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
     best = None
     variants = {}
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        def threaded():
-            list(pool.map(lambda s: np.copyto(dst[s], src[s]), slices))
-
-        tries = [("np.copyto, 1 thread", lambda: np.copyto(dst, src))]
+        tries = [("np.copyto, 1 thread", sliced_copy(dst, src))]
         if threads > 1:
-            tries.append((f"np.copyto, {threads} threads", threaded))
+            tries.append((f"np.copyto, {threads} threads", sliced_copy(dst, src, pool, threads)))
+        parallel = numba_copy(dst, src)
+        if parallel is not None:
+            tries.append(("numba parallel copy", parallel))
         for method, fn in tries:
             times = time_calls(fn, repeat, max(warmup, 1))  # warm-up faults dst in
             med = statistics.median(times)
@@ -785,6 +856,7 @@ class CpuDevice:
         self.threads = usable_cpus()
         self.name = f"{cpu_model()} ({self.threads} cores)"
         self.cache_bytes = last_level_cache_bytes()
+        self._pool: ThreadPoolExecutor | None = None  # the same-size copy's threads, made on first use
 
     def time(self, fn: Callable[[], Any], timing: Timing) -> list[float]:
         return time_calls(fn, timing.repeat, timing.warmup, timing.min_time, timing.max_repeat)
@@ -798,6 +870,34 @@ class CpuDevice:
 
     def measure_ceiling(self, buffer_bytes: int | None = None, repeat: int = 5, warmup: int = 1) -> Ceiling:
         return measure_copy_ceiling(buffer_bytes, repeat, warmup, self.threads)
+
+    def copy_implementation(self) -> Implementation:
+        """The same-size copy reference (:data:`COPY`): x copied into a
+        preallocated buffer of its size by the fastest copy available here:
+        :func:`numba_copy` when numba is installed, else ``np.copyto`` on
+        :attr:`threads` threads, sliced as the ceiling is
+        (:func:`sliced_copy`; one thread pool, kept by this device, serves
+        every prepared copy)."""
+        use_numba = _numba_copy_kernel() is not None
+        if not use_numba and self._pool is None and self.threads > 1:
+            self._pool = ThreadPoolExecutor(max_workers=self.threads)
+        pool, threads = self._pool, self.threads
+
+        def prepare(op: str, inp: Inputs) -> Runner:
+            if op != COPY:
+                raise Unsupported(op)
+            dst = np.empty_like(inp.x)
+            run = numba_copy(dst, inp.x) if use_numba else sliced_copy(dst, inp.x, pool, threads)
+            run()  # fault the destination's pages in: a preallocated buffer is a used one
+            return run
+
+        if use_numba:
+            return Implementation("numba-copy", prepare,
+                                  "a Numba parallel loop copying x into a preallocated buffer",
+                                  role=COPY, checked=False)
+        return Implementation("np.copyto", prepare,
+                              f"np.copyto of x into a preallocated buffer, {threads} thread(s)",
+                              role=COPY, checked=False)
 
 
 class CudaDevice:
@@ -844,6 +944,21 @@ class CudaDevice:
         return Ceiling("gpu", method, n * 8, moved, times, med, moved / med / 1e9,
                        {method: moved / med / 1e9})
 
+    def copy_implementation(self) -> Implementation:
+        """The same-size copy reference (:data:`COPY`): ``cupy.copyto`` of x
+        (on the device) into a preallocated device buffer of its size."""
+        cp = self._cp
+
+        def prepare(op: str, inp: Inputs) -> Runner:
+            if op != COPY:
+                raise Unsupported(op)
+            src = cp.asarray(inp.x)
+            dst = cp.empty_like(src)
+            return lambda: cp.copyto(dst, src)
+
+        return Implementation("cupy.copyto", prepare, "cupy.copyto of x into a preallocated device buffer",
+                              device="gpu", role=COPY, checked=False)
+
 
 def make_device(kind: str):
     """:class:`CpuDevice` for ``"cpu"``, :class:`CudaDevice` for ``"gpu"``."""
@@ -886,9 +1001,11 @@ class Result:
     ``status``: ``"ok"`` (checked and timed), ``"wrong"`` (failed the check,
     not timed), ``"unsupported"``, or ``"error"`` (raised; ``message`` says
     what). Times are seconds. ``copies``: how many copies of the inputs were
-    rotated through (1: hot caches). ``pct_of_ceiling`` and the speed-ups
-    (own median over the baseline's, same op, case, dtype and device; > 1 is
-    faster) are filled by :func:`add_derived`.
+    rotated through (1: hot caches). ``op`` and ``role`` :data:`COPY`: the
+    same-size copy reference of the case. ``pct_of_ceiling``,
+    ``pct_of_copy`` (GB/s over the GB/s of that copy, ``copy_gbps``) and the
+    speed-ups (own median over the baseline's, same op, case, dtype and
+    device; > 1 is faster) are filled by :func:`add_derived`.
     """
 
     op: str
@@ -917,6 +1034,8 @@ class Result:
     gbps: float | None = None
     ceiling_gbps: float | None = None
     pct_of_ceiling: float | None = None
+    copy_gbps: float | None = None
+    pct_of_copy: float | None = None
     speedup_vs_textbook: float | None = None
     speedup_vs_torch: float | None = None
 
@@ -939,6 +1058,8 @@ def run_one(impl: Implementation, op: str, case: Case, inp: Inputs, expected, de
             timing: Timing | None = None, cold: bool = False) -> Result:
     """Prepare, check against ``expected`` (float64), and only if correct,
     time one implementation on ``device`` (default: a :class:`CpuDevice`).
+    An implementation with ``checked`` False (the same-size copy, ``op``
+    :data:`COPY`, ``expected`` unused) is called once untimed instead.
 
     ``cold``: rotate through copies of the inputs (:func:`rotation_count`),
     each prepared like the first, so that no timed call finds its inputs in
@@ -949,15 +1070,18 @@ def run_one(impl: Implementation, op: str, case: Case, inp: Inputs, expected, de
     dtype = np.dtype(inp.x.dtype)
     tol = TOLERANCE[dtype]
     res = Result(op, case.label, case.shape, case.axis, case.layout, dtype.name, impl.name, impl.role,
-                 impl.device, device.name, min_bytes(op, inp.x.nbytes), "ok", tolerance=tol,
-                 timer=device.timer)
+                 impl.device, device.name, min_bytes(op, inp.x.nbytes), "ok",
+                 tolerance=tol if impl.checked else None, timer=device.timer)
     try:
         fn = impl.prepare(op, inp)
-        err = check_outputs(fn(), expected, impl.to_host)
-        res.max_err = err
-        if not err <= tol:
-            res.status = "wrong"
-            return res
+        outputs = fn()
+        if impl.checked:
+            err = check_outputs(outputs, expected, impl.to_host)
+            res.max_err = err
+            if not err <= tol:
+                res.status = "wrong"
+                return res
+        del outputs
         timed = fn
         if cold:
             copies, _ = rotation_count(_footprint(op, inp), device.cache_bytes, device.memory_budget_bytes())
@@ -989,7 +1113,7 @@ def run_benchmarks(implementations: Sequence[Implementation], cases: Iterable[Ca
                    devices: Mapping[str, Any] | None = None,
                    timing: Timing | Mapping[str, Timing] | None = None, cold: bool = False,
                    progress: ProgressFn | None = None, seed: int = 0, repeat: int | None = None,
-                   warmup: int | None = None) -> list[Result]:
+                   warmup: int | None = None, same_size_copy: bool = True) -> list[Result]:
     """Check and time every implementation on every (dtype, case, op).
 
     ``devices``: kind -> device object (made with :func:`make_device` when
@@ -998,6 +1122,11 @@ def run_benchmarks(implementations: Sequence[Implementation], cases: Iterable[Ca
     override it. The float64 reference is computed once per (dtype, case,
     op) and shared. ``progress(i, total, label)`` is called before each
     measurement.
+
+    ``same_size_copy``: first in each (dtype, case), on each device the
+    implementations use, time the device's ``copy_implementation()`` (op
+    :data:`COPY`) with the same timing and ``cold``: the reference of
+    ``pct_of_copy``.
     """
     cases = list(cases)
     for op in ops:
@@ -1017,12 +1146,20 @@ def run_benchmarks(implementations: Sequence[Implementation], cases: Iterable[Ca
             t = replace(t, warmup=warmup)
         return t
 
-    total = len(dtypes) * len(cases) * len(ops) * len(implementations)
+    kinds = dict.fromkeys(impl.device for impl in implementations)
+    copy_impls = [devices[k].copy_implementation() for k in kinds] if same_size_copy else []
+    total = len(dtypes) * len(cases) * (len(copy_impls) + len(ops) * len(implementations))
     results, i = [], 0
     for dtype in dtypes:
         dt = np.dtype(dtype)
         for case in cases:
             inp = make_inputs(case, dt, seed)
+            for impl in copy_impls:
+                i += 1
+                if progress is not None:
+                    progress(i, total, f"{COPY} {case.label} {dt.name} {impl.name}")
+                results.append(run_one(impl, COPY, case, inp, None, devices[impl.device],
+                                       timing_for(impl.device), cold))
             for op in ops:
                 expected = reference_outputs(op, inp)
                 for impl in implementations:
@@ -1038,15 +1175,21 @@ def run_benchmarks(implementations: Sequence[Implementation], cases: Iterable[Ca
 
 def add_derived(results: Sequence[Result], ceilings: Mapping[str, Ceiling] | Ceiling | None) -> None:
     """Fill ``ceiling_gbps``, ``pct_of_ceiling`` (from the ceiling of the
-    result's own device) and the speed-ups over the textbook and torch
-    results of the same op, case, dtype and device, in place."""
+    result's own device), ``copy_gbps``, ``pct_of_copy`` (from the
+    same-size copy result, role :data:`COPY`, of the same shape, axis,
+    dtype and device; None without one; 100 on the copy itself) and the
+    speed-ups over the textbook and torch results of the same op, case,
+    dtype and device, in place."""
     if isinstance(ceilings, Ceiling):
         ceilings = {r.device: ceilings for r in results}
     ceilings = ceilings or {}
     base: dict[tuple, float] = {}
+    copy_gbps: dict[tuple, float] = {}
     for r in results:
         if r.role in (TEXTBOOK, TORCH) and r.median_s:
             base[(r.role, r.op, r.shape, r.axis, r.dtype, r.device)] = r.median_s
+        if r.role == COPY and r.gbps:
+            copy_gbps[(r.shape, r.axis, r.dtype, r.device)] = r.gbps
     for r in results:
         if r.median_s is None:
             continue
@@ -1054,6 +1197,8 @@ def add_derived(results: Sequence[Result], ceilings: Mapping[str, Ceiling] | Cei
         if c is not None:
             r.ceiling_gbps = c.gbps
             r.pct_of_ceiling = 100.0 * r.gbps / c.gbps
+        r.copy_gbps = copy_gbps.get((r.shape, r.axis, r.dtype, r.device))
+        r.pct_of_copy = 100.0 * r.gbps / r.copy_gbps if r.copy_gbps else None
         key = (r.op, r.shape, r.axis, r.dtype, r.device)
         t = base.get((TEXTBOOK, *key))
         r.speedup_vs_textbook = t / r.median_s if t else None
@@ -1069,11 +1214,13 @@ def plot_results(results: Sequence[Result], path: str, title: str = "") -> None:
     """Bar chart of % of the measured ceiling: one panel per operation, one
     group of bars per (shape, dtype), one bar per implementation; a dashed
     line at 100 %. Results that were not timed (wrong, error) are marked in
-    place of their bar. Needs matplotlib (``pip install "bnkernels[plot]"``);
-    uses the Agg canvas directly, so no GUI and no global pyplot state."""
+    place of their bar. The same-size copy rows (:data:`COPY`) are left out.
+    Needs matplotlib (``pip install "bnkernels[plot]"``); uses the Agg
+    canvas directly, so no GUI and no global pyplot state."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    results = [r for r in results if r.role != COPY]
     ops = [op for op in OPS if any(r.op == op for r in results)]
     groups = list(dict.fromkeys((r.shape_name, r.dtype) for r in results))
     impls = list(dict.fromkeys(r.implementation for r in results))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib
 import json
 import math
 import os
@@ -215,6 +216,10 @@ def _fmt_x(v: float | None) -> str:
     return f"{v:.2f}x" if v is not None else "-"
 
 
+def _fmt_pct(v: float | None) -> str:
+    return f"{v:.0f}%" if v is not None else "-"
+
+
 def _result_row(r: bm.Result) -> list[str]:
     base = [r.op, r.shape_name, "x".join(map(str, r.shape)), r.layout, r.dtype, r.implementation]
     if r.status == "ok":
@@ -222,7 +227,8 @@ def _result_row(r: bm.Result) -> list[str]:
             _fmt_ms(r.median_s),
             f"{_fmt_ms(r.min_s)}-{_fmt_ms(r.max_s)}",
             f"{r.gbps:.2f}",
-            f"{r.pct_of_ceiling:.0f}%" if r.pct_of_ceiling is not None else "-",
+            _fmt_pct(r.pct_of_ceiling),
+            _fmt_pct(r.pct_of_copy),
             _fmt_x(r.speedup_vs_textbook),
             _fmt_x(r.speedup_vs_torch),
         ]
@@ -236,12 +242,13 @@ def _result_row(r: bm.Result) -> list[str]:
 
 
 TABLE_HEADERS = ["op", "shape", "dims", "layout", "dtype", "implementation", "median ms", "min-max ms",
-                 "GB/s", "% ceil", "vs textbook", "vs torch"]
+                 "GB/s", "% ceil", "% copy", "vs textbook", "vs torch"]
 
 
 def format_results_table(results: Sequence[bm.Result]) -> str:
-    """The bench table; a blank line between (dtype, shape) groups."""
-    right = [False] * 6 + [True] * 6
+    """The bench table; a blank line between (dtype, shape) groups, each
+    led by its same-size copy rows (op ``copy``)."""
+    right = [False] * 6 + [True] * 7
     text = _format_table(TABLE_HEADERS, [_result_row(r) for r in results], right).split("\n")
     lines, prev = text[:2], None
     for r, line in zip(results, text[2:]):
@@ -281,6 +288,7 @@ def _print_bench(results, ceilings: dict, devices: dict, timings: dict, args, in
              f"buffer, read + write counted: {c.median_s * 1e3:.2f} ms median = {c.gbps:.2f} GB/s"
              + (f" ({others})" if others else "") + ".")
     para(f"Bytes model: {bm.BYTES_MODEL}. % ceil = GB/s / ceiling of the same device.")
+    para(f"Same-size copy: {bm.SAME_SIZE_COPY_NOTE}.")
     for kind, t in timings.items():
         para(f"Timing ({kind}): {_timing_text(t, devices[kind].timer)}; median and min-max in ms.")
     if args.cold:
@@ -305,7 +313,8 @@ def _print_bench(results, ceilings: dict, devices: dict, timings: dict, args, in
             which = "the inputs" if 2 * max(sizes) <= cache else "some inputs"
             para(f"Note: {which} (x of {min(sizes) / bm.MiB:.1f} to {max(sizes) / bm.MiB:.1f} MiB) fit in "
                  f"the {cache / bm.MiB:.0f} MiB {'last-level' if kind == 'cpu' else 'L2'} cache of the "
-                 f"{kind.upper()}, so GB/s can exceed the copy ceiling there; --cold measures from memory.")
+                 f"{kind.upper()}, so GB/s can exceed the copy ceiling there (% copy compares with a copy "
+                 "in the same cache); --cold measures from memory.")
     if args.quick:
         para(f"--quick: the named shapes with the batch divided by {bm.QUICK_DIVISOR}, "
              f"{', '.join(dtypes)}, fewer calls.")
@@ -324,6 +333,7 @@ def _bench_payload(results, ceilings, devices, timings, args, info, torch_thread
         "torch_threads": torch_threads,
         "bytes_model": bm.BYTES_MODEL,
         "allocation": bm.ALLOCATION_NOTE,
+        "same_size_copy": bm.SAME_SIZE_COPY_NOTE,
         "tolerance": {d.name: t for d, t in bm.TOLERANCE.items()},
         "timing": {k: dataclasses.asdict(t) for k, t in timings.items()},
         "cold": bool(args.cold),
@@ -377,7 +387,7 @@ def _cmd_bench(args, parser, implementations=None, argv=()) -> int:
         parser.error("--torch-threads must be >= 1")
     if args.plot:
         try:
-            import matplotlib  # noqa: F401
+            importlib.import_module("matplotlib")
         except ImportError:
             parser.error('--plot needs matplotlib: pip install "bnkernels[plot]"')
     for option, path in (("--json", args.json), ("--plot", args.plot)):

@@ -5,6 +5,7 @@ Benchmarks run on tiny shapes with one repeat and a small copy buffer, so
 these tests take seconds; no test looks at how fast anything is.
 """
 import dataclasses
+import importlib.util
 import io
 import json
 import math
@@ -20,6 +21,9 @@ from bnkernels import benchmark as bm
 from bnkernels.cli import Progress, build_parser, main, select_implementations
 
 ROOT = Path(__file__).resolve().parents[1]
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+#: the same-size copy the CPU device uses here
+CPU_COPY = "numba-copy" if HAVE_NUMBA else "np.copyto"
 SYSTEM_INFO = bm.system_info()
 
 # NCHW, the same data channels-last, and 2-D: tiny, but every layout.
@@ -28,7 +32,7 @@ FAST = ["--repeat", "1", "--warmup", "0", "--min-time", "0", "--ceiling-mib", "4
 RESULT_FIELDS = {"op", "shape_name", "shape", "axis", "layout", "dtype", "implementation", "role", "device",
                  "device_name", "bytes", "status", "max_err", "tolerance", "timer", "copies", "times_s",
                  "median_s", "min_s", "max_s", "q1_s", "q3_s", "gbps", "ceiling_gbps", "pct_of_ceiling",
-                 "speedup_vs_textbook", "speedup_vs_torch"}
+                 "copy_gbps", "pct_of_copy", "speedup_vs_textbook", "speedup_vs_torch"}
 
 
 def _info_json(capsys):
@@ -114,11 +118,12 @@ def test_bench_quick_writes_json_with_all_fields(tmp_path, capsys):
                      tmp_path)
     captured = capsys.readouterr()
     for text in ("Bytes model", "Ceiling (cpu)", "Timing (cpu)", "Allocation: outputs are not preallocated",
-                 "WRONG result is not timed", "vs textbook"):
+                 "WRONG result is not timed", "vs textbook", "Same-size copy: % copy = GB/s / GB/s of a copy"):
         assert text in captured.out
-    # stderr is not a terminal here: plain progress lines, no bar
+    # stderr is not a terminal here: plain progress lines, no bar; the copy is counted
     assert "[ceiling] cpu" in captured.err
-    assert "[1/6] train 4x8x5x5 float32 numpy" in captured.err and "[6/6]" in captured.err
+    assert f"[1/9] copy 4x8x5x5 float32 {CPU_COPY}" in captured.err
+    assert "[2/9] train 4x8x5x5 float32 numpy" in captured.err and "[9/9]" in captured.err
     assert "\r" not in captured.err
 
     cpu = data["devices"]["cpu"]
@@ -129,11 +134,19 @@ def test_bench_quick_writes_json_with_all_fields(tmp_path, capsys):
     assert data["quick"] is True and data["cold"] is False
     assert data["command"].startswith("bnkernels bench --quick")
     assert data["timing"]["cpu"]["repeat"] == 1 and data["bytes_model"] == bm.BYTES_MODEL
-    results = data["results"]
+    assert data["same_size_copy"] == bm.SAME_SIZE_COPY_NOTE
+    assert len(data["results"]) == 3 * 3
+    copies = data["results"][::3]  # each shape: the copy, then the two implementations
+    for c in copies:
+        assert (c["op"], c["role"], c["implementation"], c["status"]) == ("copy", "copy", CPU_COPY, "ok")
+        assert c["bytes"] == 2 * 4 * int(np.prod(c["shape"])) and c["max_err"] is None
+        assert c["copy_gbps"] == c["gbps"] and c["pct_of_copy"] == pytest.approx(100)
+        assert c["speedup_vs_textbook"] is None and c["speedup_vs_torch"] is None
+    results = [r for r in data["results"] if r["op"] != "copy"]
     assert len(results) == 3 * 2
     assert [r["implementation"] for r in results[:2]] == ["numpy", "textbook-numpy"]
     assert {r["layout"] for r in results} == {"NCHW", "NHWC", "2-D"}
-    for r in results:
+    for i, r in enumerate(results):
         assert RESULT_FIELDS <= r.keys()
         assert r["status"] == "ok" and r["op"] == "train" and r["dtype"] == "float32"
         assert r["device"] == "cpu" and r["device_name"] == cpu["name"] and r["copies"] == 1
@@ -144,6 +157,9 @@ def test_bench_quick_writes_json_with_all_fields(tmp_path, capsys):
         assert r["median_s"] == pytest.approx(float(np.median(r["times_s"])))
         assert r["gbps"] == pytest.approx(r["bytes"] / r["median_s"] / 1e9)
         assert r["pct_of_ceiling"] == pytest.approx(100 * r["gbps"] / ceiling["gbps"])
+        copy = copies[i // 2]
+        assert copy["shape"] == r["shape"] and r["copy_gbps"] == copy["gbps"]
+        assert r["pct_of_copy"] == pytest.approx(100 * r["gbps"] / copy["gbps"])
         assert r["max_err"] <= r["tolerance"]
         assert r["speedup_vs_torch"] is None
         if r["implementation"] == "textbook-numpy":
@@ -156,8 +172,8 @@ def test_bench_quick_writes_json_with_all_fields(tmp_path, capsys):
 def test_bench_every_op_and_dtype_is_correct(dtype, tmp_path):
     results = _run_json(["bench", "--backends", "numpy", "--dtype", dtype, *FAST], tmp_path)["results"]
     assert {(r["op"], r["layout"]) for r in results} == {
-        (op, layout) for op in bm.OPS for layout in ("NCHW", "NHWC", "2-D")}
-    factor = {"train": 3, "infer": 2, "backward": 5}
+        (op, layout) for op in ("copy", *bm.OPS) for layout in ("NCHW", "NHWC", "2-D")}
+    factor = {"train": 3, "infer": 2, "backward": 5, "copy": 2}
     for r in results:
         assert r["status"] == "ok", r
         assert r["bytes"] == factor[r["op"]] * np.dtype(dtype).itemsize * int(np.prod(r["shape"]))
@@ -168,12 +184,13 @@ def test_table_has_one_row_per_result_and_both_speedups(capsys):
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("op "))
     for col in ("shape", "dims", "layout", "dtype", "implementation", "median ms", "min-max ms", "GB/s",
-                "% ceil", "vs textbook", "vs torch"):
+                "% ceil  % copy", "vs textbook", "vs torch"):
         assert col in header
     rows = [line.split() for line in out.splitlines() if line.startswith("infer ")]
     assert len(rows) == 3 * 2 * 2  # shapes x implementations x the default dtypes
     assert [row[4] for row in rows[::6]] == ["float32", "float16"]
-    assert all(row[-1] == "-" and row[-2].endswith("x") and row[-3].endswith("%") for row in rows)
+    assert all(row[-1] == "-" and row[-2].endswith("x") and row[-3].endswith("%") and row[-4].endswith("%")
+               for row in rows)
 
 
 @pytest.mark.torch
@@ -181,7 +198,8 @@ def test_bench_torch_when_installed(tmp_path, capsys):
     torch = pytest.importorskip("torch")
     data = _run_json(["bench", "--backends", "torch,textbook-numpy", "--dtype", "float32", *FAST], tmp_path)
     results = data["results"]
-    assert len(results) == 18 and all(r["status"] == "ok" for r in results)
+    assert len(results) == 3 + 18 and all(r["status"] == "ok" for r in results)
+    results = [r for r in results if r["op"] != "copy"]
     assert data["torch_threads"] == torch.get_num_threads()
     assert f"({torch.get_num_threads()} thread" in capsys.readouterr().out
     by = {(r["op"], r["shape_name"], r["implementation"]): r for r in results}
@@ -198,9 +216,10 @@ def test_cold_rotates_copies_of_the_inputs(tmp_path, capsys, monkeypatch):
     data = _run_json(["bench", "--cold", "--backends", "numpy", "--ops", "train,backward", "--repeat", "3",
                       "--ceiling-mib", "4", "--shapes", "4x8x5x5", "--dtype", "float32"], tmp_path)
     assert data["cold"] is True
-    train, backward = data["results"]
-    assert train["status"] == backward["status"] == "ok"
-    assert train["copies"] == math.ceil(2 * (64 << 10) / 3200) + 1 == 42
+    copy, train, backward = data["results"]
+    assert copy["status"] == train["status"] == backward["status"] == "ok"
+    assert copy["op"] == "copy" and copy["pct_of_copy"] == pytest.approx(100)
+    assert copy["copies"] == train["copies"] == math.ceil(2 * (64 << 10) / 3200) + 1 == 42  # x only
     assert backward["copies"] == math.ceil(2 * (64 << 10) / 6400) + 1  # x and dy
     assert "Caches: cold (--cold)" in capsys.readouterr().out
 
@@ -217,6 +236,7 @@ def test_rotation_count():
     [],
     ["frobnicate"],
     ["bench", "--ops", "train,nope"],
+    ["bench", "--ops", "copy"],  # the copy reference is not an op to select
     ["bench", "--dtype", "int8"],
     ["bench", "--backends", "no-such-backend"],
     ["bench", "--shapes", "4xQ"],
@@ -466,7 +486,7 @@ class _FakeCupy:
                 getDeviceProperties=lambda i: {"name": b"Fake GPU", "l2CacheSize": 1 << 20},
                 memGetInfo=lambda: (8 << 30, 16 << 30)))
         self.float64 = np.float64
-        self.ones, self.empty_like = np.ones, np.empty_like
+        self.ones, self.empty_like, self.asarray = np.ones, np.empty_like, np.asarray
 
     def copyto(self, dst, src):
         self.clock_ms += 1.0
@@ -508,13 +528,145 @@ def test_cuda_device_with_a_stand_in_for_cupy():
     gpu_impl = bm.Implementation("fake-gpu", prepare, device="gpu")
     results = bm.run_benchmarks([gpu_impl, bm.TEXTBOOK_NUMPY], [bm.parse_case("4x8x5x5")], ops=["infer"],
                                 devices={"gpu": dev}, timing=bm.Timing(repeat=3, warmup=1))
-    gpu, cpu = results
+    gpu_copy, cpu_copy, gpu, cpu = results  # one same-size copy per device first
     assert gpu.status == "ok" and gpu.device == "gpu" and gpu.device_name == "Fake GPU (device 0)"
     assert gpu.timer.startswith("CUDA events") and gpu.times_s == [0.0005] * 3
+    assert (gpu_copy.implementation, gpu_copy.device, gpu_copy.op, gpu_copy.status) == (
+        "cupy.copyto", "gpu", "copy", "ok")
+    assert gpu_copy.times_s == [0.001] * 3 and gpu_copy.bytes == 2 * 3200  # fake cupy.copyto: 1 ms
+    assert (cpu_copy.implementation, cpu_copy.device, cpu_copy.status) == (CPU_COPY, "cpu", "ok")
     bm.add_derived(results, {"gpu": c})
     assert gpu.pct_of_ceiling == pytest.approx(100 * gpu.gbps / c.gbps)
     assert cpu.pct_of_ceiling is None  # no CPU ceiling given
     assert gpu.speedup_vs_textbook is None  # the textbook result ran on the other device
+    # infer moves 2 x in 0.5 ms, the copy 2 x in 1 ms: 200 % of the GPU copy; the CPU row uses the CPU copy
+    assert gpu.copy_gbps == gpu_copy.gbps and gpu.pct_of_copy == pytest.approx(200)
+    assert cpu.copy_gbps == cpu_copy.gbps and cpu.pct_of_copy == pytest.approx(100 * cpu.gbps / cpu_copy.gbps)
+
+
+# --------------------------------------------------------------------------
+# the same-size copy reference (% copy)
+# --------------------------------------------------------------------------
+
+def test_copy_leads_each_group_once_per_device_without_importing_cupy(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy now fails: the CPU path must not need it
+    cases = [bm.parse_case("4x8x5x5"), bm.parse_case("64x16")]
+    seen = []
+    results = bm.run_benchmarks([bm.bnkernels_implementation("numpy"), bm.TEXTBOOK_NUMPY], cases,
+                                ops=["infer", "backward"], dtypes=["float32", "float16"],
+                                timing=bm.Timing(repeat=2, warmup=0),
+                                progress=lambda i, total, label: seen.append((i, total, label)))
+    per_group = 1 + 2 * 2  # the copy, then 2 ops x 2 implementations
+    assert len(results) == 2 * 2 * per_group
+    assert seen == [(i + 1, len(results), label) for i, (_, _, label) in enumerate(seen)]
+    assert seen[0][2] == f"copy 4x8x5x5 float32 {CPU_COPY}"
+    groups = [results[i:i + per_group] for i in range(0, len(results), per_group)]
+    assert [(g[0].dtype, g[0].shape) for g in groups] == [
+        (d, c.shape) for d in ("float32", "float16") for c in cases]
+    for g in groups:
+        copy, *ops = g
+        assert (copy.op, copy.role, copy.implementation, copy.device, copy.status) == (
+            "copy", bm.COPY, CPU_COPY, "cpu", "ok")
+        assert copy.bytes == 2 * int(np.prod(copy.shape)) * np.dtype(copy.dtype).itemsize
+        assert copy.max_err is None and copy.tolerance is None and len(copy.times_s) == 2
+        assert copy.gbps == pytest.approx(copy.bytes / copy.median_s / 1e9)
+        assert [r.op for r in ops] == ["infer", "infer", "backward", "backward"]
+        assert all(r.role != bm.COPY and (r.shape, r.dtype) == (copy.shape, copy.dtype) for r in ops)
+
+
+def test_same_size_copy_can_be_left_out():
+    seen = []
+    results = bm.run_benchmarks([bm.TEXTBOOK_NUMPY], [bm.parse_case("64x16")], ops=["infer"],
+                                timing=bm.Timing(repeat=1, warmup=0), same_size_copy=False,
+                                progress=lambda i, total, label: seen.append(total))
+    assert [r.op for r in results] == ["infer"] and seen == [1]
+    bm.add_derived(results, None)
+    assert results[0].pct_of_copy is None and results[0].copy_gbps is None
+
+
+def _timed(op, role, gbps, shape=(64, 16), axis=1, dtype="float32", device="cpu", name="impl"):
+    """A hand-made timed Result: 1 GB moved in 1 / gbps seconds."""
+    return bm.Result(op, "x".join(map(str, shape)), shape, axis, bm.layout_label(shape, axis), dtype, name,
+                     role, device, device, 10**9, "ok", median_s=1.0 / gbps, gbps=gbps)
+
+
+def test_add_derived_pct_of_copy_from_hand_made_results():
+    copy = _timed("copy", bm.COPY, 20.0, name="np.copyto")
+    cand = _timed("train", bm.CANDIDATE, 5.0)
+    text = _timed("train", bm.TEXTBOOK, 2.5, name="textbook-numpy")
+    other_dtype = _timed("train", bm.CANDIDATE, 5.0, dtype="float16")  # no float16 copy
+    other_axis = _timed("train", bm.CANDIDATE, 5.0, axis=0)  # same shape, other channel axis
+    other_device = _timed("train", bm.CANDIDATE, 5.0, device="gpu")
+    gpu_copy = _timed("copy", bm.COPY, 40.0, device="gpu", name="cupy.copyto")
+    other_shape = _timed("infer", bm.CANDIDATE, 30.0, shape=(32, 16))
+    wrong = dataclasses.replace(cand, status="wrong", median_s=None, gbps=None)
+    failed_copy = dataclasses.replace(copy, shape=(32, 16), status="error", median_s=None, gbps=None)
+    results = [copy, cand, text, other_dtype, other_axis, other_device, gpu_copy, other_shape, wrong,
+               failed_copy]
+    bm.add_derived(results, None)
+    assert (cand.copy_gbps, cand.pct_of_copy) == (20.0, pytest.approx(25.0))
+    assert text.pct_of_copy == pytest.approx(12.5)
+    assert copy.pct_of_copy == pytest.approx(100.0) and gpu_copy.pct_of_copy == pytest.approx(100.0)
+    assert (other_device.copy_gbps, other_device.pct_of_copy) == (40.0, pytest.approx(12.5))
+    for r in (other_dtype, other_axis, other_shape, wrong, failed_copy):  # no timed copy of theirs
+        assert r.copy_gbps is None and r.pct_of_copy is None
+    # speed-ups as before; the copy rows have none
+    assert cand.speedup_vs_textbook == pytest.approx(2.0) and text.speedup_vs_textbook == pytest.approx(1.0)
+    assert copy.speedup_vs_textbook is None and copy.speedup_vs_torch is None
+    assert bm.min_bytes("copy", 100) == 200
+
+
+def test_table_pct_copy_column_matches_the_json(tmp_path, capsys):
+    data = _run_json(["bench", "--backends", "numpy", "--ops", "infer,backward", "--dtype", "float32", *FAST],
+                     tmp_path)
+    out = capsys.readouterr().out
+    assert "Same-size copy: % copy = GB/s / GB/s of a copy of x into a preallocated buffer" in out
+    lines = out[out.index("\nop "):out.index("\nAll figures:")].strip().splitlines()
+    header = lines[0].split("  ")
+    assert [h.strip() for h in header if h.strip()][9:11] == ["% ceil", "% copy"]
+    rows = [line.split() for line in lines[2:] if line]
+    assert len(rows) == len(data["results"]) == 3 * 3
+    assert [row[0] for row in rows] == ["copy", "infer", "backward"] * 3
+    for row, r in zip(rows, data["results"]):
+        assert (row[0], row[5]) == (r["op"], r["implementation"])
+        assert row[-3] == f"{r['pct_of_copy']:.0f}%" and row[-4] == f"{r['pct_of_ceiling']:.0f}%"
+        if r["op"] == "copy":
+            assert row[-3] == "100%" and row[-2:] == ["-", "-"]
+
+
+def test_cold_rotates_the_copy_too():
+    prepared = []
+
+    class SmallCache(bm.CpuDevice):
+        def __init__(self):
+            super().__init__()
+            self.cache_bytes = 16 << 10  # 16 KiB: 3200-byte inputs need 12 copies
+
+        def copy_implementation(self):
+            impl = super().copy_implementation()
+            return dataclasses.replace(impl, prepare=lambda op, inp: prepared.append(inp.x) or impl.prepare(op, inp))
+
+    case = bm.parse_case("4x8x5x5")
+    for cold, copies in ((False, 1), (True, 12)):
+        prepared.clear()
+        (copy, infer) = bm.run_benchmarks([bm.TEXTBOOK_NUMPY], [case], ops=["infer"], devices={"cpu": SmallCache()},
+                                          timing=bm.Timing(repeat=2, warmup=0), cold=cold)
+        assert copy.op == "copy" and copy.status == "ok"
+        assert copy.copies == infer.copies == copies
+        assert len({id(x) for x in prepared}) == copies  # a copy of x per rotation slot
+
+
+def test_sliced_copy_in_slices_and_whole():
+    from concurrent.futures import ThreadPoolExecutor
+
+    src = np.arange(2 * 3 * 7, dtype=np.float32).reshape(2, 3, 7)  # 42 values in 4 uneven slices
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for args in ((), (pool, 4)):
+            dst = np.zeros_like(src)
+            assert bm.sliced_copy(dst, src, *args)() is None
+            np.testing.assert_array_equal(dst, src)
+    with pytest.raises(ValueError):
+        bm.sliced_copy(np.zeros((7, 6), np.float32), src.reshape(6, 7).T)  # not contiguous: no silent copy
 
 
 # --------------------------------------------------------------------------
@@ -568,10 +720,23 @@ def test_default_ceiling_buffer_is_beyond_the_cache(monkeypatch):
     assert bm.default_ceiling_bytes() == 128 * bm.MiB
 
 
-def test_cpu_ceiling_tries_one_and_several_threads():
+def test_cpu_ceiling_tries_one_and_several_threads_and_numba():
     c = bm.measure_copy_ceiling(2 * bm.MiB, repeat=2, threads=2)
-    assert set(c.variants) == {"np.copyto, 1 thread", "np.copyto, 2 threads"}
+    expected = {"np.copyto, 1 thread", "np.copyto, 2 threads"} | ({"numba parallel copy"} if HAVE_NUMBA else set())
+    assert set(c.variants) == expected
     assert c.gbps == max(c.variants.values()) and c.method in c.variants
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_numba_copy_copies_every_dtype(dtype):
+    if not HAVE_NUMBA:
+        pytest.skip("numba is not installed")
+    src = np.arange(1001).astype(dtype)
+    dst = np.full_like(src, np.nan)
+    bm.numba_copy(dst, src)()
+    np.testing.assert_array_equal(dst, src)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        bm.numba_copy(dst[::2], src[::2])
 
 
 # --------------------------------------------------------------------------
@@ -599,6 +764,8 @@ def test_pytest_bench_benchmark_only_records_extra_info(tmp_path):
     assert info["bytes"] == 2 * 4 * 100000 * 32
     assert info["gbps"] == pytest.approx(info["bytes"] / b["stats"]["median"] / 1e9)
     assert info["pct_of_ceiling"] == pytest.approx(100 * info["gbps"] / info["ceiling_gbps"])
+    assert info["copy_gbps"] > 0
+    assert info["pct_of_copy"] == pytest.approx(100 * info["gbps"] / info["copy_gbps"])
     assert info["device_name"].startswith(bm.cpu_model())
 
     proc = _pytest_bench(tmp_path, "--benchmark-compare")
