@@ -54,7 +54,7 @@ class ChannelStats:
 
 def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *, training=True,
                momentum=0.1, eps=1e-5, axis=1, activation=None, backend="auto",
-               return_saved=False, num_batches_tracked=None):
+               return_saved=False, num_batches_tracked=None, out=None):
     """Batch normalization forward.
 
     ``y = (x - mean) / sqrt(var + eps) * gamma + beta`` per channel, then the
@@ -80,17 +80,25 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
         backend: ``"auto"``, ``"cuda"``, or a backend name (see
             ``bnkernels.available_backends()``).
         return_saved: also return the :class:`SavedStats` for backward.
+        out: where to write ``y``: an array of the same type, shape and
+            dtype as ``x``, or ``x`` itself (in place); it must not
+            otherwise overlap ``x``. Saves allocating (and, for large
+            arrays, page-faulting) a new output on every call; the
+            ``numba`` backend writes into a C-contiguous ``out`` directly,
+            the others copy their result into it.
 
     Returns:
         ``y`` with the shape and dtype of ``x`` (half input is computed in
-        float32), or ``(y, saved)`` if ``return_saved``.
+        float32; ``out`` when given), or ``(y, saved)`` if ``return_saved``.
 
     Raises:
         TypeError, ValueError: bad arguments (message names the argument).
         BackendUnavailableError: a named backend cannot run here.
     """
     impl = resolve(backend, x)
+    given = x
     x = v.check_input(impl.asarray(x))
+    out = v.check_out(out, given, {"x": given})
     layout = v.channel_layout(x.shape, axis)
     training = v.check_flag(training, "training")
     return_saved = v.check_flag(return_saved, "return_saved")
@@ -112,18 +120,18 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
         running = None
         if running_mean is not None:
             running = (running_mean, running_var, v.running_factor(momentum, num_batches_tracked))
-        y, mean, invstd = impl.forward_train(x, layout, gamma, beta, eps, relu, running)
+        y, mean, invstd = impl.forward_train(x, layout, gamma, beta, eps, relu, running, out)
     else:
         if running_mean is None:
             raise ValueError("inference (training=False) normalizes with the running statistics: "
                              "pass running_mean and running_var")
-        y, mean, invstd = impl.forward_infer(x, layout, running_mean, running_var, gamma, beta, eps, relu)
+        y, mean, invstd = impl.forward_infer(x, layout, running_mean, running_var, gamma, beta, eps, relu, out)
     if return_saved:
         return y, SavedStats(mean, invstd)
     return y
 
 
-def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, backend="auto"):
+def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, backend="auto", out=None):
     """Gradients of the training-mode :func:`bn_forward` (without activation).
 
     With ``activation="relu"`` in the forward, pass ``dy * (y > 0)``.
@@ -135,22 +143,26 @@ def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, backend=
             ``bn_forward(..., return_saved=True)``, shape (C,).
         gamma: the forward's scale, shape (C,), or None.
         axis, backend: as in :func:`bn_forward`.
+        out: where to write ``dx``, as in :func:`bn_forward` (``dy`` or
+            ``x`` itself for an in-place result).
 
     Returns:
-        ``(dx, dgamma, dbeta)``: ``dx`` like ``x``; ``dgamma = sum(dy * xhat)``
+        ``(dx, dgamma, dbeta)``: ``dx`` like ``x`` (``out`` when given); ``dgamma = sum(dy * xhat)``
         and ``dbeta = sum(dy)`` per channel, shape (C,), float32 (float64 for
         float64 input). They are returned even when ``gamma`` is None.
     """
     impl = resolve(backend, x)
+    given = {"dy": dy, "x": x}
     x = v.check_input(impl.asarray(x))
     dy = v.check_input(impl.asarray(dy), "dy")
     v.check_same_shape(dy, x)
+    out = v.check_out(out, given["x"], given)
     layout = v.channel_layout(x.shape, axis)
     C = layout.channels
     saved_mean = v.check_per_channel(saved_mean, "saved_mean", C, asarray=impl.asarray)
     saved_invstd = v.check_per_channel(saved_invstd, "saved_invstd", C, asarray=impl.asarray)
     gamma = v.check_per_channel(gamma, "gamma", C, asarray=impl.asarray)
-    return impl.backward(dy, x, layout, saved_mean, saved_invstd, gamma)
+    return impl.backward(dy, x, layout, saved_mean, saved_invstd, gamma, out)
 
 
 def channel_stats(x, *, axis=1, backend="auto") -> ChannelStats:

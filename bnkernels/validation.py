@@ -214,6 +214,58 @@ def check_training_count(layout: ChannelLayout, name: str = "x") -> None:
         )
 
 
+def _byte_extent(a):
+    """``(lo, hi)``: the byte addresses an array can touch, from its NumPy
+    or CUDA array interface; None when it has neither."""
+    iface = getattr(a, "__array_interface__", None) or getattr(a, "__cuda_array_interface__", None)
+    if iface is None:
+        return None
+    start, shape = iface["data"][0], tuple(iface["shape"])
+    itemsize = np.dtype(iface["typestr"]).itemsize
+    strides = iface.get("strides")
+    if strides is None:  # C-contiguous
+        strides = tuple(itemsize * math.prod(shape[i + 1:]) for i in range(len(shape)))
+    if 0 in shape:
+        return start, start
+    lo = start + sum(st * (n - 1) for st, n in zip(strides, shape) if st < 0)
+    hi = start + sum(st * (n - 1) for st, n in zip(strides, shape) if st > 0) + itemsize
+    return lo, hi
+
+
+def _same_view(a, b) -> bool:
+    ia = getattr(a, "__array_interface__", None) or getattr(a, "__cuda_array_interface__", None)
+    ib = getattr(b, "__array_interface__", None) or getattr(b, "__cuda_array_interface__", None)
+    return (ia["data"][0], tuple(ia["shape"]), ia.get("strides")) == (
+        ib["data"][0], tuple(ib["shape"]), ib.get("strides"))
+
+
+def check_out(out, like, inputs: dict):
+    """Check an output buffer: an array of the same kind (type), shape and
+    dtype as ``like``, writable, and either one of ``inputs`` (name ->
+    array) itself (in place: every kernel reads an element before it
+    writes it) or overlapping none of them. Returns ``out`` (None stays
+    None)."""
+    if out is None:
+        return None
+    if type(out) is not type(like):
+        raise TypeError(f"out must be a {type(like).__name__} like x (the result is written into it), "
+                        f"got {type(out).__name__}")
+    if tuple(out.shape) != tuple(like.shape):
+        raise ValueError(f"out must have the shape of x {tuple(like.shape)}, got {tuple(out.shape)}")
+    if array_dtype(out) != array_dtype(like):
+        raise TypeError(f"out must have the dtype of x ({array_dtype(like)}), got {array_dtype(out)}")
+    if isinstance(out, np.ndarray) and not out.flags.writeable:
+        raise ValueError("out is read-only")
+    o = _byte_extent(out)
+    for name, a in inputs.items():
+        e = _byte_extent(a)
+        if o is None or e is None or o[0] >= e[1] or e[0] >= o[1] or _same_view(out, a):
+            continue
+        raise ValueError(f"out overlaps {name} without being {name} itself: pass {name} for an in-place "
+                         "result, or a separate buffer")
+    return out
+
+
 def check_same_shape(dy, x) -> None:
     if tuple(dy.shape) != tuple(x.shape):
         raise ValueError(f"dy must have the shape of x {tuple(x.shape)}, got {tuple(dy.shape)}")

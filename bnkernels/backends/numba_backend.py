@@ -30,6 +30,7 @@ from numba.extending import overload
 from ..validation import ChannelLayout, compute_dtype
 from .numba_half import store, to_work, work_value
 from .numpy_backend import ieee_semantics, update_running
+from .outputs import deliver
 
 name = "numba"
 
@@ -38,6 +39,11 @@ _JIT = dict(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=T
 _SERIAL = dict(_JIT, parallel=False)
 #: rows of a chunk of channel-fastest data handled by one task
 ROWS_PER_CHUNK = 2048
+#: channel planes: a task takes enough channels for contiguous runs of this
+#: many bytes per outer index (hardware prefetchers need long runs) ...
+RUN_BYTES = 8 << 10
+#: ... while the block's slabs of its input arrays stay within this (an L2)
+BLOCK_BYTES = 1 << 20
 
 
 def asarray(x):
@@ -64,62 +70,96 @@ def _times_centered(d, v, kv, idx, c):
 
 
 @njit(**_SERIAL)
-def plane_sums(u, ku, v, kv, c):
-    """``sum(u - ku)`` and ``sum((u - ku) * (v - kv))`` over channel ``c``
-    of (outer, C, inner) arrays; ku, kv in the working type. With u = x and
+def block_sums(u, ku, v, kv, c0, c1):
+    """``sum(u - ku)`` and ``sum((u - ku) * (v - kv))`` for each channel
+    c0 <= c < c1 of (outer, C, inner) arrays, as two float64 arrays of
+    length c1 - c0. ku, kv (C,) in the working type. With u = x and
     v = None, ``sum((x - ku)^2)``: the shifted moments; with u = dy, v = x,
-    the backward sums.
-    (A helper: LLVM inlines it into the kernels below.)"""
+    the backward sums. Memory order: one contiguous run of
+    (c1 - c0) * inner elements per outer index. (Helpers like this one are
+    inlined by LLVM into the parallel kernels.)"""
     outer, _, inner = u.shape
-    s = 0.0
-    t = 0.0
+    s = np.zeros(c1 - c0)
+    t = np.zeros(c1 - c0)
     for o in range(outer):
-        for i in range(inner):
-            d = np.float64(to_work(u[o, c, i]) - ku)
-            s += d
-            t += times_centered(d, v, kv, (o, c, i), c)
+        for c in range(c0, c1):
+            kc = ku[c]
+            a = 0.0
+            b = 0.0
+            for i in range(inner):
+                d = np.float64(to_work(u[o, c, i]) - kc)
+                a += d
+                b += times_centered(d, v, kv, (o, c, i), c)
+            s[c - c0] += a
+            t[c - c0] += b
     return s, t
 
 
-@njit(**_JIT)
-def plane_stats(x, mean_out, m2_out):
-    """Per-channel mean and M2 of (outer, C, inner) data, one task per channel."""
-    outer, C, inner = x.shape
-    n = outer * inner
-    for c in prange(C):
-        kw = to_work(x[0, c, 0])
-        s1, s2 = plane_sums(x, kw, None, None, c)
-        k = np.float64(kw)
-        dm = s1 / n
-        mean_out[c] = k + dm
-        m2_out[c] = max(s2 - s1 * dm, 0.0)
-
-
-@njit(**_JIT)
-def train_planes(x, y, gamma, beta, eps, relu, mean_out, m2_out, invstd_out):
-    """Training forward of (outer, C, inner) data, one task per channel: the
-    channel's sums, then y while its slab is still in cache."""
-    outer, C, inner = x.shape
-    n = outer * inner
+@njit(**_SERIAL)
+def apply_block(x, y, k, scale, shift, relu, o0, o1, c0, c1):
+    """y = (x - k) * scale + shift [ReLU] on x[o0:o1, c0:c1, :]; k, scale,
+    shift (C,) in the working type."""
+    inner = x.shape[2]
     zero = work_value(x, 0.0)
-    for c in prange(C):
-        kw = to_work(x[0, c, 0])
-        s1, s2 = plane_sums(x, kw, None, None, c)
-        k = np.float64(kw)
-        dm = s1 / n
-        m2 = max(s2 - s1 * dm, 0.0)
-        invstd = 1.0 / np.sqrt(m2 / n + eps)
-        scale = gamma[c] * invstd
-        sc, sh = work_value(x, scale), work_value(x, beta[c] - dm * scale)
-        for o in range(outer):
+    for o in range(o0, o1):
+        for c in range(c0, c1):
+            kc, sc, sh = k[c], scale[c], shift[c]
             for i in range(inner):
-                v = (to_work(x[o, c, i]) - kw) * sc + sh
+                v = (to_work(x[o, c, i]) - kc) * sc + sh
                 if relu and v < 0:
                     v = zero
                 store(y, (o, c, i), v)
-        mean_out[c] = k + dm
-        m2_out[c] = m2
-        invstd_out[c] = invstd
+
+
+@njit(**_SERIAL)
+def dx_block(dy, x, dx, mean, a, b, cc, c0, c1):
+    """dx = dy * a + (x - mean) * b + cc on channels c0 <= c < c1; the
+    per-channel values (C,) in the working type."""
+    outer, _, inner = x.shape
+    for o in range(outer):
+        for c in range(c0, c1):
+            mc, ac, bc, ccc = mean[c], a[c], b[c], cc[c]
+            for i in range(inner):
+                v = to_work(dy[o, c, i]) * ac + (to_work(x[o, c, i]) - mc) * bc + ccc
+                store(dx, (o, c, i), v)
+
+
+@njit(**_JIT)
+def plane_stats(x, k, block, s1_out, s2_out):
+    """Per-channel sums of (x - k) and (x - k)^2 of (outer, C, inner) data,
+    one task per block of ``block`` channels."""
+    C = x.shape[1]
+    for j in prange((C + block - 1) // block):
+        c0 = j * block
+        c1 = min(c0 + block, C)
+        s1, s2 = block_sums(x, k, None, None, c0, c1)
+        s1_out[c0:c1] = s1
+        s2_out[c0:c1] = s2
+
+
+@njit(**_JIT)
+def train_planes(x, y, k, gamma, beta, eps, relu, block, mean_out, m2_out, invstd_out, scale_w, shift_w):
+    """Training forward of (outer, C, inner) data, one task per block of
+    ``block`` channels: the block's sums, then y while the block's slab is
+    still in cache. k: each channel's first value (the shift), working
+    type; scale_w, shift_w (C,): scratch in the working type."""
+    outer, C, inner = x.shape
+    n = outer * inner
+    for j in prange((C + block - 1) // block):
+        c0 = j * block
+        c1 = min(c0 + block, C)
+        s1, s2 = block_sums(x, k, None, None, c0, c1)
+        for c in range(c0, c1):
+            dm = s1[c - c0] / n
+            m2 = max(s2[c - c0] - s1[c - c0] * dm, 0.0)
+            invstd = 1.0 / np.sqrt(m2 / n + eps)
+            scale = gamma[c] * invstd
+            scale_w[c] = scale
+            shift_w[c] = beta[c] - dm * scale
+            mean_out[c] = np.float64(k[c]) + dm
+            m2_out[c] = m2
+            invstd_out[c] = invstd
+        apply_block(x, y, k, scale_w, shift_w, relu, 0, outer, c0, c1)
 
 
 @njit(**_JIT)
@@ -156,21 +196,11 @@ def row_sums(u, ku, v, kv, s, t):
 @njit(**_JIT)
 def apply(x, y, k, scale, shift, relu, chunks):
     """y = (x - k) * scale + shift [ReLU] on (outer, C, inner) data, in
-    ``chunks`` parallel tasks over the outer dimension; k, scale, shift in
-    the working type."""
-    outer, C, inner = x.shape
-    zero = work_value(x, 0.0)
+    ``chunks`` parallel tasks over the outer dimension; k, scale, shift (C,)
+    in the working type."""
+    outer, C, _ = x.shape
     for t in prange(chunks):
-        lo = t * outer // chunks
-        hi = (t + 1) * outer // chunks
-        for o in range(lo, hi):
-            for c in range(C):
-                kc, sc, sh = k[c], scale[c], shift[c]
-                for i in range(inner):
-                    v = (to_work(x[o, c, i]) - kc) * sc + sh
-                    if relu and v < 0:
-                        v = zero
-                    store(y, (o, c, i), v)
+        apply_block(x, y, k, scale, shift, relu, t * outer // chunks, (t + 1) * outer // chunks, 0, C)
 
 
 @njit(**_JIT)
@@ -205,25 +235,26 @@ def dx_rows(dy, x, dx, mean, a, b, cc, chunks):
 
 
 @njit(**_JIT)
-def bwd_planes(dy, x, dx, mean, invstd, gamma, dgamma, dbeta):
-    """Backward of (outer, C, inner) data, one task per channel: sums, then
-    dx while the slabs are in cache."""
+def bwd_planes(dy, x, dx, mean, zero, invstd, gamma, block, dgamma, dbeta, a_w, b_w, c_w):
+    """Backward of (outer, C, inner) data, one task per block of ``block``
+    channels: the sums, then dx while the block's slabs are in cache.
+    mean, zero (C,) in the working type (zero: zeros); a_w, b_w, c_w (C,):
+    scratch in the working type."""
     outer, C, inner = x.shape
     n = outer * inner
-    for c in prange(C):
-        mw = work_value(x, mean[c])
-        s, t = plane_sums(dy, work_value(x, 0.0), x, mw, c)
-        inv = invstd[c]
-        sum_dy_xhat = t * inv
-        a = gamma[c] * inv
-        b = -a * inv * sum_dy_xhat / n
-        aw, bw, cw = work_value(x, a), work_value(x, b), work_value(x, -a * s / n)
-        for o in range(outer):
-            for i in range(inner):
-                v = to_work(dy[o, c, i]) * aw + (to_work(x[o, c, i]) - mw) * bw + cw
-                store(dx, (o, c, i), v)
-        dgamma[c] = sum_dy_xhat
-        dbeta[c] = s
+    for j in prange((C + block - 1) // block):
+        c0 = j * block
+        c1 = min(c0 + block, C)
+        s, t = block_sums(dy, zero, x, mean, c0, c1)
+        for c in range(c0, c1):
+            inv = invstd[c]
+            dgamma[c] = t[c - c0] * inv
+            dbeta[c] = s[c - c0]
+            a = gamma[c] * inv
+            a_w[c] = a
+            b_w[c] = -a * inv * dgamma[c] / n
+            c_w[c] = -a * s[c - c0] / n
+        dx_block(dy, x, dx, mean, a_w, b_w, c_w, c0, c1)
 
 
 # --- host side ---------------------------------------------------------------
@@ -234,9 +265,13 @@ def _view3(a, layout: ChannelLayout):
     return a.view(np.uint16) if a.dtype == np.float16 else a
 
 
-def _out3(layout: ChannelLayout, dtype):
-    y = np.empty((layout.outer, layout.channels, layout.inner), dtype)
-    return y, (y.view(np.uint16) if y.dtype == np.float16 else y)
+def _out3(layout: ChannelLayout, dtype, out=None):
+    """The result array (``out`` itself when it is C-contiguous, else a new
+    one) and its (outer, C, inner) view for the kernels' stores (float16 as
+    uint16 bits)."""
+    y = out if out is not None and out.flags.c_contiguous else np.empty(layout.shape, dtype)
+    y3 = y.reshape(layout.outer, layout.channels, layout.inner)
+    return y, (y3.view(np.uint16) if y3.dtype == np.float16 else y3)
 
 
 def _vec(p, C, default):
@@ -260,16 +295,36 @@ def _tasks(outer):
     return max(1, min(outer, 4 * numba.get_num_threads()))
 
 
-def _row_stats(x3, C):
-    """Channel-fastest statistics: (mean, m2) float64 from chunked sums."""
-    x2 = x3.reshape(-1, C)
-    k = (x2[0].view(np.float16) if x2.dtype == np.uint16 else x2[0]).astype(np.float64)
-    chunks = _chunks(x2.shape[0])
-    s1, s2 = np.zeros((chunks, C)), np.zeros((chunks, C))
-    kw = _work(x3, k)[0]
-    row_sums(x2, kw, None, None, s1, s2)
-    n = x2.shape[0]
-    s1, s2 = s1.sum(0), s2.sum(0)
+def _block(layout: ChannelLayout, itemsize: int, arrays: int = 1):
+    """Channels per task of the channel-plane kernels: enough for runs of
+    :data:`RUN_BYTES`, at most :data:`BLOCK_BYTES` of slabs over ``arrays``
+    input arrays, and leaving at least two tasks per thread."""
+    row = max(layout.inner * itemsize, 1)
+    block = min(-(-RUN_BYTES // row), BLOCK_BYTES // (arrays * row * max(layout.outer, 1)))
+    return max(1, min(block, layout.channels // (2 * numba.get_num_threads())))
+
+
+def _shift(x3):
+    """Each channel's first value, the shift k of the sums: float64 and in
+    the working type."""
+    first = x3[0, :, 0]
+    k = (first.view(np.float16) if first.dtype == np.uint16 else first).astype(np.float64)
+    return k, _work(x3, k)[0]
+
+
+def _moments(x3, layout: ChannelLayout):
+    """Per-channel float64 ``k``, ``mean - k`` and M2, for the layouts
+    without a fused training kernel (statistics only, channel-fastest)."""
+    C, n = layout.channels, layout.count
+    k, kw = _shift(x3)
+    if layout.inner == 1:
+        chunks = _chunks(layout.outer)
+        s1, s2 = np.zeros((chunks, C)), np.zeros((chunks, C))
+        row_sums(x3.reshape(-1, C), kw, None, None, s1, s2)
+        s1, s2 = s1.sum(0), s2.sum(0)
+    else:
+        s1, s2 = np.empty(C), np.empty(C)
+        plane_stats(x3, kw, _block(layout, x3.itemsize), s1, s2)
     dm = s1 / n
     return k, dm, np.maximum(s2 - s1 * dm, 0.0)
 
@@ -290,75 +345,79 @@ def channel_stats(x, layout: ChannelLayout):
     if layout.count == 0 or layout.channels == 0:
         z = np.zeros(layout.channels)
         return z, z.copy()
-    x3 = _view3(x, layout)
-    if layout.inner == 1:
-        k, dm, m2 = _row_stats(x3, layout.channels)
-        return k + dm, m2
-    mean, m2 = np.empty(layout.channels), np.empty(layout.channels)
-    plane_stats(x3, mean, m2)
-    return mean, m2
+    k, dm, m2 = _moments(_view3(x, layout), layout)
+    return k + dm, m2
 
 
 @ieee_semantics
-def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running):
-    """See ``numpy_backend.forward_train``."""
+def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running, out=None):
+    """See ``numpy_backend.forward_train``; y is written into a C-contiguous
+    ``out`` directly."""
     C, n = layout.channels, layout.count
     cdt = compute_dtype(x.dtype)
     x3 = _view3(x, layout)
-    y, y_store = _out3(layout, x.dtype)
+    y, y_store = _out3(layout, x.dtype, out)
     g, b = _vec(gamma, C, 1.0), _vec(beta, C, 0.0)
     if C == 0:
-        return y.reshape(layout.shape), np.zeros(0, cdt), np.zeros(0, cdt)
+        return deliver(y, out), np.zeros(0, cdt), np.zeros(0, cdt)
     if layout.inner > 1:
         mean, m2, invstd = np.empty(C), np.empty(C), np.empty(C)
-        train_planes(x3, y_store, g, b, eps, relu, mean, m2, invstd)
+        _, kw = _shift(x3)
+        scale_w, shift_w = np.empty_like(kw), np.empty_like(kw)
+        train_planes(x3, y_store, kw, g, b, eps, relu, _block(layout, x3.itemsize), mean, m2, invstd,
+                     scale_w, shift_w)
     else:
-        k, dm, m2 = _row_stats(x3, C)
+        k, dm, m2 = _moments(x3, layout)
         invstd = 1.0 / np.sqrt(m2 / n + eps)
         scale = g * invstd
         _apply(x3, y_store, layout, k, scale, b - dm * scale, relu)
         mean = k + dm
     if running is not None:
         update_running(running[0], running[1], mean, m2 / (n - 1), running[2])
-    return y.reshape(layout.shape), mean.astype(cdt), invstd.astype(cdt)
+    return deliver(y, out), mean.astype(cdt), invstd.astype(cdt)
 
 
 @ieee_semantics
-def forward_infer(x, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float, relu: bool):
-    """See ``numpy_backend.forward_infer``."""
+def forward_infer(x, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float, relu: bool,
+                  out=None):
+    """See ``numpy_backend.forward_infer``; y is written into a C-contiguous
+    ``out`` directly."""
     C = layout.channels
     cdt = compute_dtype(x.dtype)
     mean = np.asarray(running_mean, np.float64)
     invstd = 1.0 / np.sqrt(np.asarray(running_var, np.float64) + eps)
     scale = _vec(gamma, C, 1.0) * invstd
-    y, y_store = _out3(layout, x.dtype)
+    y, y_store = _out3(layout, x.dtype, out)
     if C and layout.count:
         _apply(_view3(x, layout), y_store, layout, mean, scale, _vec(beta, C, 0.0), relu)
-    return y.reshape(layout.shape), mean.astype(cdt), invstd.astype(cdt)
+    return deliver(y, out), mean.astype(cdt), invstd.astype(cdt)
 
 
 @ieee_semantics
-def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma):
-    """See ``numpy_backend.backward``."""
+def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None):
+    """See ``numpy_backend.backward``; dx is written into a C-contiguous
+    ``out`` directly."""
     C, n = layout.channels, layout.count
     cdt = compute_dtype(x.dtype)
-    out, out_store = _out3(layout, x.dtype)
+    dx, out_store = _out3(layout, x.dtype, out)
     if C == 0 or n == 0:
-        return out.reshape(layout.shape), np.zeros(C, cdt), np.zeros(C, cdt)
+        return deliver(dx, out), np.zeros(C, cdt), np.zeros(C, cdt)
     x3, dy3 = _view3(x, layout), _view3(dy, layout)
     m, inv, g = np.asarray(mean, np.float64), np.asarray(invstd, np.float64), _vec(gamma, C, 1.0)
+    mw, zero = _work(x3, m, np.zeros(C))
     if layout.inner > 1:
         dgamma, dbeta = np.empty(C), np.empty(C)
-        bwd_planes(dy3, x3, out_store, m, inv, g, dgamma, dbeta)
+        a_w, b_w, c_w = (np.empty_like(mw) for _ in range(3))
+        bwd_planes(dy3, x3, out_store, mw, zero, inv, g, _block(layout, x3.itemsize, 2), dgamma, dbeta,
+                   a_w, b_w, c_w)
     else:
         chunks = _chunks(layout.outer)
         s, t = np.zeros((chunks, C)), np.zeros((chunks, C))
-        mw, zero = _work(x3, m, np.zeros(C))
         row_sums(dy3.reshape(-1, C), zero, x3.reshape(-1, C), mw, s, t)
         dbeta = s.sum(0)
         dgamma = t.sum(0) * inv
         a = g * inv
         b = -a * inv * dgamma / n
         dx_rows(dy3.reshape(-1, C), x3.reshape(-1, C), out_store.reshape(-1, C),
-                *_work(x3, m, a, b, -a * dbeta / n), _tasks(layout.outer))
-    return out.reshape(layout.shape), dgamma.astype(cdt), dbeta.astype(cdt)
+                mw, *_work(x3, a, b, -a * dbeta / n), _tasks(layout.outer))
+    return deliver(dx, out), dgamma.astype(cdt), dbeta.astype(cdt)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..validation import ChannelLayout, compute_dtype
+from .outputs import deliver
 
 name = "numpy"
 
@@ -118,13 +119,14 @@ def channel_stats(x, layout: ChannelLayout):
 
 
 @ieee_semantics
-def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running):
+def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running, out=None):
     """Training forward.
 
     x: input, any shape, float16/32/64; gamma, beta: (C,) or None;
-    running: ``(running_mean, running_var, factor)`` or None, updated in place.
-    Returns ``y`` (shape and dtype of x), ``mean`` and ``invstd`` (C,) in the
-    compute dtype.
+    running: ``(running_mean, running_var, factor)`` or None, updated in place;
+    out: None or a checked buffer for y (``validation.check_out``).
+    Returns ``y`` (shape and dtype of x; ``out`` when given), ``mean`` and
+    ``invstd`` (C,) in the compute dtype.
     """
     xc = _upcast(x)
     n = layout.count
@@ -136,12 +138,12 @@ def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool,
         running_mean, running_var, factor = running
         update_running(running_mean, running_var, mean, m2 / (n - 1), factor)
     cdt = xc.dtype
-    return y, mean.astype(cdt), invstd.astype(cdt)
+    return deliver(y, out), mean.astype(cdt), invstd.astype(cdt)
 
 
 @ieee_semantics
 def forward_infer(x, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float,
-                  relu: bool):
+                  relu: bool, out=None):
     """Inference forward from running statistics (C,).
 
     Returns ``y`` (like x) and the ``mean`` and ``invstd`` used, (C,) in the
@@ -154,16 +156,17 @@ def forward_infer(x, layout: ChannelLayout, running_mean, running_var, gamma, be
     k = mean.astype(xc.dtype)
     d = np.subtract(xc, k.reshape(layout.param_shape))
     y = _finish(d, layout, scale, beta64 - (mean - k) * scale, relu, x.dtype)
-    return y, k, invstd.astype(xc.dtype)
+    return deliver(y, out), k, invstd.astype(xc.dtype)
 
 
 @ieee_semantics
-def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma):
+def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None):
     """Backward of the training forward (before any activation).
 
     dy, x: same shape and dtype; mean, invstd: (C,) saved statistics;
-    gamma: (C,) or None. Returns ``dx`` (like x), ``dgamma`` and ``dbeta``
-    (C,) in the compute dtype.
+    gamma: (C,) or None; out: None or a checked buffer for dx. Returns
+    ``dx`` (like x; ``out`` when given), ``dgamma`` and ``dbeta`` (C,) in
+    the compute dtype.
 
     ``dx = gamma * invstd * (dy - sum(dy)/n - xhat * sum(dy * xhat)/n)``,
     applied as one fused ``dy * a + (x - mean) * b + c`` per channel.
@@ -189,4 +192,4 @@ def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma):
     d += np.multiply(dyc, _per_channel(a, layout, cdt))
     d += _per_channel(c, layout, cdt)
     dx = d if d.dtype == x.dtype else d.astype(x.dtype)
-    return dx, sum_dy_xhat.astype(cdt), sum_dy.astype(cdt)
+    return deliver(dx, out), sum_dy_xhat.astype(cdt), sum_dy.astype(cdt)

@@ -124,6 +124,27 @@ def test_device_arrays_in_place_and_returned_as_device_arrays(rng):
     np.testing.assert_array_equal(d_x.copy_to_host(), x)
 
 
+def test_out_host_and_device(rng):
+    """``out=``: a host buffer for host input, a device array for device
+    input (written by a device-to-device copy), and dx in place into dy."""
+    x = make_input((6, 3, 5), np.float32, rng)
+    dy = make_input(x.shape, np.float32, rng)
+    ref = reference_forward(x)
+    out = np.full_like(x, np.nan)
+    y, saved = bn_forward(x, backend=BACKEND, out=out, return_saved=True)
+    assert y is out
+    assert_close(out, ref[0], np.float32, "y (host out)")
+    d_x, d_out = cuda.to_device(x), cuda.to_device(np.full_like(x, np.nan))
+    assert bn_forward(d_x, backend=BACKEND, out=d_out) is d_out
+    assert_close(d_out.copy_to_host(), ref[0], np.float32, "y (device out)")
+    rdx = reference_backward(dy, x, saved.mean, saved.invstd)[0]
+    dx = bn_backward(dy, x, saved.mean, saved.invstd, backend=BACKEND, out=dy)[0]
+    assert dx is dy
+    assert_close(dy, rdx, np.float32, "dx (in place into dy)", scale=np.abs(rdx).max())
+    with pytest.raises(TypeError, match=f"out must be a {type(d_x).__name__} like x"):
+        bn_forward(d_x, backend=BACKEND, out=out)
+
+
 def test_strided_host_input(rng):
     base = make_input((5, 3, 8), np.float32, rng)
     x = base[:, :, ::2]

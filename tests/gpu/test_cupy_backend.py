@@ -53,3 +53,20 @@ def test_numpy_input_round_trip_and_host_running_stats(rng):
     assert isinstance(y, np.ndarray)
     assert_close(y, ref[0], np.float32, "y")
     assert_close(rm, ref[3], np.float32, "running_mean (host, in place)")
+
+
+def test_out_on_the_gpu(rng):
+    cp = pytest.importorskip("cupy")
+    x = make_input((8, 3, 5, 5), np.float32, rng)
+    dy = make_input(x.shape, np.float32, rng)
+    d_x, d_dy = cp.asarray(x), cp.asarray(dy)
+    out = cp.full(x.shape, cp.nan, cp.float32)
+    y, saved = bn_forward(d_x, backend="cupy", out=out, return_saved=True)
+    assert y is out
+    assert_close(cp.asnumpy(out), reference_forward(x)[0], np.float32, "y (CuPy out)")
+    rdx = reference_backward(dy, x, cp.asnumpy(saved.mean), cp.asnumpy(saved.invstd))[0]
+    dx = bn_backward(d_dy, d_x, saved.mean, saved.invstd, backend="cupy", out=d_dy)[0]
+    assert dx is d_dy
+    assert_close(cp.asnumpy(d_dy), rdx, np.float32, "dx (in place into dy)", scale=np.abs(rdx).max())
+    with pytest.raises(TypeError, match="like x"):
+        bn_forward(d_x, backend="cupy", out=np.zeros(x.shape, np.float32))

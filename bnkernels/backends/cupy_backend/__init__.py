@@ -22,6 +22,7 @@ import numpy as np
 
 from ...validation import ChannelLayout, compute_dtype
 from .. import launch
+from ..outputs import deliver
 from . import plans, sources
 
 name = "cupy"
@@ -155,37 +156,38 @@ def _prepare(x):
     return x, _Device(), compute_dtype(x.dtype), x.device().reshape(-1)
 
 
-def _no_channels(x, dev, acc, xd, layout):
+def _no_channels(x, dev, acc, xd, layout, out):
     """Forward result of an input with C == 0: nothing to normalize."""
     empty = dev.cp.empty(0, acc)
-    return _result(x, xd.reshape(layout.shape).copy()), _result(x, empty), _result(x, empty)
+    return deliver(_result(x, xd.reshape(layout.shape).copy()), out), _result(x, empty), _result(x, empty)
 
 
-def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running):
+def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running, out=None):
     """See ``numpy_backend.forward_train``; kernels: bn_stats + bn_apply."""
     x, dev, acc, xd = _prepare(x)
     if layout.channels == 0:
-        return _no_channels(x, dev, acc, xd, layout)
+        return _no_channels(x, dev, acc, xd, layout, out)
     copy_back = []
     run = _running_pair(running, copy_back) if running is not None else None
-    y, out = plans.run_forward_train(dev, xd, layout, _param(gamma, acc), _param(beta, acc), run, eps, relu)
+    y, stats = plans.run_forward_train(dev, xd, layout, _param(gamma, acc), _param(beta, acc), run, eps, relu)
     _copy_back(copy_back)
-    return _result(x, y.reshape(layout.shape)), _result(x, out["mean"]), _result(x, out["invstd"])
+    return deliver(_result(x, y.reshape(layout.shape)), out), _result(x, stats["mean"]), _result(x, stats["invstd"])
 
 
-def forward_infer(x, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float, relu: bool):
+def forward_infer(x, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float, relu: bool,
+                  out=None):
     """See ``numpy_backend.forward_infer``; kernels: bn_infer_coeffs + bn_apply."""
     x, dev, acc, xd = _prepare(x)
     if layout.channels == 0:
-        return _no_channels(x, dev, acc, xd, layout)
+        return _no_channels(x, dev, acc, xd, layout, out)
     rm, rv = asarray(running_mean), asarray(running_var)
     rdt = np.float64 if np.float64 in (rm.dtype, rv.dtype) else np.float32
-    y, out = plans.run_forward_infer(dev, xd, layout, rm.device(rdt), rv.device(rdt), _param(gamma, acc),
-                                     _param(beta, acc), eps, relu)
-    return _result(x, y.reshape(layout.shape)), _result(x, out["k"]), _result(x, out["invstd"])
+    y, stats = plans.run_forward_infer(dev, xd, layout, rm.device(rdt), rv.device(rdt), _param(gamma, acc),
+                                       _param(beta, acc), eps, relu)
+    return deliver(_result(x, y.reshape(layout.shape)), out), _result(x, stats["k"]), _result(x, stats["invstd"])
 
 
-def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma):
+def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None):
     """See ``numpy_backend.backward``; kernels: bn_bwd_reduce + bn_dx."""
     x, dy = asarray(x), asarray(dy)
     dev = _Device()
@@ -193,11 +195,13 @@ def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma):
     C = layout.channels
     if C == 0 or layout.count == 0:
         zeros = dev.cp.zeros(C, acc)
-        return _result(x, dev.cp.zeros(layout.shape, x.dtype)), _result(x, zeros), _result(x, zeros.copy())
-    result, out = plans.run_backward(dev, dy.device().reshape(-1), x.device().reshape(-1), layout,
+        return (deliver(_result(x, dev.cp.zeros(layout.shape, x.dtype)), out), _result(x, zeros),
+                _result(x, zeros.copy()))
+    result, grads = plans.run_backward(dev, dy.device().reshape(-1), x.device().reshape(-1), layout,
                                      _param(gamma, acc), asarray(mean).device(np.float64),
                                      asarray(invstd).device(np.float64))
-    return _result(x, result.reshape(layout.shape)), _result(x, out["dgamma"]), _result(x, out["dbeta"])
+    dx = deliver(_result(x, result.reshape(layout.shape)), out)
+    return dx, _result(x, grads["dgamma"]), _result(x, grads["dbeta"])
 
 
 def channel_stats(x, layout: ChannelLayout):

@@ -29,6 +29,7 @@ from numba import cuda
 
 from ...validation import ChannelLayout, compute_dtype
 from .. import launch
+from ..outputs import deliver
 from .kernels import get_kernels
 
 name = "numba-cuda"
@@ -200,7 +201,7 @@ def _run_stats(x: Operand, layout: ChannelLayout, gamma, beta, eps: float, runni
     return xd, out
 
 
-def forward_train(x: Operand, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running):
+def forward_train(x: Operand, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running, out=None):
     """See ``numpy_backend.forward_train``; kernels: stats_{planes,rows} + apply
     (2 reads and 1 write of x)."""
     stream = _stream(x)
@@ -210,11 +211,11 @@ def forward_train(x: Operand, layout: ChannelLayout, gamma, beta, eps: float, re
         ep = _elementwise_launch(xd.size)
         get_kernels(_ACC[compute_dtype(x.dtype)]).apply[ep.grid, ep.block, stream](
             xd, y, layout.channels, layout.inner, kk, scale, shift, int(relu))
-    return _like(x, y.reshape(layout.shape), stream), _like(x, mean, stream), _like(x, invstd, stream)
+    return deliver(_like(x, y.reshape(layout.shape), stream), out), _like(x, mean, stream), _like(x, invstd, stream)
 
 
 def forward_infer(x: Operand, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float,
-                  relu: bool):
+                  relu: bool, out=None):
     """See ``numpy_backend.forward_infer``; kernels: infer_coeffs + apply."""
     stream = _stream(x)
     cdt = compute_dtype(x.dtype)
@@ -234,10 +235,10 @@ def forward_infer(x: Operand, layout: ChannelLayout, running_mean, running_var, 
             ep = _elementwise_launch(dx.size)
             k.apply[ep.grid, ep.block, stream](dx, y, C, layout.inner, kk, scale, shift, int(relu))
     y = y.reshape(layout.shape)
-    return _like(x, y, stream), _like(x, kk, stream), _like(x, invstd, stream)
+    return deliver(_like(x, y, stream), out), _like(x, kk, stream), _like(x, invstd, stream)
 
 
-def backward(dy: Operand, x: Operand, layout: ChannelLayout, mean, invstd, gamma):
+def backward(dy: Operand, x: Operand, layout: ChannelLayout, mean, invstd, gamma, out=None):
     """See ``numpy_backend.backward``; kernels: bwd_{planes,rows} + dx."""
     stream = _stream(x)
     cdt = compute_dtype(x.dtype)
@@ -246,7 +247,7 @@ def backward(dy: Operand, x: Operand, layout: ChannelLayout, mean, invstd, gamma
     xd = _to_device(x, stream).reshape(-1)
     dyd = _to_device(dy, stream).reshape(-1)
     dgamma, dbeta, kk, a, b, c = (_empty(C, cdt, stream) for _ in range(6))
-    out = _empty(xd.shape, x.dtype, stream)
+    dx = _empty(xd.shape, x.dtype, stream)
     if C:
         g, has_g = _param(gamma, stream)
         m, s = _to_device(mean, stream), _to_device(invstd, stream)
@@ -256,12 +257,12 @@ def backward(dy: Operand, x: Operand, layout: ChannelLayout, mean, invstd, gamma
             kernel[plan.grid, plan.block, stream](dyd, xd, layout.outer, C, layout.inner, 1.0 / n, has_g, g,
                                                   m, s, dgamma, dbeta, kk, a, b, c, *stages, counters)
             ep = _elementwise_launch(xd.size)
-            k.dx[ep.grid, ep.block, stream](dyd, xd, out, C, layout.inner, kk, a, b, c)
+            k.dx[ep.grid, ep.block, stream](dyd, xd, dx, C, layout.inner, kk, a, b, c)
         else:
             zeros = np.zeros(C, cdt)
             dgamma, dbeta = cuda.to_device(zeros, stream=stream), cuda.to_device(zeros, stream=stream)
-    out = out.reshape(layout.shape)
-    return _like(x, out, stream), _like(x, dgamma, stream), _like(x, dbeta, stream)
+    dx = deliver(_like(x, dx.reshape(layout.shape), stream), out)
+    return dx, _like(x, dgamma, stream), _like(x, dbeta, stream)
 
 
 def channel_stats(x: Operand, layout: ChannelLayout):
