@@ -69,10 +69,10 @@ BYTES_MODEL = (
 )
 
 ALLOCATION_NOTE = (
-    "outputs are not preallocated: no API compared here takes an output buffer (bn_forward and "
-    "bn_backward, textbook NumPy/CuPy and torch.nn.functional.batch_norm all return new arrays), so "
-    "every time includes allocating the outputs, as in real use; only the copy ceiling and the "
-    "same-size copy write into preallocated buffers"
+    "outputs are not preallocated (textbook NumPy/CuPy and torch.nn.functional.batch_norm return new "
+    "arrays, and so do bn_forward and bn_backward unless given out=), so those times include "
+    "allocating the outputs, as in real use; the <backend>+out rows pass a preallocated out= instead, "
+    "as the copy ceiling and the same-size copy write into preallocated buffers"
 )
 
 SAME_SIZE_COPY_NOTE = (
@@ -440,9 +440,17 @@ def textbook_cupy_implementation() -> Implementation:
                           role=TEXTBOOK)
 
 
-def bnkernels_implementation(backend: str, device: str = "cpu") -> Implementation:
+#: Suffix of the implementation names that pass a preallocated ``out=``.
+OUT_SUFFIX = "+out"
+
+
+def bnkernels_implementation(backend: str, device: str = "cpu", preallocated: bool = False) -> Implementation:
     """The public API (``bn_forward``/``bn_backward``) on a named backend;
-    for a GPU backend the inputs are CuPy arrays (results stay on the GPU)."""
+    for a GPU backend the inputs are CuPy arrays (results stay on the GPU).
+    ``preallocated``: y (dx) goes into a buffer allocated once in prepare
+    (``out=``), named ``<backend>+out``: what a training loop that reuses
+    its buffers sees, without the allocation (page faults for large arrays)
+    that every other row includes."""
     from .api import bn_backward, bn_forward
 
     to_dev, to_host = _converters(device)
@@ -450,17 +458,23 @@ def bnkernels_implementation(backend: str, device: str = "cpu") -> Implementatio
     def prepare(op: str, inp: Inputs) -> Runner:
         x, dy, g, b = to_dev(inp.x), to_dev(inp.dy), to_dev(inp.gamma), to_dev(inp.beta)
         axis, eps = inp.axis, inp.eps
+        out = to_dev(np.zeros_like(inp.x)) if preallocated else None  # zeros: the pages are touched
         if op == "train":
-            return lambda: (bn_forward(x, g, b, axis=axis, eps=eps, backend=backend),)
+            return lambda: (bn_forward(x, g, b, axis=axis, eps=eps, backend=backend, out=out),)
         if op == "infer":
             rm, rv = to_dev(inp.running_mean), to_dev(inp.running_var)
             return lambda: (bn_forward(x, g, b, rm, rv, training=False, axis=axis, eps=eps,
-                                       backend=backend),)
+                                       backend=backend, out=out),)
         if op == "backward":
             _, saved = bn_forward(x, g, b, axis=axis, eps=eps, backend=backend, return_saved=True)
-            return lambda: bn_backward(dy, x, saved.mean, saved.invstd, g, axis=axis, backend=backend)
+            return lambda: bn_backward(dy, x, saved.mean, saved.invstd, g, axis=axis, backend=backend,
+                                       out=out)
         raise Unsupported(op)
 
+    if preallocated:
+        return Implementation(backend + OUT_SUFFIX, prepare,
+                              f"bnkernels backend {backend!r} writing into a preallocated out=",
+                              to_host=to_host, device=device)
     return Implementation(backend, prepare, f"bnkernels backend {backend!r}", to_host=to_host,
                           device=device)
 
@@ -539,18 +553,21 @@ def gpu_problem() -> str | None:
 @dataclass(frozen=True)
 class CatalogEntry:
     """One implementation ``bnkernels bench`` knows of: ``make()`` builds it,
-    ``problem`` says why it cannot run here (None: it can)."""
+    ``problem`` says why it cannot run here (None: it can); ``default``:
+    run when ``--backends`` is not given."""
 
     name: str
     device: str
     role: str
     problem: str | None
     make: Callable[[], Implementation | None]
+    default: bool = True
 
 
 def implementation_catalog(torch_threads: int | None = None) -> dict[str, CatalogEntry]:
     """Every implementation name, in report order: bnkernels backends (CPU,
-    then GPU), the textbook baselines, torch on the CPU and on CUDA.
+    then GPU; each also as ``<name>+out``, with a preallocated output, run
+    only when named), the textbook baselines, torch on the CPU and on CUDA.
     Planned backends are listed with the reason they cannot run."""
     from .backends import available_backends
     from .backends.probes import CUDA_EXTRA
@@ -564,6 +581,10 @@ def implementation_catalog(torch_threads: int | None = None) -> dict[str, Catalo
             problem = f"{gpu}; to get it: {CUDA_EXTRA}"
         entries.append(CatalogEntry(s.name, s.device, CANDIDATE, problem,
                                     lambda name=s.name, dev=s.device: bnkernels_implementation(name, dev)))
+        # the same with a preallocated out=, run only when named
+        entries.append(CatalogEntry(s.name + OUT_SUFFIX, s.device, CANDIDATE, problem,
+                                    lambda name=s.name, dev=s.device: bnkernels_implementation(name, dev, True),
+                                    default=False))
     entries.append(CatalogEntry(BASELINE, "cpu", TEXTBOOK, None, lambda: TEXTBOOK_NUMPY))
     entries.append(CatalogEntry("textbook-cupy", "gpu", TEXTBOOK,
                                 None if gpu is None else f"{gpu}; to get it: {CUDA_EXTRA}",

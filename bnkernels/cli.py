@@ -140,7 +140,7 @@ def select_implementations(names: list[str] | None, parser: argparse.ArgumentPar
         if "gpu" in kinds and not any(e.problem is None for e in gpu_candidates):
             why = "; ".join(f"{e.name}: {e.problem}" for e in gpu_candidates)
             parser.error(f"--device {device}: no bnkernels GPU backend is usable here ({why})")
-        chosen = [e for e in catalog.values() if e.device in kinds and e.problem is None]
+        chosen = [e for e in catalog.values() if e.device in kinds and e.problem is None and e.default]
     impls = []
     for e in chosen:
         impl = e.make()  # None: e.g. torch is installed but does not import
@@ -349,9 +349,11 @@ def _print_list() -> int:
     print(_format_table(["name", "dims", "layout", "channel axis"], rows, [False] * 4))
     print()
     print("Implementations (--backends NAME[,NAME...]):")
-    rows = [[e.name, e.device, e.role, "yes" if e.problem is None else f"no: {e.problem}"]
+    rows = [[e.name, e.device, e.role, "yes" if e.default else "when named",
+             "yes" if e.problem is None else f"no: {e.problem}"]
             for e in bm.implementation_catalog().values()]
-    print(_format_table(["name", "device", "role", "usable here"], rows, [False] * 4, free_last=True))
+    print(_format_table(["name", "device", "role", "default", "usable here"], rows, [False] * 5,
+                        free_last=True))
     return EXIT_OK
 
 
@@ -475,9 +477,10 @@ def _add_bench_parser(sub) -> None:
                          help="where to run: auto (the GPU when a bnkernels GPU backend is usable, "
                               "else the CPU; the default), cpu, gpu, or all")
     p_bench.add_argument("--backends", default=None,
-                         help="comma list of implementations: bnkernels backend names, textbook-numpy, "
+                         help="comma list of implementations: bnkernels backend names, the same with "
+                              "+out (writing into a preallocated out=, e.g. numba+out), textbook-numpy, "
                               "textbook-cupy, torch, torch-cuda (default: every usable one on the "
-                              "device; --list shows them)")
+                              "device except the +out ones; --list shows them)")
     p_bench.add_argument("--cold", action="store_true",
                          help="cache-cold timing: rotate through copies of the inputs whose total "
                               "exceeds twice the last-level cache (bounded by a quarter of the memory)")

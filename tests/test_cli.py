@@ -745,7 +745,7 @@ def test_numba_copy_copies_every_dtype(dtype):
 
 def _pytest_bench(tmp_path, *args):
     cmd = [sys.executable, "-m", "pytest", "bench", "--benchmark-only", "-p", "no:cacheprovider",
-           "-k", "tall-skinny and float32 and infer and numpy and not textbook",
+           "-k", "tall-skinny and float32 and infer and numpy and not textbook and not out",
            "--benchmark-max-time=0.02", "--benchmark-min-rounds=2", "--bench-ceiling-mib=8",
            f"--benchmark-storage=file://{tmp_path}/storage", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -798,3 +798,24 @@ def test_cold_timing_uses_a_different_copy_on_each_call(monkeypatch):
     assert timed[11] is inp.x  # the checked (hot) inputs come last
     for b in timed:
         np.testing.assert_array_equal(b, inp.x)
+
+
+# --------------------------------------------------------------------------
+# <backend>+out: the API with a preallocated out=
+# --------------------------------------------------------------------------
+
+def test_out_variants_run_when_named_and_write_into_their_buffer(tmp_path, capsys):
+    data = _run_json(["bench", "--backends", "numpy,numpy+out", "--dtype", "float32", *FAST], tmp_path)
+    rows = [r for r in data["results"] if r["role"] == bm.CANDIDATE]
+    assert {r["implementation"] for r in rows} == {"numpy", "numpy+out"}
+    assert all(r["status"] == "ok" and r["max_err"] <= r["tolerance"] for r in rows)
+    impl = bm.bnkernels_implementation("numpy", preallocated=True)
+    inp = bm.make_inputs(bm.parse_case("4x8x5x5"), np.float32)
+    run = impl.prepare("train", inp)
+    first, second = run()[0], run()[0]
+    assert first is second  # the same preallocated buffer every call
+    parser = build_parser()
+    names = [i.name for i in select_implementations(None, parser, device="cpu")]
+    assert "numpy" in names and not any(n.endswith(bm.OUT_SUFFIX) for n in names)  # not by default
+    assert main(["bench", "--list"]) == 0
+    assert "numpy+out" in capsys.readouterr().out
