@@ -3,19 +3,24 @@
 Kernels work on the canonical view ``(outer, C, inner)`` of a contiguous
 input (other inputs are copied to that layout first):
 
-- channel planes (``inner > 1``, NCHW-like): one parallel task per channel
-  reduces the channel's slab and then normalizes it while the slab is still
-  in cache, so training forward reads x from memory once and writes y once
-  when a channel's slab fits the cache (2 effective passes); backward does
-  the same with x and dy.
-- channel fastest (``inner == 1``): parallel chunks of rows compute
-  per-channel partial sums, a tiny merge, then a parallel apply pass
-  (2 reads + 1 write of x).
+- channel planes (``inner > 1``, NCHW-like) with channels enough for two
+  tasks per thread: one parallel task per block of channels reduces the
+  block's slab and then normalizes it while the slab is still in cache, so
+  training forward reads x from memory once and writes y once when a
+  block's slab fits the cache (2 effective passes); backward does the same
+  with x and dy. A block holds enough channels for contiguous runs of
+  :data:`RUN_BYTES` per outer index (short planes such as 14x14 would
+  otherwise defeat the hardware prefetchers) within :data:`BLOCK_BYTES`.
+- fewer channels than that (e.g. C = 3 on 2 threads), and channel-fastest
+  data (``inner == 1``: NHWC, 2-D): parallel chunks of the outer dimension
+  (rows) compute per-channel partial sums, a tiny merge, then a parallel
+  elementwise pass (2 reads + 1 write of x).
 
 Accuracy: sums are float64 around a shift ``k`` (the channel's first
-value), elementwise work is float64, and outputs are rounded once. float16
-is converted inside the kernels (``numba_half``: F16C instructions where
-the CPU has them, else bit arithmetic; exact both ways).
+value). For float32 and float64 data the differences and the elementwise
+work are float64 and outputs are rounded once; float16 data is converted
+inside the kernels (``numba_half``: F16C instructions where the CPU has
+them, else bit arithmetic; exact both ways) and worked in float32.
 Fast-math is limited to reassociation and contraction, which keeps NaN and
 Inf semantics. Threads: Numba's (``NUMBA_NUM_THREADS``,
 ``numba.set_num_threads``).
@@ -70,18 +75,18 @@ def _times_centered(d, v, kv, idx, c):
 
 
 @njit(**_SERIAL)
-def block_sums(u, ku, v, kv, c0, c1):
-    """``sum(u - ku)`` and ``sum((u - ku) * (v - kv))`` for each channel
-    c0 <= c < c1 of (outer, C, inner) arrays, as two float64 arrays of
-    length c1 - c0. ku, kv (C,) in the working type. With u = x and
+def block_sums(u, ku, v, kv, o0, o1, c0, c1):
+    """``sum(u - ku)`` and ``sum((u - ku) * (v - kv))`` over u[o0:o1, c, :]
+    for each channel c0 <= c < c1 of (outer, C, inner) arrays, as two
+    float64 arrays of length c1 - c0. ku, kv (C,) in the working type. With u = x and
     v = None, ``sum((x - ku)^2)``: the shifted moments; with u = dy, v = x,
     the backward sums. Memory order: one contiguous run of
     (c1 - c0) * inner elements per outer index. (Helpers like this one are
     inlined by LLVM into the parallel kernels.)"""
-    outer, _, inner = u.shape
+    inner = u.shape[2]
     s = np.zeros(c1 - c0)
     t = np.zeros(c1 - c0)
-    for o in range(outer):
+    for o in range(o0, o1):
         for c in range(c0, c1):
             kc = ku[c]
             a = 0.0
@@ -112,11 +117,11 @@ def apply_block(x, y, k, scale, shift, relu, o0, o1, c0, c1):
 
 
 @njit(**_SERIAL)
-def dx_block(dy, x, dx, mean, a, b, cc, c0, c1):
-    """dx = dy * a + (x - mean) * b + cc on channels c0 <= c < c1; the
+def dx_block(dy, x, dx, mean, a, b, cc, o0, o1, c0, c1):
+    """dx = dy * a + (x - mean) * b + cc on x[o0:o1, c0:c1, :]; the
     per-channel values (C,) in the working type."""
-    outer, _, inner = x.shape
-    for o in range(outer):
+    inner = x.shape[2]
+    for o in range(o0, o1):
         for c in range(c0, c1):
             mc, ac, bc, ccc = mean[c], a[c], b[c], cc[c]
             for i in range(inner):
@@ -125,16 +130,24 @@ def dx_block(dy, x, dx, mean, a, b, cc, c0, c1):
 
 
 @njit(**_JIT)
-def plane_stats(x, k, block, s1_out, s2_out):
-    """Per-channel sums of (x - k) and (x - k)^2 of (outer, C, inner) data,
-    one task per block of ``block`` channels."""
-    C = x.shape[1]
-    for j in prange((C + block - 1) // block):
-        c0 = j * block
-        c1 = min(c0 + block, C)
-        s1, s2 = block_sums(x, k, None, None, c0, c1)
-        s1_out[c0:c1] = s1
-        s2_out[c0:c1] = s2
+def plane_sums(u, ku, v, kv, s, t):
+    """Partial ``block_sums`` of (outer, C, inner) arrays over all channels,
+    per chunk of the outer dimension, into s and t (chunks, C): one pass in
+    memory order whatever C (the statistics-only pass, and layouts with too
+    few channels to give every thread its own)."""
+    outer, C, _ = u.shape
+    chunks = s.shape[0]
+    for j in prange(chunks):
+        s[j], t[j] = block_sums(u, ku, v, kv, j * outer // chunks, (j + 1) * outer // chunks, 0, C)
+
+
+@njit(**_JIT)
+def dx_planes(dy, x, dx, mean, a, b, cc, chunks):
+    """``dx_block`` over all of (outer, C, inner) data in ``chunks``
+    parallel tasks over the outer dimension."""
+    outer, C, _ = x.shape
+    for t in prange(chunks):
+        dx_block(dy, x, dx, mean, a, b, cc, t * outer // chunks, (t + 1) * outer // chunks, 0, C)
 
 
 @njit(**_JIT)
@@ -148,7 +161,7 @@ def train_planes(x, y, k, gamma, beta, eps, relu, block, mean_out, m2_out, invst
     for j in prange((C + block - 1) // block):
         c0 = j * block
         c1 = min(c0 + block, C)
-        s1, s2 = block_sums(x, k, None, None, c0, c1)
+        s1, s2 = block_sums(x, k, None, None, 0, outer, c0, c1)
         for c in range(c0, c1):
             dm = s1[c - c0] / n
             m2 = max(s2[c - c0] - s1[c - c0] * dm, 0.0)
@@ -245,7 +258,7 @@ def bwd_planes(dy, x, dx, mean, zero, invstd, gamma, block, dgamma, dbeta, a_w, 
     for j in prange((C + block - 1) // block):
         c0 = j * block
         c1 = min(c0 + block, C)
-        s, t = block_sums(dy, zero, x, mean, c0, c1)
+        s, t = block_sums(dy, zero, x, mean, 0, outer, c0, c1)
         for c in range(c0, c1):
             inv = invstd[c]
             dgamma[c] = t[c - c0] * inv
@@ -254,7 +267,7 @@ def bwd_planes(dy, x, dx, mean, zero, invstd, gamma, block, dgamma, dbeta, a_w, 
             a_w[c] = a
             b_w[c] = -a * inv * dgamma[c] / n
             c_w[c] = -a * s[c - c0] / n
-        dx_block(dy, x, dx, mean, a_w, b_w, c_w, c0, c1)
+        dx_block(dy, x, dx, mean, a_w, b_w, c_w, 0, outer, c0, c1)
 
 
 # --- host side ---------------------------------------------------------------
@@ -312,20 +325,35 @@ def _shift(x3):
     return k, _work(x3, k)[0]
 
 
-def _moments(x3, layout: ChannelLayout):
-    """Per-channel float64 ``k``, ``mean - k`` and M2, for the layouts
-    without a fused training kernel (statistics only, channel-fastest)."""
-    C, n = layout.channels, layout.count
-    k, kw = _shift(x3)
+def _fused(layout: ChannelLayout) -> bool:
+    """Whether the one-task-per-channel-block kernels (statistics and the
+    elementwise pass while the block is in cache) fit the layout: channel
+    planes, and channels enough for two tasks per thread. Otherwise a
+    parallel pass over the outer dimension sums, and another applies."""
+    return layout.inner > 1 and layout.channels >= 2 * numba.get_num_threads()
+
+
+def _sums(u3, ku, v3, kv, layout: ChannelLayout):
+    """Per-channel float64 ``sum(u - ku)`` and ``sum((u - ku) * (v - kv))``
+    (v3 None: the squares) by chunks of the outer dimension (rows for
+    channel-fastest data), then merged here."""
+    C = layout.channels
     if layout.inner == 1:
         chunks = _chunks(layout.outer)
-        s1, s2 = np.zeros((chunks, C)), np.zeros((chunks, C))
-        row_sums(x3.reshape(-1, C), kw, None, None, s1, s2)
-        s1, s2 = s1.sum(0), s2.sum(0)
+        s, t = np.zeros((chunks, C)), np.zeros((chunks, C))
+        row_sums(u3.reshape(-1, C), ku, None if v3 is None else v3.reshape(-1, C), kv, s, t)
     else:
-        s1, s2 = np.empty(C), np.empty(C)
-        plane_stats(x3, kw, _block(layout, x3.itemsize), s1, s2)
-    dm = s1 / n
+        chunks = _tasks(layout.outer)
+        s, t = np.zeros((chunks, C)), np.zeros((chunks, C))
+        plane_sums(u3, ku, v3, kv, s, t)
+    return s.sum(0), t.sum(0)
+
+
+def _moments(x3, layout: ChannelLayout):
+    """Per-channel float64 ``k``, ``mean - k`` and M2 from :func:`_sums`."""
+    k, kw = _shift(x3)
+    s1, s2 = _sums(x3, kw, None, None, layout)
+    dm = s1 / layout.count
     return k, dm, np.maximum(s2 - s1 * dm, 0.0)
 
 
@@ -360,7 +388,7 @@ def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool,
     g, b = _vec(gamma, C, 1.0), _vec(beta, C, 0.0)
     if C == 0:
         return deliver(y, out), np.zeros(0, cdt), np.zeros(0, cdt)
-    if layout.inner > 1:
+    if _fused(layout):
         mean, m2, invstd = np.empty(C), np.empty(C), np.empty(C)
         _, kw = _shift(x3)
         scale_w, shift_w = np.empty_like(kw), np.empty_like(kw)
@@ -405,19 +433,20 @@ def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None):
     x3, dy3 = _view3(x, layout), _view3(dy, layout)
     m, inv, g = np.asarray(mean, np.float64), np.asarray(invstd, np.float64), _vec(gamma, C, 1.0)
     mw, zero = _work(x3, m, np.zeros(C))
-    if layout.inner > 1:
+    if _fused(layout):
         dgamma, dbeta = np.empty(C), np.empty(C)
         a_w, b_w, c_w = (np.empty_like(mw) for _ in range(3))
         bwd_planes(dy3, x3, out_store, mw, zero, inv, g, _block(layout, x3.itemsize, 2), dgamma, dbeta,
                    a_w, b_w, c_w)
     else:
-        chunks = _chunks(layout.outer)
-        s, t = np.zeros((chunks, C)), np.zeros((chunks, C))
-        row_sums(dy3.reshape(-1, C), zero, x3.reshape(-1, C), mw, s, t)
-        dbeta = s.sum(0)
-        dgamma = t.sum(0) * inv
+        dbeta, t = _sums(dy3, zero, x3, mw, layout)
+        dgamma = t * inv
         a = g * inv
         b = -a * inv * dgamma / n
-        dx_rows(dy3.reshape(-1, C), x3.reshape(-1, C), out_store.reshape(-1, C),
-                mw, *_work(x3, a, b, -a * dbeta / n), _tasks(layout.outer))
+        coeffs = (mw, *_work(x3, a, b, -a * dbeta / n))
+        if layout.inner == 1:
+            dx_rows(dy3.reshape(-1, C), x3.reshape(-1, C), out_store.reshape(-1, C), *coeffs,
+                    _tasks(layout.outer))
+        else:
+            dx_planes(dy3, x3, out_store, *coeffs, _tasks(layout.outer))
     return deliver(dx, out), dgamma.astype(cdt), dbeta.astype(cdt)
