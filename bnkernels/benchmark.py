@@ -1170,26 +1170,22 @@ def run_benchmarks(implementations: Sequence[Implementation], cases: Iterable[Ca
     kinds = dict.fromkeys(impl.device for impl in implementations)
     copy_impls = [devices[k].copy_implementation() for k in kinds] if same_size_copy else []
     total = len(dtypes) * len(cases) * (len(copy_impls) + len(ops) * len(implementations))
-    results, i = [], 0
+    results = []
+
+    def measure(impls, op, case, inp, expected):
+        for impl in impls:
+            if progress is not None:
+                progress(len(results) + 1, total, f"{op} {case.label} {inp.x.dtype} {impl.name}")
+            results.append(run_one(impl, op, case, inp, expected, devices[impl.device],
+                                   timing_for(impl.device), cold))
+
     for dtype in dtypes:
         dt = np.dtype(dtype)
         for case in cases:
             inp = make_inputs(case, dt, seed)
-            for impl in copy_impls:
-                i += 1
-                if progress is not None:
-                    progress(i, total, f"{COPY} {case.label} {dt.name} {impl.name}")
-                results.append(run_one(impl, COPY, case, inp, None, devices[impl.device],
-                                       timing_for(impl.device), cold))
+            measure(copy_impls, COPY, case, inp, None)
             for op in ops:
-                expected = reference_outputs(op, inp)
-                for impl in implementations:
-                    i += 1
-                    if progress is not None:
-                        progress(i, total, f"{op} {case.label} {dt.name} {impl.name}")
-                    results.append(run_one(impl, op, case, inp, expected, devices[impl.device],
-                                           timing_for(impl.device), cold))
-                del expected
+                measure(implementations, op, case, inp, reference_outputs(op, inp))
             del inp
     return results
 

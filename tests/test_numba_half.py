@@ -17,24 +17,17 @@ from bnkernels.backends import numba_half as nh  # noqa: E402
 ALL_BITS = np.arange(65536, dtype=np.uint32).astype(np.uint16)
 
 
-def _loader(convert):
+def _elementwise(convert):
+    """A compiled loop ``out[i] = convert(a[i])``, as the kernels call it."""
     @njit
-    def load(bits, out):
-        for i in range(bits.size):
-            out[i] = convert(bits[i])
-    return load
+    def run(a, out):
+        for i in range(a.size):
+            out[i] = convert(a[i])
+    return run
 
 
-def _storer(convert):
-    @njit
-    def store(values, out):
-        for i in range(values.size):
-            out[i] = convert(values[i])
-    return store
-
-
-LOADERS = {"portable": _loader(nh.half_value), "native": _loader(nh.half_to_f32_native)}
-STORERS = {"portable": _storer(nh.half_bits), "native": _storer(nh.f32_to_half_native)}
+LOADERS = {"portable": _elementwise(nh.half_value), "native": _elementwise(nh.half_to_f32_native)}
+STORERS = {"portable": _elementwise(nh.half_bits), "native": _elementwise(nh.f32_to_half_native)}
 
 
 def _needs(kind):

@@ -38,15 +38,20 @@ def test_forward_into_out_equals_a_new_result(backend, shape, axis, dtype, train
     np.testing.assert_array_equal(rv, rv0)
 
 
+def _backward_case(backend, shape, axis, dtype, rng):
+    """x, dy, gamma, the saved statistics, and bn_backward's new arrays."""
+    x = make_input(shape, dtype, rng)
+    dy = make_input(shape, dtype, rng, mean=0.0, std=1.0)
+    gamma, beta = make_params(shape[axis], rng)
+    _, saved = bn_forward(x, gamma, beta, axis=axis, backend=backend, return_saved=True)
+    expected = bn_backward(dy, x, saved.mean, saved.invstd, gamma, axis=axis, backend=backend)
+    return x, dy, gamma, saved, expected
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,axis", CASES)
 def test_backward_into_out_equals_a_new_result(backend, shape, axis, dtype, rng):
-    x = make_input(shape, dtype, rng)
-    dy = make_input(shape, dtype, rng, mean=0.0, std=1.0)
-    C = shape[axis]
-    gamma, beta = make_params(C, rng)
-    _, saved = bn_forward(x, gamma, beta, axis=axis, backend=backend, return_saved=True)
-    expected = bn_backward(dy, x, saved.mean, saved.invstd, gamma, axis=axis, backend=backend)
+    x, dy, gamma, saved, expected = _backward_case(backend, shape, axis, dtype, rng)
     out = _poisoned(x)
     got = bn_backward(dy, x, saved.mean, saved.invstd, gamma, axis=axis, backend=backend, out=out)
     assert got[0] is out
@@ -57,14 +62,11 @@ def test_backward_into_out_equals_a_new_result(backend, shape, axis, dtype, rng)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,axis", CASES)
 def test_in_place(backend, shape, axis, dtype, rng):
-    x = make_input(shape, dtype, rng)
-    dy = make_input(shape, dtype, rng, mean=0.0, std=1.0)
+    x, dy, gamma, saved, (dx_expected, _, _) = _backward_case(backend, shape, axis, dtype, rng)
     expected, _, _ = _forward(backend, x, True, axis=axis)
-    _, saved = bn_forward(x, axis=axis, backend=backend, return_saved=True)
-    dx_expected = bn_backward(dy, x, saved.mean, saved.invstd, axis=axis, backend=backend)[0]
     for name in ("dy", "x"):
         arrays = {"dy": dy.copy(), "x": x.copy()}
-        dx = bn_backward(arrays["dy"], arrays["x"], saved.mean, saved.invstd, axis=axis, backend=backend,
+        dx = bn_backward(arrays["dy"], arrays["x"], saved.mean, saved.invstd, gamma, axis=axis, backend=backend,
                          out=arrays[name])[0]
         assert dx is arrays[name]
         np.testing.assert_array_equal(dx, dx_expected, err_msg=f"in place into {name}")
