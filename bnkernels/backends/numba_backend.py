@@ -57,32 +57,30 @@ def asarray(x):
     return np.asarray(x)
 
 
-# --- kernels -----------------------------------------------------------------
+# --- kernels: helpers ----------------------------------------------------------
 # Elements load through to_work and meet per-channel values of the same
 # working type (float32 for float16 data, float64 otherwise: see numba_half);
 # differences such as x - k are then summed in float64.
 
 def times_centered(d, v, kv, idx, c):
-    """``d * (v[idx] - kv)`` in float64, or ``d * d`` when v is None (a stub:
-    the statistics pass None so that x is loaded once)."""
+    """``d * (v[idx] - kv[c])`` in float64, or ``d * d`` when v is None (a
+    stub: the statistics pass None so that x is loaded once)."""
 
 
 @overload(times_centered, inline="always")
 def _times_centered(d, v, kv, idx, c):
     if isinstance(v, types.NoneType):
         return lambda d, v, kv, idx, c: d * d
-    if isinstance(kv, types.Array):  # one value per channel
-        return lambda d, v, kv, idx, c: d * np.float64(to_work(v[idx]) - kv[c])
-    return lambda d, v, kv, idx, c: d * np.float64(to_work(v[idx]) - kv)
+    return lambda d, v, kv, idx, c: d * np.float64(to_work(v[idx]) - kv[c])
 
 
 @njit(**_SERIAL)
 def block_sums(u, ku, v, kv, o0, o1, c0, c1):
     """``sum(u - ku)`` and ``sum((u - ku) * (v - kv))`` over u[o0:o1, c, :]
     for each channel c0 <= c < c1 of (outer, C, inner) arrays, as two
-    float64 arrays of length c1 - c0. ku, kv (C,) in the working type. With u = x and
-    v = None, ``sum((x - ku)^2)``: the shifted moments; with u = dy, v = x,
-    the backward sums. Memory order: one contiguous run of
+    float64 arrays of length c1 - c0; ku, kv (C,) in the working type.
+    With u = x and v = None: ``sum((x - ku)^2)``, the shifted moments; with
+    u = dy, v = x: the backward sums. Memory order: one contiguous run of
     (c1 - c0) * inner elements per outer index. (Helpers like this one are
     inlined by LLVM into the parallel kernels.)"""
     inner = u.shape[2]
@@ -131,6 +129,8 @@ def dx_block(dy, x, dx, mean, a, b, cc, o0, o1, c0, c1):
                 store(dx, (o, c, i), v)
 
 
+# channel planes (outer, C, inner): fused per block of channels, or passes over outer
+
 @njit(**_JIT)
 def plane_sums(u, ku, v, kv, s, t):
     """Partial ``block_sums`` of (outer, C, inner) arrays over all channels,
@@ -141,15 +141,6 @@ def plane_sums(u, ku, v, kv, s, t):
     chunks = s.shape[0]
     for j in prange(chunks):
         s[j], t[j] = block_sums(u, ku, v, kv, j * outer // chunks, (j + 1) * outer // chunks, 0, C)
-
-
-@njit(**_JIT)
-def dx_planes(dy, x, dx, mean, a, b, cc, chunks):
-    """``dx_block`` over all of (outer, C, inner) data in ``chunks``
-    parallel tasks over the outer dimension."""
-    outer, C, _ = x.shape
-    for t in prange(chunks):
-        dx_block(dy, x, dx, mean, a, b, cc, t * outer // chunks, (t + 1) * outer // chunks, 0, C)
 
 
 @njit(**_JIT)
@@ -178,12 +169,56 @@ def train_planes(x, y, k, gamma, beta, eps, relu, block, mean_out, m2_out, invst
 
 
 @njit(**_JIT)
+def apply(x, y, k, scale, shift, relu, chunks):
+    """y = (x - k) * scale + shift [ReLU] on (outer, C, inner) data, in
+    ``chunks`` parallel tasks over the outer dimension; k, scale, shift (C,)
+    in the working type."""
+    outer, C, _ = x.shape
+    for t in prange(chunks):
+        apply_block(x, y, k, scale, shift, relu, t * outer // chunks, (t + 1) * outer // chunks, 0, C)
+
+
+@njit(**_JIT)
+def bwd_planes(dy, x, dx, mean, zero, invstd, gamma, block, dgamma, dbeta, a_w, b_w, c_w):
+    """Backward of (outer, C, inner) data, one task per block of ``block``
+    channels: the sums, then dx while the block's slabs are in cache.
+    mean, zero (C,) in the working type (zero: zeros); a_w, b_w, c_w (C,):
+    scratch in the working type."""
+    outer, C, inner = x.shape
+    n = outer * inner
+    for j in prange((C + block - 1) // block):
+        c0 = j * block
+        c1 = min(c0 + block, C)
+        s, t = block_sums(dy, zero, x, mean, 0, outer, c0, c1)
+        for c in range(c0, c1):
+            inv = invstd[c]
+            dgamma[c] = t[c - c0] * inv
+            dbeta[c] = s[c - c0]
+            a = gamma[c] * inv
+            a_w[c] = a
+            b_w[c] = -a * inv * dgamma[c] / n
+            c_w[c] = -a * s[c - c0] / n
+        dx_block(dy, x, dx, mean, a_w, b_w, c_w, 0, outer, c0, c1)
+
+
+@njit(**_JIT)
+def dx_planes(dy, x, dx, mean, a, b, cc, chunks):
+    """``dx_block`` over all of (outer, C, inner) data in ``chunks``
+    parallel tasks over the outer dimension."""
+    outer, C, _ = x.shape
+    for t in prange(chunks):
+        dx_block(dy, x, dx, mean, a, b, cc, t * outer // chunks, (t + 1) * outer // chunks, 0, C)
+
+
+# channel fastest (rows, C): NHWC and 2-D data
+
+@njit(**_JIT)
 def row_sums(u, ku, v, kv, s, t):
     """Partial ``sum(u - ku)`` and ``sum((u - ku) * (v - kv))`` per chunk of
     rows of channel-fastest (rows, C) arrays, into s and t (chunks, C); ku,
     kv (C,) in the working type; v = None for ``sum((u - ku)^2)`` (see
-    ``plane_sums``). Four rows at a time, so the partials are
-    loaded and stored once per four elements."""
+    ``block_sums``). Four rows at a time, so the partials are loaded and
+    stored once per four elements."""
     rows, C = u.shape
     chunks = s.shape[0]
     for j in prange(chunks):
@@ -206,16 +241,6 @@ def row_sums(u, ku, v, kv, s, t):
                 d = np.float64(to_work(u[q, c]) - ku[c])
                 s[j, c] += d
                 t[j, c] += times_centered(d, v, kv, (q, c), c)
-
-
-@njit(**_JIT)
-def apply(x, y, k, scale, shift, relu, chunks):
-    """y = (x - k) * scale + shift [ReLU] on (outer, C, inner) data, in
-    ``chunks`` parallel tasks over the outer dimension; k, scale, shift (C,)
-    in the working type."""
-    outer, C, _ = x.shape
-    for t in prange(chunks):
-        apply_block(x, y, k, scale, shift, relu, t * outer // chunks, (t + 1) * outer // chunks, 0, C)
 
 
 @njit(**_JIT)
@@ -247,29 +272,6 @@ def dx_rows(dy, x, dx, mean, a, b, cc, chunks):
             for c in range(C):
                 v = to_work(dy[r, c]) * a[c] + (to_work(x[r, c]) - mean[c]) * b[c] + cc[c]
                 store(dx, (r, c), v)
-
-
-@njit(**_JIT)
-def bwd_planes(dy, x, dx, mean, zero, invstd, gamma, block, dgamma, dbeta, a_w, b_w, c_w):
-    """Backward of (outer, C, inner) data, one task per block of ``block``
-    channels: the sums, then dx while the block's slabs are in cache.
-    mean, zero (C,) in the working type (zero: zeros); a_w, b_w, c_w (C,):
-    scratch in the working type."""
-    outer, C, inner = x.shape
-    n = outer * inner
-    for j in prange((C + block - 1) // block):
-        c0 = j * block
-        c1 = min(c0 + block, C)
-        s, t = block_sums(dy, zero, x, mean, 0, outer, c0, c1)
-        for c in range(c0, c1):
-            inv = invstd[c]
-            dgamma[c] = t[c - c0] * inv
-            dbeta[c] = s[c - c0]
-            a = gamma[c] * inv
-            a_w[c] = a
-            b_w[c] = -a * inv * dgamma[c] / n
-            c_w[c] = -a * s[c - c0] / n
-        dx_block(dy, x, dx, mean, a_w, b_w, c_w, 0, outer, c0, c1)
 
 
 # --- host side ---------------------------------------------------------------
