@@ -33,13 +33,14 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 def info_data() -> dict:
     """What ``bnkernels info --json`` prints: :func:`bnkernels.benchmark.system_info`
     plus ``backends``, a list of ``{name, device, available, implemented, reason,
-    install}``."""
+    install, details}`` (``details``: how a usable backend runs here)."""
     from . import available_backends
+    from .backends import backend_details
 
     data = bm.system_info()
     data["backends"] = [
         {"name": s.name, "device": s.device, "available": s.available, "implemented": s.implemented,
-         "reason": s.reason, "install": s.install}
+         "reason": s.reason, "install": s.install, "details": backend_details(s.name) if s.available else ""}
         for s in available_backends().values()
     ]
     return data
@@ -83,14 +84,14 @@ def _cmd_info(args) -> int:
     rows = []
     for b in data["backends"]:
         if b["available"]:
-            rows.append([b["name"], b["device"], "yes", ""])
+            rows.append([b["name"], b["device"], "yes", b["details"]])
         elif not b["implemented"]:
             rows.append([b["name"], b["device"], "planned", "not in this release"
                          + ("" if "not implemented" in b["reason"] else f" (and here: {b['reason']})")])
         else:
             rows.append([b["name"], b["device"], "no", f"why: {b['reason']}"])
             rows.append(["", "", "", f"to get it: {b['install']}"])
-    print(_format_table(["backend", "device", "usable", "why not / what to install"], rows,
+    print(_format_table(["backend", "device", "usable", "details / why not / what to install"], rows,
                         [False] * 4, free_last=True))
     return EXIT_OK
 

@@ -819,3 +819,19 @@ def test_out_variants_run_when_named_and_write_into_their_buffer(tmp_path, capsy
     assert "numpy" in names and not any(n.endswith(bm.OUT_SUFFIX) for n in names)  # not by default
     assert main(["bench", "--list"]) == 0
     assert "numpy+out" in capsys.readouterr().out
+
+
+def test_info_says_how_numba_runs_here(capsys):
+    if not HAVE_NUMBA:
+        pytest.skip("numba is not installed")
+    import numba
+
+    from bnkernels.backends import numba_half
+
+    data = _info_json(capsys)
+    details = next(b for b in data["backends"] if b["name"] == "numba")["details"]
+    assert f"{numba.get_num_threads()} threads" in details
+    assert ("F16C" in details) == numba_half.NATIVE_HALF
+    assert next(b for b in data["backends"] if b["name"] == "numpy")["details"] == ""
+    assert main(["info"]) == 0
+    assert details in capsys.readouterr().out

@@ -96,6 +96,13 @@ def available_backends() -> dict[str, BackendStatus]:
     return out
 
 
+def backend_details(name: str) -> str:
+    """What a usable backend says of how it runs here (its module's
+    ``describe()``, e.g. threads), or "" when it has nothing to say."""
+    describe = getattr(_load(_BY_NAME[name]), "describe", None)
+    return describe() if describe is not None else ""
+
+
 def is_device_array(x) -> bool:
     """True for arrays that live on a CUDA device (CuPy, Numba, torch CUDA)."""
     return hasattr(x, "__cuda_array_interface__")

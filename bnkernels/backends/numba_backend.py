@@ -33,7 +33,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from ..validation import ChannelLayout, compute_dtype
-from .numba_half import store, to_work, work_value
+from .numba_half import NATIVE_HALF, store, to_work, work_value
 from .numpy_backend import ieee_semantics, update_running
 from .outputs import deliver
 
@@ -55,6 +55,13 @@ BLOCK_BYTES = 4 << 20
 
 def asarray(x):
     return np.asarray(x)
+
+
+def describe() -> str:
+    """How the kernels run here: threads and the float16 conversion."""
+    half = "F16C instructions" if NATIVE_HALF else "bit arithmetic (no F16C)"
+    return (f"{numba.get_num_threads()} threads (NUMBA_NUM_THREADS, numba.set_num_threads); "
+            f"float16 converted by {half}")
 
 
 # --- kernels: helpers ----------------------------------------------------------
