@@ -107,3 +107,19 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_float16_sums_ask_for_wide_vectors_and_float32_ones_do_not():
+    @njit
+    def total(a):
+        nh.prefer_wide_vectors_for(a)
+        s = 0.0
+        for i in range(a.size):
+            s += a[i]
+        return s
+
+    for dtype, wide in ((np.uint16, True), (np.float32, False), (np.float64, False)):
+        a = np.arange(10).astype(dtype)
+        assert total(a) == 45.0
+        ir = total.inspect_llvm(total.signatures[-1])
+        assert ('"prefer-vector-width"="512"' in ir) == wide, dtype

@@ -33,7 +33,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from ..validation import ChannelLayout, compute_dtype
-from .numba_half import NATIVE_HALF, store, to_work, work_value
+from .numba_half import NATIVE_HALF, prefer_wide_vectors_for, store, to_work, work_value
 from .numpy_backend import ieee_semantics, update_running
 from .outputs import deliver
 
@@ -90,6 +90,7 @@ def block_sums(u, ku, v, kv, o0, o1, c0, c1):
     u = dy, v = x: the backward sums. Memory order: one contiguous run of
     (c1 - c0) * inner elements per outer index. (Helpers like this one are
     inlined by LLVM into the parallel kernels.)"""
+    prefer_wide_vectors_for(u)
     inner = u.shape[2]
     s = np.zeros(c1 - c0)
     t = np.zeros(c1 - c0)
@@ -229,6 +230,7 @@ def row_sums(u, ku, v, kv, s, t):
     rows, C = u.shape
     chunks = s.shape[0]
     for j in prange(chunks):
+        prefer_wide_vectors_for(u)
         lo = j * rows // chunks
         hi = (j + 1) * rows // chunks
         r = lo

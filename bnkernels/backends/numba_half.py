@@ -45,6 +45,27 @@ NATIVE_HALF = _compile_target_has_f16c()
 # --- native: LLVM half --------------------------------------------------------
 
 @intrinsic
+def prefer_wide_vectors_for(typingctx, a):
+    """In a function that sums float16 array ``a`` (its uint16 bits), ask
+    LLVM to vectorize 512 bits wide where the CPU can (it prefers 256 bits
+    on AVX-512 Intel CPUs). float16 sums convert and accumulate in float64
+    and are compute-bound: 8 float64 lanes instead of 4 made resnet-56
+    float16 training 1.16 -> 0.79 ms and backward 1.56 -> 1.27 ms here. For
+    float32 and float64 data it does nothing (it made float32 slower).
+    Emits no code. llvmlite has no API for string attributes, so the
+    attribute is added to the set it writes; if that ever fails, the code
+    is simply vectorized 256 bits wide."""
+    def codegen(context, builder, signature, args):
+        if _is_half(signature.args[0].dtype):
+            try:
+                set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+            except Exception:  # pragma: no cover - a llvmlite that keeps attributes otherwise
+                pass
+        return context.get_dummy_value()
+    return types.none(a), codegen
+
+
+@intrinsic
 def half_to_f32_native(typingctx, h):
     """float16 bits (uint16) -> float32 value by LLVM ``fpext half``."""
     def codegen(context, builder, signature, args):
