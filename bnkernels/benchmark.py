@@ -896,9 +896,11 @@ class CpuDevice:
         """The same-size copy reference (:data:`COPY`): x copied into a
         preallocated buffer of its size by the fastest copy available here:
         :func:`numba_copy` when numba is installed, else ``np.copyto`` on
-        :attr:`threads` threads, sliced as the ceiling is
+        one thread or on :attr:`threads` threads, sliced as the ceiling is
         (:func:`sliced_copy`; one thread pool, kept by this device, serves
-        every prepared copy)."""
+        every prepared copy), whichever of the two was faster on three
+        calls (a pool's hand-offs cost more than they save on small
+        arrays)."""
         use_numba = _numba_copy_kernel() is not None
         if not use_numba and self._pool is None and self.threads > 1:
             self._pool = ThreadPoolExecutor(max_workers=self.threads)
@@ -908,17 +910,20 @@ class CpuDevice:
             if op != COPY:
                 raise Unsupported(op)
             dst = np.empty_like(inp.x)
-            run = numba_copy(dst, inp.x) if use_numba else sliced_copy(dst, inp.x, pool, threads)
-            run()  # fault the destination's pages in: a preallocated buffer is a used one
-            return run
+            if use_numba:
+                run = numba_copy(dst, inp.x)
+                run()  # fault the destination's pages in: a preallocated buffer is a used one
+                return run
+            tries = [sliced_copy(dst, inp.x)] + ([sliced_copy(dst, inp.x, pool, threads)] if pool else [])
+            return min(tries, key=lambda fn: min(time_calls(fn, 3, 1)))  # the warm-up faults dst in
 
         if use_numba:
             return Implementation("numba-copy", prepare,
                                   "a Numba parallel loop copying x into a preallocated buffer",
                                   role=COPY, checked=False)
         return Implementation("np.copyto", prepare,
-                              f"np.copyto of x into a preallocated buffer, {threads} thread(s)",
-                              role=COPY, checked=False)
+                              f"np.copyto of x into a preallocated buffer, on 1 or {threads} threads "
+                              "(the faster)", role=COPY, checked=False)
 
 
 class CudaDevice:

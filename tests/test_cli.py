@@ -835,3 +835,30 @@ def test_info_says_how_numba_runs_here(capsys):
     assert next(b for b in data["backends"] if b["name"] == "numpy")["details"] == ""
     assert main(["info"]) == 0
     assert details in capsys.readouterr().out
+
+
+def test_cpu_copy_without_numba_is_np_copyto_and_copies(monkeypatch):
+    monkeypatch.setattr(bm, "_numba_copy_kernel", lambda: None)  # as if numba were not installed
+    made = []  # the destinations the real sliced_copy is given, and its runners
+
+    def recording(dst, src, pool=None, threads=1):
+        run = real(dst, src, pool, threads)
+        made.append((dst, run))
+        return run
+
+    real = bm.sliced_copy
+    monkeypatch.setattr(bm, "sliced_copy", recording)
+    device = bm.CpuDevice()
+    impl = device.copy_implementation()
+    assert impl.name == "np.copyto" and impl.role == bm.COPY and not impl.checked
+    for shape in [(7,), (3, 1000, 17)]:
+        made.clear()
+        inp = bm.make_inputs(bm.Case(shape, 0 if len(shape) == 1 else 1), np.float32)
+        run = impl.prepare(bm.COPY, inp)
+        assert len(made) == (2 if device.threads > 1 else 1)  # one thread and all of them were tried
+        (dst,) = [d for d, r in made if r is run]  # the chosen one
+        dst[...] = np.nan
+        run()
+        np.testing.assert_array_equal(dst, inp.x)
+    with pytest.raises(bm.Unsupported):
+        impl.prepare("train", inp)
