@@ -39,7 +39,9 @@ from .outputs import deliver
 
 name = "numba"
 
-_JIT = dict(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True)
+# error_model="numpy": a division by zero gives Inf/NaN as everywhere else
+# in bnkernels (eps=0 on a constant channel), never a ZeroDivisionError.
+_JIT = dict(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True, error_model="numpy")
 #: helpers called inside the parallel kernels (LLVM inlines them)
 _SERIAL = dict(_JIT, parallel=False)
 #: rows of a chunk of channel-fastest data handled by one task
@@ -137,6 +139,36 @@ def dx_block(dy, x, dx, mean, a, b, cc, o0, o1, c0, c1):
                 store(dx, (o, c, i), v)
 
 
+@njit(**_SERIAL)
+def finish_stats(s1, s2, n, eps, k, gamma, beta, mean, m2, invstd, scale, shift):
+    """Per channel, from s1 = sum(x - k) and s2 = sum((x - k)^2) over n
+    values: ``mean``, ``m2`` and ``invstd`` (float64), and the apply
+    coefficients ``scale = gamma * invstd`` and ``shift = beta - (mean - k)
+    * scale``. Outputs are written in place; all arrays have one length
+    (a block's slices inside a kernel, all channels on the host)."""
+    for j in range(s1.size):
+        dm = s1[j] / n
+        m2[j] = max(s2[j] - s1[j] * dm, 0.0)
+        invstd[j] = 1.0 / np.sqrt(m2[j] / n + eps)
+        scale[j] = gamma[j] * invstd[j]
+        shift[j] = beta[j] - dm * scale[j]
+        mean[j] = np.float64(k[j]) + dm
+
+
+@njit(**_SERIAL)
+def backward_coeffs(s, t, n, invstd, gamma, dgamma, dbeta, a, b, cc):
+    """Per channel, from s = sum(dy) and t = sum(dy * (x - mean)) over n
+    values: ``dgamma = t * invstd``, ``dbeta = s`` and the dx coefficients
+    of ``dx = dy * a + (x - mean) * b + cc``. Outputs are written in place;
+    all arrays have one length."""
+    for j in range(s.size):
+        dgamma[j] = t[j] * invstd[j]
+        dbeta[j] = s[j]
+        a[j] = gamma[j] * invstd[j]
+        b[j] = -a[j] * invstd[j] * dgamma[j] / n
+        cc[j] = -a[j] * s[j] / n
+
+
 # channel planes (outer, C, inner): fused per block of channels, or passes over outer
 
 @njit(**_JIT)
@@ -163,16 +195,8 @@ def train_planes(x, y, k, gamma, beta, eps, relu, block, mean_out, m2_out, invst
         c0 = j * block
         c1 = min(c0 + block, C)
         s1, s2 = block_sums(x, k, None, None, 0, outer, c0, c1)
-        for c in range(c0, c1):
-            dm = s1[c - c0] / n
-            m2 = max(s2[c - c0] - s1[c - c0] * dm, 0.0)
-            invstd = 1.0 / np.sqrt(m2 / n + eps)
-            scale = gamma[c] * invstd
-            scale_w[c] = scale
-            shift_w[c] = beta[c] - dm * scale
-            mean_out[c] = np.float64(k[c]) + dm
-            m2_out[c] = m2
-            invstd_out[c] = invstd
+        finish_stats(s1, s2, n, eps, k[c0:c1], gamma[c0:c1], beta[c0:c1], mean_out[c0:c1], m2_out[c0:c1],
+                     invstd_out[c0:c1], scale_w[c0:c1], shift_w[c0:c1])
         apply_block(x, y, k, scale_w, shift_w, relu, 0, outer, c0, c1)
 
 
@@ -198,14 +222,8 @@ def bwd_planes(dy, x, dx, mean, zero, invstd, gamma, block, dgamma, dbeta, a_w, 
         c0 = j * block
         c1 = min(c0 + block, C)
         s, t = block_sums(dy, zero, x, mean, 0, outer, c0, c1)
-        for c in range(c0, c1):
-            inv = invstd[c]
-            dgamma[c] = t[c - c0] * inv
-            dbeta[c] = s[c - c0]
-            a = gamma[c] * inv
-            a_w[c] = a
-            b_w[c] = -a * inv * dgamma[c] / n
-            c_w[c] = -a * s[c - c0] / n
+        backward_coeffs(s, t, n, invstd[c0:c1], gamma[c0:c1], dgamma[c0:c1], dbeta[c0:c1], a_w[c0:c1],
+                        b_w[c0:c1], c_w[c0:c1])
         dx_block(dy, x, dx, mean, a_w, b_w, c_w, 0, outer, c0, c1)
 
 
@@ -362,12 +380,15 @@ def _sums(u3, ku, v3, kv, layout: ChannelLayout):
     return s.sum(0), t.sum(0)
 
 
-def _moments(x3, layout: ChannelLayout):
-    """Per-channel float64 ``k``, ``mean - k`` and M2 from :func:`_sums`."""
+def _stats(x3, layout: ChannelLayout, gamma, beta, eps: float):
+    """The statistics pass without a fused kernel: float64 ``k`` and the
+    ``finish_stats`` outputs (mean, m2, invstd, scale, shift), from
+    :func:`_sums`."""
     k, kw = _shift(x3)
     s1, s2 = _sums(x3, kw, None, None, layout)
-    dm = s1 / layout.count
-    return k, dm, np.maximum(s2 - s1 * dm, 0.0)
+    out = tuple(np.empty(layout.channels) for _ in range(5))
+    finish_stats(s1, s2, layout.count, eps, k, gamma, beta, *out)
+    return (k, *out)
 
 
 def _apply(x3, y3, layout: ChannelLayout, k, scale, shift, relu):
@@ -386,8 +407,9 @@ def channel_stats(x, layout: ChannelLayout):
     if layout.count == 0 or layout.channels == 0:
         z = np.zeros(layout.channels)
         return z, z.copy()
-    k, dm, m2 = _moments(_view3(x, layout), layout)
-    return k + dm, m2
+    C = layout.channels  # gamma, beta and eps do not matter: only mean and m2 are used
+    _, mean, m2, _, _, _ = _stats(_view3(x, layout), layout, np.ones(C), np.zeros(C), 1.0)
+    return mean, m2
 
 
 @ieee_semantics
@@ -408,11 +430,8 @@ def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool,
         train_planes(x3, y_store, kw, g, b, eps, relu, _block(layout, x3.itemsize), mean, m2, invstd,
                      scale_w, shift_w)
     else:
-        k, dm, m2 = _moments(x3, layout)
-        invstd = 1.0 / np.sqrt(m2 / n + eps)
-        scale = g * invstd
-        _apply(x3, y_store, layout, k, scale, b - dm * scale, relu)
-        mean = k + dm
+        k, mean, m2, invstd, scale, shift = _stats(x3, layout, g, b, eps)
+        _apply(x3, y_store, layout, k, scale, shift, relu)
     if running is not None:
         update_running(running[0], running[1], mean, m2 / (n - 1), running[2])
     return deliver(y, out), mean.astype(cdt), invstd.astype(cdt)
@@ -452,11 +471,10 @@ def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None):
         bwd_planes(dy3, x3, out_store, mw, zero, inv, g, _block(layout, x3.itemsize, 2), dgamma, dbeta,
                    a_w, b_w, c_w)
     else:
-        dbeta, t = _sums(dy3, zero, x3, mw, layout)
-        dgamma = t * inv
-        a = g * inv
-        b = -a * inv * dgamma / n
-        coeffs = (mw, *_work(x3, a, b, -a * dbeta / n))
+        s, t = _sums(dy3, zero, x3, mw, layout)
+        dgamma, dbeta, a, b, cc = (np.empty(C) for _ in range(5))
+        backward_coeffs(s, t, n, inv, g, dgamma, dbeta, a, b, cc)
+        coeffs = (mw, *_work(x3, a, b, cc))
         if layout.inner == 1:
             dx_rows(dy3.reshape(-1, C), x3.reshape(-1, C), out_store.reshape(-1, C), *coeffs,
                     _tasks(layout.outer))
