@@ -214,10 +214,15 @@ def check_training_count(layout: ChannelLayout, name: str = "x") -> None:
         )
 
 
+def _interface(a):
+    """An array's NumPy or CUDA array interface dict, or None."""
+    return getattr(a, "__array_interface__", None) or getattr(a, "__cuda_array_interface__", None)
+
+
 def _byte_extent(a):
     """``(lo, hi)``: the byte addresses an array can touch, from its NumPy
     or CUDA array interface; None when it has neither."""
-    iface = getattr(a, "__array_interface__", None) or getattr(a, "__cuda_array_interface__", None)
+    iface = _interface(a)
     if iface is None:
         return None
     start, shape = iface["data"][0], tuple(iface["shape"])
@@ -233,8 +238,7 @@ def _byte_extent(a):
 
 
 def _same_view(a, b) -> bool:
-    ia = getattr(a, "__array_interface__", None) or getattr(a, "__cuda_array_interface__", None)
-    ib = getattr(b, "__array_interface__", None) or getattr(b, "__cuda_array_interface__", None)
+    ia, ib = _interface(a), _interface(b)
     return (ia["data"][0], tuple(ia["shape"]), ia.get("strides")) == (
         ib["data"][0], tuple(ib["shape"]), ib.get("strides"))
 
