@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import validation as v
-from .backends import resolve
+from .backends import is_device_array, resolve
 
 
 @dataclass(frozen=True)
@@ -96,9 +96,10 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
         BackendUnavailableError: a named backend cannot run here.
     """
     impl = resolve(backend, x)
-    given = x
-    x = v.check_input(impl.asarray(x))
-    out = v.check_out(out, given, {"x": given})
+    on_device = is_device_array(x)
+    given = {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean, "running_var": running_var}
+    x = v.check_input(v.convert(x, "x", impl.asarray))
+    out, out_view = v.check_out(out, x, given["x"])
     layout = v.channel_layout(x.shape, axis)
     training = v.check_flag(training, "training")
     return_saved = v.check_flag(return_saved, "return_saved")
@@ -107,25 +108,37 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
     beta = v.check_per_channel(beta, "beta", C, asarray=impl.asarray)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (or both None)")
-    running_mean = v.check_per_channel(running_mean, "running_mean", C, dtypes=v.RUNNING_DTYPES,
-                                       writable=training)
-    running_var = v.check_per_channel(running_var, "running_var", C, dtypes=v.RUNNING_DTYPES,
-                                      writable=training)
+    if training:  # updated in place: the caller's memory, never a copy
+        running_mean = v.writable_view(running_mean, "running_mean", on_device=on_device)
+        running_var = v.writable_view(running_var, "running_var", on_device=on_device)
+    stats_asarray = None if training else impl.asarray
+    running_mean = v.check_per_channel(running_mean, "running_mean", C, asarray=stats_asarray,
+                                       dtypes=v.RUNNING_DTYPES)
+    running_var = v.check_per_channel(running_var, "running_var", C, asarray=stats_asarray,
+                                      dtypes=v.RUNNING_DTYPES)
     momentum = v.check_momentum(momentum)
     eps = v.check_eps(eps)
     relu = v.check_activation(activation)
+    factor = v.running_factor(momentum, num_batches_tracked, used=training and running_mean is not None)
+    arrays = {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean, "running_var": running_var}
+    memory = {name: v.memory_of(a, given[name]) for name, a in arrays.items()}
+    stats = ("running_mean", "running_var")
+    written = {name: memory[name] for name in stats} if training else {}
+    v.check_aliasing({"out": out_view, **written},
+                     {name: m for name, m in memory.items() if name not in written}, in_place=("x",))
 
     if training:
         v.check_training_count(layout)
-        running = None
-        if running_mean is not None:
-            running = (running_mean, running_var, v.running_factor(momentum, num_batches_tracked))
-        y, mean, invstd = impl.forward_train(x, layout, gamma, beta, eps, relu, running, out)
+        running = None if running_mean is None else (running_mean, running_var, factor)
+        y, mean, invstd = impl.forward_train(x, layout, gamma, beta, eps, relu, running, out_view)
     else:
         if running_mean is None:
             raise ValueError("inference (training=False) normalizes with the running statistics: "
                              "pass running_mean and running_var")
-        y, mean, invstd = impl.forward_infer(x, layout, running_mean, running_var, gamma, beta, eps, relu, out)
+        y, mean, invstd = impl.forward_infer(x, layout, running_mean, running_var, gamma, beta, eps, relu,
+                                             out_view)
+    if out is not None:
+        y = out  # the caller's object (its memory holds the result)
     if return_saved:
         return y, SavedStats(mean, invstd)
     return y
@@ -152,17 +165,23 @@ def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, backend=
         float64 input). They are returned even when ``gamma`` is None.
     """
     impl = resolve(backend, x)
-    given = {"dy": dy, "x": x}
-    x = v.check_input(impl.asarray(x))
-    dy = v.check_input(impl.asarray(dy), "dy")
+    given = {"dy": dy, "x": x, "saved_mean": saved_mean, "saved_invstd": saved_invstd, "gamma": gamma}
+    x = v.check_input(v.convert(x, "x", impl.asarray))
+    dy = v.check_input(v.convert(dy, "dy", impl.asarray), "dy")
     v.check_same_shape(dy, x)
-    out = v.check_out(out, given["x"], given)
+    out, out_view = v.check_out(out, x, given["x"])
     layout = v.channel_layout(x.shape, axis)
     C = layout.channels
-    saved_mean = v.check_per_channel(saved_mean, "saved_mean", C, asarray=impl.asarray)
-    saved_invstd = v.check_per_channel(saved_invstd, "saved_invstd", C, asarray=impl.asarray)
+    need = "pass saved.mean and saved.invstd from bn_forward(..., return_saved=True)"
+    saved_mean = v.check_per_channel(saved_mean, "saved_mean", C, asarray=impl.asarray, required=need)
+    saved_invstd = v.check_per_channel(saved_invstd, "saved_invstd", C, asarray=impl.asarray,
+                                       required=need)
     gamma = v.check_per_channel(gamma, "gamma", C, asarray=impl.asarray)
-    return impl.backward(dy, x, layout, saved_mean, saved_invstd, gamma, out)
+    arrays = {"dy": dy, "x": x, "saved_mean": saved_mean, "saved_invstd": saved_invstd, "gamma": gamma}
+    v.check_aliasing({"out": out_view}, {name: v.memory_of(a, given[name]) for name, a in arrays.items()},
+                     in_place=("dy", "x"))
+    dx, dgamma, dbeta = impl.backward(dy, x, layout, saved_mean, saved_invstd, gamma, out_view)
+    return (dx if out is None else out), dgamma, dbeta
 
 
 def channel_stats(x, *, axis=1, backend="auto") -> ChannelStats:
@@ -178,7 +197,7 @@ def channel_stats(x, *, axis=1, backend="auto") -> ChannelStats:
         :class:`ChannelStats` with float64 ``mean`` and ``m2`` of shape (C,).
     """
     impl = resolve(backend, x)
-    x = v.check_input(impl.asarray(x))
+    x = v.check_input(v.convert(x, "x", impl.asarray))
     layout = v.channel_layout(x.shape, axis)
     mean, m2 = impl.channel_stats(x, layout)
     return ChannelStats(layout.count, mean, m2)

@@ -7,6 +7,7 @@ import numpy as np
 
 from . import validation as v
 from .api import bn_backward, bn_forward
+from .backends import check_backend_name
 
 
 class BatchNorm:
@@ -32,28 +33,40 @@ class BatchNorm:
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  axis=1, dtype=np.float32, backend="auto"):
-        if isinstance(num_features, (bool, np.bool_)) or not isinstance(num_features, numbers.Integral) \
-                or num_features < 1:
+        if isinstance(num_features, (bool, np.bool_)) or not isinstance(num_features, numbers.Integral):
+            raise TypeError(f"num_features must be a positive int, got {type(num_features).__name__}")
+        if num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        dtype = np.dtype(dtype)
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
         if dtype not in v.RUNNING_DTYPES:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
         if not isinstance(axis, numbers.Integral) or isinstance(axis, (bool, np.bool_)):
             raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+        check_backend_name(backend)
         self.num_features = int(num_features)
         self.eps = v.check_eps(eps)
         self.momentum = v.check_momentum(momentum)
         self.axis = int(axis)
         self.dtype = dtype
         self.backend = backend
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
+        affine = v.check_flag(affine, "affine")
+        #: Read on every call, as in PyTorch: False after construction stops
+        #: the updates in training (eval still uses existing statistics).
+        self.track_running_stats = v.check_flag(track_running_stats, "track_running_stats")
         self.gamma = np.ones(num_features, dtype) if affine else None
         self.beta = np.zeros(num_features, dtype) if affine else None
         self.reset_running_stats()
         self.training = True
         self.grad_gamma = self.grad_beta = None
         self._saved = None  # (x, SavedStats) of the last batch-statistics forward
+
+    @property
+    def affine(self) -> bool:
+        """Whether the layer has ``gamma`` and ``beta`` (chosen at construction)."""
+        return self.gamma is not None
 
     def reset_running_stats(self) -> None:
         """Running mean 0, running var 1, batch count 0."""
@@ -71,23 +84,36 @@ class BatchNorm:
     def eval(self) -> "BatchNorm":
         return self.train(False)
 
-    def _uses_batch_stats(self) -> bool:
-        return self.training or self.running_mean is None
+    def _check_channels(self, x) -> None:
+        """The layer's own message for an input of the wrong channel count
+        (bn_forward would blame gamma, which the caller never passed)."""
+        shape = np.shape(x)
+        layout = v.channel_layout(shape, self.axis)
+        if layout.channels != self.num_features:
+            raise ValueError(f"BatchNorm({self.num_features}) expects {self.num_features} channels along axis "
+                             f"{self.axis} of x, got x of shape {tuple(shape)} with {layout.channels}")
 
     def forward(self, x):
         """Normalize ``x`` (channels on ``self.axis``); returns y like x.
 
-        Training mode updates the running statistics and remembers what
-        :meth:`backward` needs.
+        As in PyTorch: training normalizes with the batch statistics and,
+        while ``track_running_stats`` is true and running statistics exist,
+        updates them; eval mode normalizes with the running statistics when
+        they exist, else with the batch's. A batch-statistics forward
+        remembers what :meth:`backward` needs.
         """
-        batch = self._uses_batch_stats()
-        update = self.training and self.running_mean is not None
+        self._check_channels(x)
+        have_running = self.running_mean is not None
+        batch = self.training or not have_running
+        update = self.training and self.track_running_stats and have_running
+        use_running = update or not batch
         y, saved = bn_forward(
             x, self.gamma, self.beta,
-            self.running_mean if (update or not batch) else None,
-            self.running_var if (update or not batch) else None,
+            self.running_mean if use_running else None,
+            self.running_var if use_running else None,
             training=batch, momentum=self.momentum, eps=self.eps, axis=self.axis,
-            backend=self.backend, return_saved=True, num_batches_tracked=self.num_batches_tracked)
+            backend=self.backend, return_saved=True,
+            num_batches_tracked=self.num_batches_tracked if update else None)
         if update:
             self.num_batches_tracked += 1
         self._saved = (x, saved) if batch else None
@@ -118,7 +144,7 @@ class BatchNorm:
         (keys ``gamma``, ``beta``, ``running_mean``, ``running_var``,
         ``num_batches_tracked``; absent ones are left out)."""
         state = {k: getattr(self, k).copy() for k in self._STATE_KEYS if getattr(self, k) is not None}
-        if self.track_running_stats:
+        if self.running_mean is not None:
             state["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
         return state
 
@@ -126,7 +152,7 @@ class BatchNorm:
         """Load arrays saved by :meth:`state_dict` (validated before anything
         changes; values are copied into this layer's dtype)."""
         expected = {k for k in self._STATE_KEYS if getattr(self, k) is not None}
-        if self.track_running_stats:
+        if self.running_mean is not None:
             expected.add("num_batches_tracked")
         if set(state) != expected:
             raise ValueError(f"state keys {sorted(state)} do not match this layer's {sorted(expected)}")
@@ -139,7 +165,7 @@ class BatchNorm:
                 if arr.shape != (self.num_features,):
                     raise ValueError(f"{k} must have shape ({self.num_features},), got {arr.shape}")
                 new[k] = arr.astype(self.dtype, copy=True)
-        if self.track_running_stats:
+        if "num_batches_tracked" in expected:
             nbt = np.asarray(state["num_batches_tracked"])
             if nbt.shape != () or nbt.dtype.kind not in "iu" or nbt < 0:
                 raise ValueError(f"num_batches_tracked must be a non-negative integer scalar, got {nbt!r}")

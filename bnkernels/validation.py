@@ -88,6 +88,62 @@ def _describe(value) -> str:
     return type(value).__name__
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def reject_masked(a, name: str) -> None:
+    """Masks are not supported yet: a masked array would silently be used
+    as if every value were valid, so it is refused."""
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a numpy.ma.MaskedArray: bnkernels does not support masks yet and would "
+                        f"use the masked values too; pass {name}.filled(value) or np.asarray({name}) "
+                        "to use every value")
+
+
+def convert(obj, name: str, asarray=np.asarray):
+    """A read-only array argument through the backend's ``asarray``; any
+    failure to convert is a TypeError that names the argument. None stays
+    None."""
+    if obj is None:
+        return None
+    reject_masked(obj, name)
+    try:
+        return asarray(obj)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name} cannot be used as an array ({type(obj).__name__}): {_one_line(exc)}") from None
+
+
+def writable_view(obj, name: str, *, on_device: bool):
+    """An argument that bnkernels writes into (``out``, running statistics
+    in training), as an array whose memory is the caller's.
+
+    A GPU array is returned as it is (only when ``x`` is on the GPU too;
+    the GPU backends handle it). Anything else must be a NumPy array or
+    something NumPy can view without a copy (a CPU torch tensor): a copy
+    would take the result and drop it. Returns the NumPy view or the GPU
+    array."""
+    if obj is None:
+        return None
+    reject_masked(obj, name)
+    if hasattr(obj, "__cuda_array_interface__"):
+        if not on_device:
+            raise TypeError(f"{name} is a GPU array ({type(obj).__name__}) but x is on the host: pass a "
+                            f"NumPy {name}, or run on GPU data")
+        return obj
+    try:
+        view = np.asarray(obj)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name} cannot be used as an array ({type(obj).__name__}): {_one_line(exc)}") from None
+    if view is not obj and view.flags.owndata:
+        raise TypeError(f"{name} must be an array (it is updated in place): a NumPy ndarray, or an object "
+                        f"NumPy views without a copy such as a CPU torch tensor; got {type(obj).__name__}, "
+                        "whose copy would receive the result instead")
+    if not view.flags.writeable:
+        raise ValueError(f"{name} is read-only, but it is updated in place")
+    return view
+
+
 def check_input(x, name: str = "x"):
     """Check that ``x`` is an array of a supported float dtype with ndim >= 1."""
     if not (hasattr(x, "dtype") and hasattr(x, "shape")):
@@ -116,28 +172,26 @@ def channel_layout(shape, axis, name: str = "x") -> ChannelLayout:
     return ChannelLayout(tuple(int(s) for s in shape), int(axis) % ndim)
 
 
-def check_per_channel(p, name: str, channels: int, *, dtypes=None, writable: bool = False,
-                      asarray=np.asarray):
-    """Check a per-channel vector: 1-D, length ``channels``, floating dtype.
-
-    Returns ``None`` for ``None``, otherwise the array (converted with
-    ``asarray`` unless it must be writable, in which case it must already be
-    an array so that an in-place update reaches the caller).
-    """
+def check_per_channel(p, name: str, channels: int, *, asarray=None, dtypes=None, required: str = ""):
+    """Check a per-channel vector: 1-D, length ``channels``, an accepted
+    floating dtype. It is converted by ``asarray`` first (:func:`convert`)
+    unless that is None (arrays written in place come from
+    :func:`writable_view`). ``None`` stays ``None`` unless ``required``
+    says why the argument is needed."""
+    if asarray is not None:
+        p = convert(p, name, asarray)
     if p is None:
+        if required:
+            raise ValueError(f"{name} is required: {required}")
         return None
-    if writable:
-        if not (hasattr(p, "dtype") and hasattr(p, "shape")):
-            raise TypeError(f"{name} must be an array (it is updated in place), got {type(p).__name__}")
-        if isinstance(p, np.ndarray) and not p.flags.writeable:
-            raise ValueError(f"{name} is read-only, but training updates it in place")
-    else:
-        p = asarray(p)
+    if not (hasattr(p, "dtype") and hasattr(p, "shape")):
+        raise TypeError(f"{name} must be an array, got {type(p).__name__}")
     dtype = array_dtype(p)
     allowed = dtypes if dtypes is not None else INPUT_DTYPES
     if dtype not in allowed:
         names = ", ".join(str(d) for d in allowed)
-        raise TypeError(f"{name} must have dtype {names}; got {_describe(p)}")
+        raise TypeError(f"{name} must have dtype {names}; got {_describe(p)}"
+                        + (" (cast it, e.g. .astype(np.float64))" if dtype.kind in "fc" else ""))
     if tuple(p.shape) != (channels,):
         raise ValueError(f"{name} must have shape ({channels},) (one value per channel), got {tuple(p.shape)}")
     return p
@@ -150,10 +204,19 @@ def check_flag(value, name: str) -> bool:
     return bool(value)
 
 
+def _as_float(value, name: str, expected: str) -> float:
+    """A real number as a float; ints beyond the float range become inf
+    (then rejected as not finite) instead of raising OverflowError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def check_eps(eps) -> float:
-    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
-    eps = float(eps)
+    eps = _as_float(eps, "eps", "a real number")
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
     return eps
@@ -163,9 +226,7 @@ def check_momentum(momentum):
     """``None`` (cumulative average) or a finite real in [0, 1]."""
     if momentum is None:
         return None
-    if isinstance(momentum, (bool, np.bool_)) or not isinstance(momentum, numbers.Real):
-        raise TypeError(f"momentum must be a real number in [0, 1] or None, got {type(momentum).__name__}")
-    momentum = float(momentum)
+    momentum = _as_float(momentum, "momentum", "a real number in [0, 1] or None")
     if not (math.isfinite(momentum) and 0.0 <= momentum <= 1.0):
         raise ValueError(f"momentum must be in [0, 1] (or None for a cumulative average), got {momentum}")
     return momentum
@@ -179,12 +240,18 @@ def check_num_batches_tracked(n) -> int:
     return int(n)
 
 
-def running_factor(momentum, num_batches_tracked) -> float:
-    """Weight of the new batch in ``running = (1 - f) * running + f * batch``.
+def running_factor(momentum, num_batches_tracked, used: bool = True):
+    """Weight of the new batch in ``running = (1 - f) * running + f * batch``
+    (None when no running statistics are ``used``; ``num_batches_tracked``
+    is checked all the same).
 
     ``momentum=None`` means a cumulative average over all batches: the batch
     about to be added is number ``num_batches_tracked + 1``.
     """
+    if num_batches_tracked is not None:
+        num_batches_tracked = check_num_batches_tracked(num_batches_tracked)
+    if not used:
+        return None
     if momentum is not None:
         return momentum
     if num_batches_tracked is None:
@@ -192,7 +259,7 @@ def running_factor(momentum, num_batches_tracked) -> float:
             "momentum=None (cumulative average) needs num_batches_tracked, the number of "
             "batches already averaged into the running statistics (BatchNorm tracks it for you)"
         )
-    return 1.0 / (check_num_batches_tracked(num_batches_tracked) + 1)
+    return 1 / (num_batches_tracked + 1)  # int / int: no OverflowError for huge counts
 
 
 def check_activation(activation) -> bool:
@@ -219,56 +286,124 @@ def _interface(a):
     return getattr(a, "__array_interface__", None) or getattr(a, "__cuda_array_interface__", None)
 
 
-def _byte_extent(a):
-    """``(lo, hi)``: the byte addresses an array can touch, from its NumPy
-    or CUDA array interface; None when it has neither."""
-    iface = _interface(a)
-    if iface is None:
-        return None
-    start, shape = iface["data"][0], tuple(iface["shape"])
-    itemsize = np.dtype(iface["typestr"]).itemsize
+def _strides(iface) -> tuple[int, ...]:
+    shape, itemsize = tuple(iface["shape"]), np.dtype(iface["typestr"]).itemsize
     strides = iface.get("strides")
     if strides is None:  # C-contiguous
         strides = tuple(itemsize * math.prod(shape[i + 1:]) for i in range(len(shape)))
+    return tuple(strides)
+
+
+def _byte_extent(iface):
+    """``(lo, hi)``: the byte addresses an array can touch."""
+    start, shape = iface["data"][0], tuple(iface["shape"])
     if 0 in shape:
         return start, start
+    strides = _strides(iface)
     lo = start + sum(st * (n - 1) for st, n in zip(strides, shape) if st < 0)
-    hi = start + sum(st * (n - 1) for st, n in zip(strides, shape) if st > 0) + itemsize
-    return lo, hi
+    hi = start + sum(st * (n - 1) for st, n in zip(strides, shape) if st > 0)
+    return lo, hi + np.dtype(iface["typestr"]).itemsize
 
 
-def _same_view(a, b) -> bool:
-    ia, ib = _interface(a), _interface(b)
-    return (ia["data"][0], tuple(ia["shape"]), ia.get("strides")) == (
-        ib["data"][0], tuple(ib["shape"]), ib.get("strides"))
+def _same_view(ia, ib) -> bool:
+    return (ia["data"][0], tuple(ia["shape"]), _strides(ia), ia["typestr"]) == (
+        ib["data"][0], tuple(ib["shape"]), _strides(ib), ib["typestr"])
 
 
-def check_out(out, like, inputs: dict):
-    """Check an output buffer: an array of the same kind (type), shape and
-    dtype as ``like``, writable, and either one of ``inputs`` (name ->
-    array) itself (in place: every kernel reads an element before it
-    writes it) or overlapping none of them. Returns ``out`` (None stays
-    None)."""
-    if out is None:
-        return None
-    if type(out) is not type(like):
-        raise TypeError(f"out must be a {type(like).__name__} like x (the result is written into it), "
-                        f"got {type(out).__name__}")
-    if tuple(out.shape) != tuple(like.shape):
-        raise ValueError(f"out must have the shape of x {tuple(like.shape)}, got {tuple(out.shape)}")
-    if array_dtype(out) != array_dtype(like):
-        raise TypeError(f"out must have the dtype of x ({array_dtype(like)}), got {array_dtype(out)}")
-    if isinstance(out, np.ndarray) and not out.flags.writeable:
-        raise ValueError("out is read-only")
-    for name, a in inputs.items():
-        if isinstance(out, np.ndarray) and isinstance(a, np.ndarray) and not np.may_share_memory(out, a):
-            continue  # the common case, decided in C
-        o, e = _byte_extent(out), _byte_extent(a)
-        if o is None or e is None or o[0] >= e[1] or e[0] >= o[1] or _same_view(out, a):
+def _overlap(a, b, ia, ib) -> bool:
+    """Whether two arrays share a byte: exactly for NumPy arrays (interleaved
+    views do not overlap), by their address ranges otherwise."""
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        if not np.may_share_memory(a, b):  # the common case, decided in C
+            return False
+        try:
+            return bool(np.shares_memory(a, b, max_work=10_000))
+        except np.exceptions.TooHardError:
+            return True
+    lo_a, hi_a = _byte_extent(ia)
+    lo_b, hi_b = _byte_extent(ib)
+    return lo_a < hi_b and lo_b < hi_a and hi_a > lo_a and hi_b > lo_b
+
+
+def _self_overlapping(iface) -> bool:
+    """Whether two elements of an array share memory (a zero stride from
+    ``np.broadcast_to``/``as_strided``): written, it would receive several
+    results at once. Sufficient test: sorted by stride, each axis steps
+    past everything the smaller axes span."""
+    if iface.get("strides") is None:
+        return False
+    itemsize = np.dtype(iface["typestr"]).itemsize
+    span = itemsize
+    for st, n in sorted((abs(st), n) for st, n in zip(iface["strides"], iface["shape"]) if n > 1):
+        if st < span:
+            return True
+        span += st * (n - 1)
+    return False
+
+
+def memory_of(converted, given):
+    """What :func:`check_aliasing` looks at for an argument: the NumPy array
+    a CPU backend works on, else the caller's GPU array (a GPU backend's
+    own wrapper has no array interface), else None (a fresh copy such as a
+    list made into an array, which cannot alias anything)."""
+    if isinstance(converted, np.ndarray):
+        return converted
+    return given if hasattr(given, "__cuda_array_interface__") else None
+
+
+def check_aliasing(written: dict, read: dict, in_place=()) -> None:
+    """Reject any memory shared between an array bnkernels writes (name ->
+    array or None: ``out``, the running statistics in training) and any
+    other argument array, and written arrays whose elements share memory.
+    Only ``out`` may be one of the ``in_place`` inputs exactly (every
+    kernel reads an element before writing it). Arrays are NumPy arrays
+    or objects with ``__cuda_array_interface__``; others (e.g. a backend's
+    host copy) cannot alias and are skipped."""
+    every = {name: a for name, a in {**read, **written}.items() if a is not None}
+    faces = {name: _interface(a) for name, a in every.items()}
+    checked = set()
+    for wname, w in written.items():
+        iw = faces.get(wname)
+        if iw is None:
             continue
-        raise ValueError(f"out overlaps {name} without being {name} itself: pass {name} for an in-place "
-                         "result, or a separate buffer")
-    return out
+        checked.add(wname)
+        if _self_overlapping(iw):
+            raise ValueError(f"{wname} has elements that share memory (a zero or overlapping stride, as from "
+                             f"np.broadcast_to): bnkernels writes into {wname}, so pass an array of its own")
+        for aname, a in every.items():
+            ia = faces[aname]
+            if aname in checked or ia is None or not _overlap(w, a, iw, ia):
+                continue
+            if wname == "out" and aname in in_place:
+                if _same_view(iw, ia):
+                    continue
+                raise ValueError(f"out overlaps {aname} without being {aname} itself: pass {aname} for an "
+                                 "in-place result, or a separate buffer")
+            raise ValueError(f"{wname} overlaps {aname}: bnkernels writes into {wname}, so it must not share "
+                             f"memory with {aname} (pass separate arrays)")
+
+
+def check_out(out, x, given):
+    """Check an output buffer against the input ``x`` (converted; ``given``:
+    what the caller passed as x): same
+    device as x, same shape and dtype, writable. On the host any array
+    NumPy views without a copy (a CPU torch tensor too); on the GPU an
+    array of x's own type. Returns ``(out, view)``: the caller's object
+    (what the public function returns) and the array the backend writes
+    (its NumPy view on the host); ``(None, None)`` without ``out``. Overlap
+    with the inputs is :func:`check_aliasing`'s job."""
+    if out is None:
+        return None, None
+    on_device = hasattr(given, "__cuda_array_interface__")
+    view = writable_view(out, "out", on_device=on_device)
+    if on_device and type(out) is not type(given):
+        raise TypeError(f"out must be a {type(given).__name__} like x (the result is written into it), "
+                        f"got {type(out).__name__}")
+    if tuple(view.shape) != tuple(x.shape):
+        raise ValueError(f"out must have the shape of x {tuple(x.shape)}, got {tuple(view.shape)}")
+    if array_dtype(view) != array_dtype(x):
+        raise TypeError(f"out must have the dtype of x ({array_dtype(x)}), got {array_dtype(view)}")
+    return out, view
 
 
 def check_same_shape(dy, x) -> None:

@@ -107,13 +107,23 @@ def test_bad_state_changes_nothing(backend, change, exc, match):
 
 
 @pytest.mark.parametrize("kwargs,exc", [
-    (dict(num_features=0), ValueError), (dict(num_features=2.5), ValueError),
+    (dict(num_features=0), ValueError), (dict(num_features=-3), ValueError),
+    # not an int at all: a TypeError, as Python's own functions raise
+    (dict(num_features=2.5), TypeError), (dict(num_features={}), TypeError), (dict(num_features="3"), TypeError),
+    (dict(num_features=True), TypeError), (dict(num_features=3, dtype="junk"), TypeError),
+    (dict(num_features=3, affine="yes"), TypeError), (dict(num_features=3, track_running_stats=1), TypeError),
     (dict(num_features=3, dtype=np.float16), TypeError), (dict(num_features=3, eps=-1), ValueError),
     (dict(num_features=3, momentum=2), ValueError), (dict(num_features=3, axis="1"), TypeError),
 ])
 def test_bad_constructor_arguments(backend, kwargs, exc):
     with pytest.raises(exc):
         BatchNorm(backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("name,exc", [("cuda-ish", ValueError), (None, TypeError), (1, TypeError)])
+def test_bad_backend_is_caught_at_construction(name, exc):
+    with pytest.raises(exc, match="backend"):
+        BatchNorm(3, backend=name)
 
 
 def test_failed_forward_changes_nothing(backend, rng):
@@ -132,3 +142,44 @@ def test_layer_matches_functional(backend, rng):
                                                        rm, rv, backend=backend))
     np.testing.assert_array_equal(layer.running_var, rv)
     assert "BatchNorm(3" in repr(layer)
+
+
+@pytest.mark.parametrize("shape,axis", [((4, 5, 3), 1), ((4, 3, 5), -1), ((5,), 0)])
+def test_wrong_channel_count_names_the_layer_not_gamma(backend, rng, shape, axis):
+    layer = BatchNorm(6, axis=axis, backend=backend)
+    with pytest.raises(ValueError, match=rf"BatchNorm\(6\) expects 6 channels along axis {axis} of x, "
+                                         rf"got x of shape \({shape[0]},"):
+        layer(make_input(shape, np.float32, rng))
+    np.testing.assert_array_equal(layer.running_mean, 0)
+    assert layer.num_batches_tracked == 0
+
+
+def test_affine_is_fixed_at_construction(backend):
+    layer = BatchNorm(3, affine=False, backend=backend)
+    assert layer.affine is False and layer.gamma is None
+    with pytest.raises(AttributeError):
+        layer.affine = True
+
+
+def test_track_running_stats_can_be_turned_off_later_as_in_torch(backend, rng):
+    """Read on every call: training stops updating, eval still uses the
+    statistics that exist. Compared with torch where it is installed."""
+    x = make_input((8, 3, 5), np.float32, rng)
+    layer = BatchNorm(3, backend=backend)
+    layer(x)
+    rm, rv, count = layer.running_mean.copy(), layer.running_var.copy(), layer.num_batches_tracked
+    layer.track_running_stats = False
+    y_train = layer(x + 1)
+    np.testing.assert_array_equal(layer.running_mean, rm)
+    np.testing.assert_array_equal(layer.running_var, rv)
+    assert layer.num_batches_tracked == count
+    y_eval = layer.eval()(x)
+    np.testing.assert_allclose(y_eval, (x - rm[:, None]) / np.sqrt(rv[:, None] + 1e-5), rtol=1e-5, atol=1e-5)
+    torch = pytest.importorskip("torch")
+    ref = torch.nn.BatchNorm1d(3)
+    ref(torch.from_numpy(x))
+    ref.track_running_stats = False
+    np.testing.assert_allclose(ref(torch.from_numpy(x + 1)).detach().numpy(), y_train, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ref.running_mean.numpy(), rm, rtol=1e-6)
+    assert int(ref.num_batches_tracked) == count
+    np.testing.assert_allclose(ref.eval()(torch.from_numpy(x)).detach().numpy(), y_eval, rtol=1e-5, atol=1e-5)

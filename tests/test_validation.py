@@ -211,3 +211,89 @@ def test_backward_parameter_length(backend, good, saved, name):
 def test_backward_axis(backend, good, saved):
     with pytest.raises(ValueError, match="axis=5 is out of range"):
         bn_backward(good["x"], good["x"], saved.mean, saved.invstd, axis=5, backend=backend)
+
+
+@pytest.mark.parametrize("name", ["saved_mean", "saved_invstd"])
+def test_backward_needs_the_saved_statistics(backend, good, saved, name):
+    args = dict(saved_mean=saved.mean, saved_invstd=saved.invstd)
+    args[name] = None
+    with pytest.raises(ValueError, match=f"{name} is required: pass saved.mean and saved.invstd"):
+        bn_backward(good["x"], good["x"], backend=backend, **args)
+
+
+# --- the fuzzing findings: numbers beyond float, unused arguments, array kinds ---
+
+@pytest.mark.parametrize("name,value", [("eps", 10**400), ("eps", -10**400), ("momentum", 10**400)])
+def test_integers_beyond_the_float_range(backend, good, name, value):
+    _call_must_fail(backend, good, ValueError, f"{name} must be", **{name: value})
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("nbt", ["junk", 2.0, object()])
+def test_num_batches_tracked_is_checked_even_when_unused(backend, good, training, nbt):
+    """momentum is a number, so the count is not needed: still a bad one is
+    an error, not silently ignored."""
+    _call_must_fail(backend, good, TypeError, "num_batches_tracked must be an int", training=training,
+                    num_batches_tracked=nbt)
+
+
+def test_huge_batch_count_is_a_tiny_factor(backend, good):
+    rm = good["running_mean"].copy()
+    bn_forward(backend=backend, momentum=None, num_batches_tracked=10**400, **good)
+    np.testing.assert_array_equal(good["running_mean"], rm)  # 1 / (10**400 + 1) == 0.0
+
+
+@pytest.mark.parametrize("name", ["x", "gamma", "beta", "running_mean", "running_var", "out"])
+def test_masked_arrays_are_refused(backend, good, name):
+    args = {**good, "out": np.empty_like(good["x"])}
+    args[name] = np.ma.masked_array(args[name], mask=np.zeros(np.shape(args[name]), bool))
+    _call_must_fail(backend, args, TypeError, f"{name} is a numpy.ma.MaskedArray", **{name: args[name]})
+
+
+@pytest.mark.parametrize("name", ["dy", "x", "saved_mean", "saved_invstd", "gamma", "out"])
+def test_masked_arrays_are_refused_in_backward(backend, good, saved, name):
+    x = good["x"]
+    args = dict(dy=x.copy(), x=x, saved_mean=saved.mean, saved_invstd=saved.invstd, gamma=good["gamma"],
+                out=np.empty_like(x))
+    args[name] = np.ma.masked_array(args[name])
+    with pytest.raises(TypeError, match=f"{name} is a numpy.ma.MaskedArray"):
+        bn_backward(backend=backend, **args)
+
+
+def test_list_input_with_an_array_out(backend, good):
+    x = good["x"].astype(np.float64)
+    out = np.full_like(x, np.nan)
+    assert bn_forward(x.tolist(), backend=backend, out=out) is out
+    np.testing.assert_allclose(out, bn_forward(x, backend=backend), rtol=1e-12, atol=1e-12)
+
+
+def test_longdouble_parameters_name_the_cast(backend, good):
+    _call_must_fail(backend, good, TypeError, r"gamma must have dtype .* float128.*cast it",
+                    gamma=np.ones(C, np.longdouble))
+
+
+def test_device_array_running_stats_with_host_x(backend, good):
+    """A GPU array where x is on the host: named, not a crash inside."""
+    class FakeDevice:
+        shape, dtype = (C,), np.dtype(np.float32)
+        __cuda_array_interface__ = {"shape": (C,), "typestr": "<f4", "data": (0, False), "version": 3}
+
+    _call_must_fail(backend, good, TypeError, "running_mean is a GPU array .* x is on the host",
+                    running_mean=FakeDevice())
+
+
+def test_torch_cpu_tensors_are_updated_in_place(backend, good):
+    """CPU torch tensors as running statistics and out: NumPy views them
+    without a copy, so the results land in the tensors."""
+    torch = pytest.importorskip("torch")
+    expected_rm, expected_rv = good["running_mean"].copy(), good["running_var"].copy()
+    expected = bn_forward(good["x"], good["gamma"], good["beta"], expected_rm, expected_rv, backend=backend)
+    rm, rv = torch.tensor(good["running_mean"]), torch.tensor(good["running_var"])
+    out = torch.full(good["x"].shape, float("nan"))
+    y = bn_forward(good["x"], good["gamma"], good["beta"], rm, rv, backend=backend, out=out)
+    assert y is out
+    np.testing.assert_array_equal(out.numpy(), expected)
+    np.testing.assert_array_equal(rm.numpy(), expected_rm)
+    np.testing.assert_array_equal(rv.numpy(), expected_rv)
+    with pytest.raises(TypeError, match="x cannot be used as an array .*requires grad"):
+        bn_forward(torch.ones(4, C, requires_grad=True), backend=backend)

@@ -137,6 +137,19 @@ def _warn_fallback(message: str) -> None:
     _warned_reasons.add(message)
 
 
+def check_backend_name(backend) -> None:
+    """A ``backend`` argument: a string naming a selector or a backend
+    (whether it can run here is decided when it is used)."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend not in SELECTORS and backend not in _BY_NAME:
+        raise ValueError(f"unknown backend {backend!r}; valid names: {_valid_names()}")
+
+
+def _valid_names() -> str:
+    return ", ".join(repr(n) for n in (*SELECTORS, *_BY_NAME))
+
+
 def resolve(backend: str, x=None):
     """Return the backend module that should run an operation on ``x``.
 
@@ -169,8 +182,7 @@ def resolve(backend: str, x=None):
 
     spec = _BY_NAME.get(backend)
     if spec is None:
-        valid = ", ".join(repr(n) for n in (*SELECTORS, *_BY_NAME))
-        raise ValueError(f"unknown backend {backend!r} (from {origin}); valid names: {valid}")
+        raise ValueError(f"unknown backend {backend!r} (from {origin}); valid names: {_valid_names()}")
     reason = _unavailable_reason(spec)
     if reason is not None:
         raise BackendUnavailableError(f"{origin} is not available: {reason}. To get it: {spec.install}")
