@@ -12,11 +12,22 @@ class BackendUnavailableError(RuntimeError):
 class BackendFallbackWarning(RuntimeWarning):
     """``backend="cuda"`` could not use a GPU and ran on the CPU instead.
 
-    Emitted once per distinct reason. To make the fallback fatal, turn it into
-    an error with the standard warnings filter::
+    Emitted on every such call; Python's warnings filters decide what is
+    shown (by default once per calling line). To make the fallback fatal:
 
-        import warnings, bnkernels
-        warnings.simplefilter("error", bnkernels.BackendFallbackWarning)
+    - set the environment variable ``BNKERNELS_NO_FALLBACK=1``: the call
+      raises :class:`BackendUnavailableError` instead;
+    - or use the standard filter in code (at any time, also after a first
+      fallback)::
 
-    or ``python -W error::bnkernels.BackendFallbackWarning``.
+          import warnings, bnkernels
+          warnings.simplefilter("error", bnkernels.BackendFallbackWarning)
+
+    - or under pytest, ``filterwarnings = ["error::bnkernels.BackendFallbackWarning"]``.
+
+    ``python -W error::bnkernels.BackendFallbackWarning`` (and the same in
+    ``PYTHONWARNINGS``) does not work: Python resolves the category at
+    start-up, before bnkernels can be imported, and ignores the option. It
+    is a ``RuntimeWarning``, so ``python -W error::RuntimeWarning`` works,
+    for every runtime warning.
     """

@@ -17,11 +17,10 @@ def rng(request):
 
 @pytest.fixture(autouse=True)
 def _isolated_backend_state(monkeypatch):
-    """No test sees another's probe results, fallback-warning memory or
-    BNKERNELS_BACKEND."""
+    """No test sees another's probe results, BNKERNELS_BACKEND or
+    BNKERNELS_NO_FALLBACK."""
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.delenv(backends.NO_FALLBACK_VAR, raising=False)
     probes.clear_probe_cache()
-    backends._warned_reasons.clear()
     yield
     probes.clear_probe_cache()
-    backends._warned_reasons.clear()

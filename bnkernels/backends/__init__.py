@@ -14,7 +14,10 @@ Names:
 - ``"cupy"``: CUDA C++ kernels (``kernels/``) through ``cupy.RawModule``.
 - ``"numba-cuda"``: Numba CUDA kernels.
 - ``"cuda"``: the best usable GPU backend; falls back to the best CPU backend
-  with a :class:`~bnkernels.BackendFallbackWarning` (once per reason).
+  with a :class:`~bnkernels.BackendFallbackWarning` (Python's warnings
+  filters decide how often it shows), or raises
+  :class:`~bnkernels.BackendUnavailableError` instead when the environment
+  variable ``BNKERNELS_NO_FALLBACK=1``.
 - ``"auto"``: follow the input: arrays exposing ``__cuda_array_interface__``
   go to a GPU backend, host arrays to the best CPU backend. The environment
   variable ``BNKERNELS_BACKEND`` overrides ``"auto"``.
@@ -31,6 +34,8 @@ from ..errors import BackendFallbackWarning, BackendUnavailableError
 from . import probes
 
 ENV_VAR = "BNKERNELS_BACKEND"
+#: Set to 1: ``backend="cuda"`` raises instead of falling back to the CPU.
+NO_FALLBACK_VAR = "BNKERNELS_NO_FALLBACK"
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class BackendSpec:
     module: str | None  # implementation module; None while the backend is planned
     requirement: Callable[[], str | None]  # None when usable, else why not
     install: str  # what a user installs to get it
+    package: str | None = None  # the optional package it imports (None: always there)
 
 
 def _always() -> None:
@@ -48,12 +54,13 @@ def _always() -> None:
 
 #: Every backend, in order of preference within its device kind.
 BACKENDS: tuple[BackendSpec, ...] = (
-    BackendSpec("cupy", "gpu", "bnkernels.backends.cupy_backend", probes.cupy_device_problem, probes.CUDA_EXTRA),
+    BackendSpec("cupy", "gpu", "bnkernels.backends.cupy_backend", probes.cupy_device_problem, probes.CUDA_EXTRA,
+                "cupy"),
     BackendSpec("numba-cuda", "gpu", "bnkernels.backends.numba_cuda", probes.numba_cuda_device_problem,
-                probes.CUDA_EXTRA),
+                probes.CUDA_EXTRA, "numba.cuda"),
     BackendSpec("numba", "cpu", "bnkernels.backends.numba_backend",
                 lambda: probes.missing_package("numba"),
-                'pip install "bnkernels[numba]"'),
+                'pip install "bnkernels[numba]"', "numba"),
     BackendSpec("numpy", "cpu", "bnkernels.backends.numpy_backend", _always, "numpy (always installed)"),
 )
 _BY_NAME = {spec.name: spec for spec in BACKENDS}
@@ -81,6 +88,14 @@ def _unavailable_reason(spec: BackendSpec) -> str | None:
     return None
 
 
+def _install_hint(spec: BackendSpec) -> str:
+    """What to install for an unusable backend: its extra, unless its
+    package is there and what is missing is the GPU or its driver."""
+    if spec.device == "gpu" and not probes.missing_package(spec.package) and probes.driver_problem():
+        return "an NVIDIA GPU and its driver (the Python packages are installed)"
+    return spec.install
+
+
 def available_backends() -> dict[str, BackendStatus]:
     """Status of every backend, in order of preference.
 
@@ -91,7 +106,8 @@ def available_backends() -> dict[str, BackendStatus]:
     out = {}
     for spec in BACKENDS:
         reason = _unavailable_reason(spec)
-        out[spec.name] = BackendStatus(spec.name, spec.device, reason is None, reason, spec.install,
+        out[spec.name] = BackendStatus(spec.name, spec.device, reason is None, reason,
+                                       spec.install if reason is None else _install_hint(spec),
                                        spec.module is not None)
     return out
 
@@ -121,20 +137,44 @@ def _best(device: str):
         reason = _unavailable_reason(spec)
         if reason is None:
             return spec, None
-        reasons.append(f"{spec.name}: {reason} (to get it: {spec.install})")
+        reasons.append(f"{spec.name}: {reason} (to get it: {_install_hint(spec)})")
     return None, reasons
 
 
-_warned_reasons: set[str] = set()
+def _no_fallback() -> bool:
+    value = os.environ.get(NO_FALLBACK_VAR, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{NO_FALLBACK_VAR}={value!r}: expected 1 (backend='cuda' raises instead of falling back "
+                     "to the CPU) or 0")
 
 
-def _warn_fallback(message: str) -> None:
-    if message in _warned_reasons:
-        return
-    warnings.warn(message, BackendFallbackWarning, stacklevel=4)
-    # Recorded only after warn() returned: with the warning turned into an
-    # error, every call raises instead of silently falling back the 2nd time.
-    _warned_reasons.add(message)
+def _why_no_gpu(reasons: list[str]) -> str:
+    """Why no GPU backend runs, in a few words: nothing installed, the
+    driver (what a user can act on), or the first backend's own reason;
+    ``bnkernels info`` has every backend's."""
+    gpu = [spec for spec in BACKENDS if spec.device == "gpu"]
+    if all(probes.missing_package(spec.package) for spec in gpu):
+        return f"no GPU backend is installed (to get one: {probes.CUDA_EXTRA})"
+    if probes.driver_problem():
+        return f"no usable GPU: {probes.driver_problem()}"
+    return f"no GPU backend is usable ({reasons[0]})"
+
+
+def _fall_back(cpu_name: str, reasons: list[str]) -> None:
+    """Warn (or, with BNKERNELS_NO_FALLBACK=1, raise) that backend='cuda'
+    runs on the CPU. Each call warns: Python's warnings machinery decides
+    what is shown (by default once per calling line), so users' filters,
+    "error" included, work at any time."""
+    why = _why_no_gpu(reasons)
+    if _no_fallback():
+        raise BackendUnavailableError(f"backend='cuda': {why}, and {NO_FALLBACK_VAR}=1 forbids falling back to "
+                                      "the CPU (`bnkernels info` shows every backend's reason)")
+    warnings.warn(f"backend='cuda' fell back to the CPU backend {cpu_name!r}: {why}. `bnkernels info` shows "
+                  f"every backend's reason; {NO_FALLBACK_VAR}=1 raises instead", BackendFallbackWarning,
+                  stacklevel=4)
 
 
 def check_backend_name(backend) -> None:
@@ -175,9 +215,7 @@ def resolve(backend: str, x=None):
                 "the input is a GPU array but no GPU backend is usable: " + "; ".join(reasons or []))
         cpu_spec, _ = _best("cpu")
         if backend == "cuda":
-            _warn_fallback(
-                f"backend='cuda' fell back to the CPU backend {cpu_spec.name!r}: no GPU backend is "
-                "usable (" + "; ".join(reasons) + ")")
+            _fall_back(cpu_spec.name, reasons)
         return _load(cpu_spec)
 
     spec = _BY_NAME.get(backend)
@@ -185,7 +223,7 @@ def resolve(backend: str, x=None):
         raise ValueError(f"unknown backend {backend!r} (from {origin}); valid names: {_valid_names()}")
     reason = _unavailable_reason(spec)
     if reason is not None:
-        raise BackendUnavailableError(f"{origin} is not available: {reason}. To get it: {spec.install}")
+        raise BackendUnavailableError(f"{origin} is not available: {reason}. To get it: {_install_hint(spec)}")
     if on_device and spec.device == "cpu":
         raise TypeError(f"{origin} runs on the CPU but the input is a GPU array; "
                         "use backend='cuda' or copy the array to the host first")
