@@ -1,4 +1,7 @@
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,3 +27,17 @@ def _isolated_backend_state(monkeypatch):
     probes.clear_probe_cache()
     yield
     probes.clear_probe_cache()
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory):
+    """bnkernels built as a wheel from this checkout (once per test run)."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("wheel")
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(out), str(root)], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "No module named" in proc.stderr:
+        pytest.skip(f"cannot build a wheel here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr
+    (path,) = out.glob("bnkernels-*.whl")
+    return path

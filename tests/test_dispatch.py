@@ -300,3 +300,32 @@ def test_probes_run_lazily_not_at_import(tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_backend_whose_module_fails_to_load_is_unusable_not_fatal(tmp_path):
+    """Requirements met (numba imports) but bnkernels' backend module raises
+    on import: "auto" falls back to numpy, info reports why, no traceback."""
+    pytest.importorskip("numba")
+    code = textwrap.dedent("""
+        import sys, types, importlib.abc
+        class Broken(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+            def find_spec(self, name, path, target=None):
+                if name == "bnkernels.backends.numba_backend":
+                    import importlib.util
+                    return importlib.util.spec_from_loader(name, self)
+            def create_module(self, spec):
+                return None
+            def exec_module(self, module):
+                raise RuntimeError("cannot cache function 'block_sums': no locator available")
+        sys.meta_path.insert(0, Broken())
+        import numpy as np, bnkernels
+        from bnkernels.cli import main
+        st = bnkernels.available_backends()["numba"]
+        assert not st.available and "fails to load: RuntimeError: cannot cache" in st.reason, st.reason
+        y = bnkernels.bn_forward(np.arange(12.0).reshape(4, 3))
+        assert main(["info"]) == 0
+        print("OK", y.shape)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "OK (4, 3)" in proc.stdout and "numba       cpu     no" in proc.stdout

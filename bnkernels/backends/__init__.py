@@ -85,7 +85,7 @@ def _unavailable_reason(spec: BackendSpec) -> str | None:
         return problem
     if spec.module is None:
         return f"the {spec.name} backend is not implemented in this release of bnkernels yet"
-    return None
+    return probes.module_problem(spec.module)
 
 
 def _install_hint(spec: BackendSpec) -> str:

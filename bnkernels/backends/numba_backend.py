@@ -23,9 +23,19 @@ inside the kernels (``numba_half``: F16C instructions where the CPU has
 them, else bit arithmetic; exact both ways) and worked in float32.
 Fast-math is limited to reassociation and contraction, which keeps NaN and
 Inf semantics. Threads: Numba's (``NUMBA_NUM_THREADS``,
-``numba.set_num_threads``).
+``numba.set_num_threads``). Calls from several Python threads at once are
+safe on every threading layer: on one that is not thread-safe
+(``workqueue``) they take turns (:func:`thread_safe`).
+
+Compiled kernels are cached on disk where Numba finds a writable place
+(``NUMBA_CACHE_DIR``, the package's ``__pycache__``, the per-user cache
+directory); a read-only install with no writable home compiles them in
+memory instead (:func:`cache_directory`).
 """
 from __future__ import annotations
+
+import functools
+import threading
 
 import numba
 import numpy as np
@@ -39,9 +49,28 @@ from .outputs import deliver
 
 name = "numba"
 
+
+def cache_directory() -> str | None:
+    """Where Numba will cache the kernels of this module, or None when it
+    finds no writable place (then they are compiled in memory: with
+    ``cache=True`` Numba would raise "cannot cache function ... no locator
+    available" on every first call). Numba's own locators decide, in its
+    order: ``NUMBA_CACHE_DIR``, the package's ``__pycache__``, the
+    per-user cache directory; this asks them for a function of this file,
+    as they will be asked for each kernel."""
+    from numba.core.caching import FunctionCache
+
+    try:
+        return FunctionCache(cache_directory)._cache_path
+    except RuntimeError:
+        return None
+
+
+CACHE_DIR = cache_directory()
 # error_model="numpy": a division by zero gives Inf/NaN as everywhere else
 # in bnkernels (eps=0 on a constant channel), never a ZeroDivisionError.
-_JIT = dict(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True, error_model="numpy")
+_JIT = dict(parallel=True, fastmath={"reassoc", "contract"}, cache=CACHE_DIR is not None, nogil=True,
+            error_model="numpy")
 #: helpers called inside the parallel kernels (LLVM inlines them)
 _SERIAL = dict(_JIT, parallel=False)
 #: rows of a chunk of channel-fastest data handled by one task
@@ -60,10 +89,43 @@ def asarray(x):
 
 
 def describe() -> str:
-    """How the kernels run here: threads and the float16 conversion."""
+    """How the kernels run here: threads, the float16 conversion, the cache."""
     half = "F16C instructions" if NATIVE_HALF else "bit arithmetic (no F16C)"
+    cache = (f"kernels cached in {CACHE_DIR}" if CACHE_DIR else
+             "kernels compiled in memory on first use (no writable cache directory; set NUMBA_CACHE_DIR)")
     return (f"{numba.get_num_threads()} threads (NUMBA_NUM_THREADS, numba.set_num_threads); "
-            f"float16 converted by {half}")
+            f"float16 converted by {half}; {cache}")
+
+
+#: Numba threading layers that run parallel kernels from several threads at
+#: once; ``workqueue`` aborts the process instead ("Concurrent access").
+THREAD_SAFE_LAYERS = ("tbb", "omp")
+_turns = threading.Lock()
+_layer_safe = False  # set once the layer Numba chose is known to be thread-safe
+
+
+def _thread_safe_layer() -> bool:
+    """Whether Numba's threading layer is thread-safe (unknown until the
+    first parallel kernel has run, and then fixed for the process)."""
+    global _layer_safe
+    if not _layer_safe:
+        try:
+            _layer_safe = numba.threading_layer() in THREAD_SAFE_LAYERS
+        except ValueError:  # no layer chosen yet: the first kernel chooses it
+            return False
+    return _layer_safe
+
+
+def thread_safe(entry):
+    """An entry point that takes turns with other threads unless the
+    threading layer is thread-safe (a lock costs nothing then)."""
+    @functools.wraps(entry)
+    def call(*args, **kwargs):
+        if _thread_safe_layer():
+            return entry(*args, **kwargs)
+        with _turns:
+            return entry(*args, **kwargs)
+    return call
 
 
 # --- kernels: helpers ----------------------------------------------------------
@@ -401,6 +463,7 @@ def _apply(x3, y3, layout: ChannelLayout, k, scale, shift, relu):
         apply(x3, y3, k, scale, shift, relu, _tasks(layout.outer))
 
 
+@thread_safe
 @ieee_semantics
 def channel_stats(x, layout: ChannelLayout):
     """Per-channel float64 mean and M2."""
@@ -412,6 +475,7 @@ def channel_stats(x, layout: ChannelLayout):
     return mean, m2
 
 
+@thread_safe
 @ieee_semantics
 def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running, out=None):
     """See ``numpy_backend.forward_train``; y is written into a C-contiguous
@@ -437,6 +501,7 @@ def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool,
     return deliver(y, out), mean.astype(cdt), invstd.astype(cdt)
 
 
+@thread_safe
 @ieee_semantics
 def forward_infer(x, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float, relu: bool,
                   out=None):
@@ -453,6 +518,7 @@ def forward_infer(x, layout: ChannelLayout, running_mean, running_var, gamma, be
     return deliver(y, out), mean.astype(cdt), invstd.astype(cdt)
 
 
+@thread_safe
 @ieee_semantics
 def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None):
     """See ``numpy_backend.backward``; dx is written into a C-contiguous

@@ -34,6 +34,19 @@ def missing_package(module: str) -> str | None:
     return None
 
 
+@functools.cache
+def module_problem(module: str) -> str | None:
+    """``None`` if a backend's own module loads, else why not: its
+    requirements can be met while the module still fails (as Numba's
+    on-disk cache once did in a read-only install), and such a backend
+    must be reported unusable rather than fail every call."""
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # anything at all: the backend cannot run
+        return f"the backend module {module} fails to load: {_one_line(exc)}"
+    return None
+
+
 #: The NVIDIA driver's library, loaded by every CUDA program.
 DRIVER_LIBRARY = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
 _CUDA_ERROR_NO_DEVICE = 100
@@ -112,5 +125,6 @@ def numba_cuda_device_problem() -> str | None:
 
 
 def clear_probe_cache() -> None:
-    for probe in (missing_package, driver_problem, cupy_device_problem, numba_cuda_device_problem):
+    for probe in (missing_package, module_problem, driver_problem, cupy_device_problem,
+                  numba_cuda_device_problem):
         probe.cache_clear()
