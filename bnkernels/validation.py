@@ -384,19 +384,18 @@ def check_aliasing(written: dict, read: dict, in_place=()) -> None:
 
 
 def check_out(out, x, given):
-    """Check an output buffer against the input ``x`` (converted; ``given``:
-    what the caller passed as x): same
-    device as x, same shape and dtype, writable. On the host any array
-    NumPy views without a copy (a CPU torch tensor too); on the GPU an
-    array of x's own type. Returns ``(out, view)``: the caller's object
-    (what the public function returns) and the array the backend writes
-    (its NumPy view on the host); ``(None, None)`` without ``out``. Overlap
-    with the inputs is :func:`check_aliasing`'s job."""
+    """Check an output buffer against the input ``x`` (as converted by the
+    backend; ``given``: what the caller passed as x): writable, the shape
+    and dtype of x. For a backend that works on NumPy arrays any array
+    NumPy views without a copy (a CPU torch tensor too); for the others
+    (GPU backends) an array of the caller's type of x. Returns ``(out,
+    view)``: the caller's object (what the public function returns) and
+    the array the backend writes (its NumPy view on the host); ``(None,
+    None)`` without ``out``. Overlap is :func:`check_aliasing`'s job."""
     if out is None:
         return None, None
-    on_device = hasattr(given, "__cuda_array_interface__")
-    view = writable_view(out, "out", on_device=on_device)
-    if on_device and type(out) is not type(given):
+    view = writable_view(out, "out", on_device=hasattr(given, "__cuda_array_interface__"))
+    if not isinstance(x, np.ndarray) and type(out) is not type(given):
         raise TypeError(f"out must be a {type(given).__name__} like x (the result is written into it), "
                         f"got {type(out).__name__}")
     if tuple(view.shape) != tuple(x.shape):

@@ -111,9 +111,10 @@ def numba_cuda_device_problem() -> str | None:
     who = "numba-cuda is installed"
     if distribution_version("numba-cuda") is None:  # numba bundles a deprecated numba.cuda of its own
         who = "numba-cuda is not installed (numba's own numba.cuda is)"
-    if driver_problem():
+    from numba import config, cuda
+
+    if driver_problem() and not getattr(config, "ENABLE_CUDASIM", 0):  # the simulator needs no driver
         return f"{who} but the CUDA driver is not usable: {driver_problem()}"
-    from numba import cuda
 
     try:
         if cuda.is_available():
