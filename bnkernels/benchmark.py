@@ -1241,13 +1241,18 @@ def add_derived(results: Sequence[Result], ceilings: Mapping[str, Ceiling] | Cei
 # The plot
 # --------------------------------------------------------------------------
 
-def plot_results(results: Sequence[Result], path: str, title: str = "") -> None:
-    """Bar chart of % of the measured ceiling: one panel per operation, one
-    group of bars per (shape, dtype), one bar per implementation; a dashed
-    line at 100 %. Results that were not timed (wrong, error) are marked in
-    place of their bar. The same-size copy rows (:data:`COPY`) are left out.
+def plot_results(results: Sequence[Result], path: str, title: str = ""):
+    """Bar chart of % of the same-size copy (``pct_of_copy``: GB/s over the
+    operation's minimum bytes against a copy of x timed in the same run and
+    cache state, the achievable reference; a large-copy DRAM ceiling is
+    exceeded several times by inputs that fit the cache): one panel per
+    operation with a title saying what it shows, one group of bars per
+    (shape, dtype), one bar per implementation; a dashed line at 100 %.
+    Results that were not timed (wrong, error) are marked in place of their
+    bar. The same-size copy rows (:data:`COPY`) are left out.
     Needs matplotlib (``pip install "bnkernels[plot]"``); uses the Agg
-    canvas directly, so no GUI and no global pyplot state."""
+    canvas directly, so no GUI and no global pyplot state. Returns the
+    matplotlib Figure (also saved to ``path``)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -1272,18 +1277,20 @@ def plot_results(results: Sequence[Result], path: str, title: str = "") -> None:
                 x = g - 0.4 + width * (j + 0.5)
                 if r is None:
                     continue
-                if r.pct_of_ceiling is not None:
+                if r.pct_of_copy is not None:
                     xs.append(x)
-                    hs.append(r.pct_of_ceiling)
-                    top = max(top, r.pct_of_ceiling)
+                    hs.append(r.pct_of_copy)
+                    top = max(top, r.pct_of_copy)
                 elif r.status in ("wrong", "error"):
                     ax.text(x, 2, r.status, rotation=90, ha="center", va="bottom", fontsize=7,
                             color="#d62728")
             ax.bar(xs, hs, width, label=name, color=colors[j % len(colors)])
         ax.axhline(100, color="black", linestyle="--", linewidth=0.8)
         ax.set_ylim(0, top * 1.12)
-        ax.set_ylabel("% of copy ceiling")
-        ax.set_title(OP_TITLES[op], fontsize=10, loc="left")
+        ax.set_ylabel("% of same-size copy")
+        ax.set_title(f"{OP_TITLES[op]}: GB/s over the minimum bytes ({BYTES_FACTOR[op]} x nbytes of x) as % of "
+                     "a copy of x timed in the same run (100 % = copy speed; higher is faster)",
+                     fontsize=9, loc="left")
         ax.set_xticks(range(len(groups)), [f"{s}\n{d}" for s, d in groups], fontsize=7)
         ax.set_xlim(-0.6, len(groups) - 0.4)
         ax.grid(axis="y", alpha=0.3)
@@ -1292,6 +1299,7 @@ def plot_results(results: Sequence[Result], path: str, title: str = "") -> None:
         width_chars = int(fig.get_figwidth() * 11)
         fig.suptitle("\n".join(textwrap.fill(line, width_chars) for line in title.split("\n")), fontsize=10)
     fig.savefig(path, dpi=110)
+    return fig
 
 
 # --------------------------------------------------------------------------

@@ -446,9 +446,11 @@ def _cmd_bench(args, parser, implementations=None, argv=()) -> int:
             f.write("\n")
         print(f"\nAll figures: {args.json}")
     if args.plot:
-        where = "; ".join(f"{d.name}: ceiling {ceilings[k].gbps:.1f} GB/s" for k, d in devices.items())
+        where = "; ".join(f"{d.name} ({k.upper()})" for k, d in devices.items())
+        state = "cache-cold (--cold)" if args.cold else "hot (inputs in cache as in a training loop)"
         bm.plot_results(results, args.plot,
-                        title=f"bnkernels bench, {date}: % of the copy ceiling measured in the same run\n{where}")
+                        title=f"bnkernels bench, {date}: each implementation's speed as % of a same-size copy, "
+                              f"{state}\n{where}")
         print(f"{'' if args.json else chr(10)}Plot: {args.plot}")
     return EXIT_FAILED if failed else EXIT_OK
 
@@ -500,7 +502,7 @@ def _add_bench_parser(sub) -> None:
                               "the count used is printed)")
     p_bench.add_argument("--json", metavar="FILE", default=None, help="write all figures to FILE")
     p_bench.add_argument("--plot", metavar="FILE.png", default=None,
-                         help='bar chart of %% of the ceiling per implementation (needs matplotlib: '
+                         help='bar chart of %% of the same-size copy per implementation (needs matplotlib: '
                               'pip install "bnkernels[plot]")')
     p_bench.add_argument("--list", action="store_true",
                          help="list the named shapes and the implementations usable here, and exit")

@@ -862,3 +862,20 @@ def test_cpu_copy_without_numba_is_np_copyto_and_copies(monkeypatch):
         np.testing.assert_array_equal(dst, inp.x)
     with pytest.raises(bm.Unsupported):
         impl.prepare("train", inp)
+
+
+def test_plot_shows_percent_of_the_same_size_copy_with_titled_panels(tmp_path):
+    """Bars are pct_of_copy (the same run's copy of x in the same cache
+    state), not % of the large-copy ceiling, and each panel says so."""
+    pytest.importorskip("matplotlib")
+    results = bm.run_benchmarks([bm.TEXTBOOK_NUMPY], [bm.parse_case("4x8x5x5")],
+                                timing=bm.Timing(repeat=1, warmup=0))
+    bm.add_derived(results, bm.measure_copy_ceiling(1 * bm.MiB, repeat=1))
+    fig = bm.plot_results(results, str(tmp_path / "p.png"))
+    timed = {r.op: r for r in results if r.role != bm.COPY}
+    assert all(r.pct_of_copy is not None and r.pct_of_copy != r.pct_of_ceiling for r in timed.values())
+    for ax, op in zip(fig.axes, [op for op in bm.OPS if op in timed]):
+        assert ax.get_title(loc="left").startswith(bm.OP_TITLES[op]) and "% of a copy of x" in ax.get_title(loc="left")
+        heights = [p.get_height() for p in ax.patches]
+        assert heights == pytest.approx([timed[op].pct_of_copy])
+        assert ax.get_ylabel() == "% of same-size copy"
