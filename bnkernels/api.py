@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import validation as v
-from .backends import is_device_array, resolve
+from .backends import resolve, runs_on_gpu
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
         BackendUnavailableError: a named backend cannot run here.
     """
     impl = resolve(backend, x)
-    on_device = is_device_array(x)
+    gpu_backend = runs_on_gpu(impl)  # GPU running statistics are fine there, whatever x is
     given = {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean, "running_var": running_var}
     x = v.check_input(v.convert(x, "x", impl.asarray))
     out, out_view = v.check_out(out, x, given["x"])
@@ -109,8 +109,8 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (or both None)")
     if training:  # updated in place: the caller's memory, never a copy
-        running_mean = v.writable_view(running_mean, "running_mean", on_device=on_device)
-        running_var = v.writable_view(running_var, "running_var", on_device=on_device)
+        running_mean = v.writable_view(running_mean, "running_mean", gpu_backend=gpu_backend)
+        running_var = v.writable_view(running_var, "running_var", gpu_backend=gpu_backend)
     stats_asarray = None if training else impl.asarray
     running_mean = v.check_per_channel(running_mean, "running_mean", C, asarray=stats_asarray,
                                        dtypes=v.RUNNING_DTYPES)

@@ -159,6 +159,7 @@ class BatchNorm:
         new = {}
         for k in self._STATE_KEYS:
             if k in state:
+                v.reject_masked(state[k], k)
                 arr = np.asarray(state[k])
                 if arr.dtype.kind != "f":
                     raise TypeError(f"{k} must be a float array, got dtype {arr.dtype}")

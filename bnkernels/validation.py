@@ -114,12 +114,12 @@ def convert(obj, name: str, asarray=np.asarray):
         raise TypeError(f"{name} cannot be used as an array ({type(obj).__name__}): {_one_line(exc)}") from None
 
 
-def writable_view(obj, name: str, *, on_device: bool):
+def writable_view(obj, name: str, *, gpu_backend: bool):
     """An argument that bnkernels writes into (``out``, running statistics
     in training), as an array whose memory is the caller's.
 
-    A GPU array is returned as it is (only when ``x`` is on the GPU too;
-    the GPU backends handle it). Anything else must be a NumPy array or
+    A GPU array is returned as it is (only for a GPU backend,
+    ``gpu_backend``, which handles it). Anything else must be a NumPy array or
     something NumPy can view without a copy (a CPU torch tensor): a copy
     would take the result and drop it. Returns the NumPy view or the GPU
     array."""
@@ -127,9 +127,9 @@ def writable_view(obj, name: str, *, on_device: bool):
         return None
     reject_masked(obj, name)
     if hasattr(obj, "__cuda_array_interface__"):
-        if not on_device:
-            raise TypeError(f"{name} is a GPU array ({type(obj).__name__}) but x is on the host: pass a "
-                            f"NumPy {name}, or run on GPU data")
+        if not gpu_backend:
+            raise TypeError(f"{name} is a GPU array ({type(obj).__name__}) but x is on the host and runs on "
+                            f"a CPU backend: pass a NumPy {name}, or use a GPU backend")
         return obj
     try:
         view = np.asarray(obj)
@@ -394,7 +394,7 @@ def check_out(out, x, given):
     None)`` without ``out``. Overlap is :func:`check_aliasing`'s job."""
     if out is None:
         return None, None
-    view = writable_view(out, "out", on_device=hasattr(given, "__cuda_array_interface__"))
+    view = writable_view(out, "out", gpu_backend=not isinstance(x, np.ndarray))
     if not isinstance(x, np.ndarray) and type(out) is not type(given):
         raise TypeError(f"out must be a {type(given).__name__} like x (the result is written into it), "
                         f"got {type(out).__name__}")

@@ -183,3 +183,12 @@ def test_track_running_stats_can_be_turned_off_later_as_in_torch(backend, rng):
     np.testing.assert_allclose(ref.running_mean.numpy(), rm, rtol=1e-6)
     assert int(ref.num_batches_tracked) == count
     np.testing.assert_allclose(ref.eval()(torch.from_numpy(x)).detach().numpy(), y_eval, rtol=1e-5, atol=1e-5)
+
+
+def test_load_state_dict_refuses_masked_arrays(backend):
+    layer = BatchNorm(3, backend=backend)
+    state = layer.state_dict()
+    state["running_mean"] = np.ma.masked_array(np.full(3, 7.0), mask=[True, False, False])
+    with pytest.raises(TypeError, match="running_mean is a numpy.ma.MaskedArray"):
+        layer.load_state_dict(state)
+    np.testing.assert_array_equal(layer.running_mean, 0)

@@ -119,6 +119,11 @@ def backend_details(name: str) -> str:
     return describe() if describe is not None else ""
 
 
+def runs_on_gpu(impl) -> bool:
+    """Whether a backend module (from :func:`resolve`) is a GPU backend."""
+    return _BY_NAME[impl.name].device == "gpu"
+
+
 def is_device_array(x) -> bool:
     """True for arrays that live on a CUDA device (CuPy, Numba, torch CUDA)."""
     return hasattr(x, "__cuda_array_interface__")

@@ -70,3 +70,23 @@ def test_out_on_the_gpu(rng):
     assert_close(cp.asnumpy(d_dy), rdx, np.float32, "dx (in place into dy)", scale=np.abs(rdx).max())
     with pytest.raises(TypeError, match="like x"):
         bn_forward(d_x, backend="cupy", out=np.zeros(x.shape, np.float32))
+
+
+def test_device_arrays_that_overlap_are_rejected(rng):
+    """The aliasing rules on GPU arrays (address ranges from the CUDA array
+    interface): out over gamma, running_mean over x, running_mean as
+    running_var; nothing is written."""
+    cp = pytest.importorskip("cupy")
+    xbuf = cp.asarray(make_input((63,), np.float32, rng))
+    obuf = cp.asarray(make_input((63,), np.float32, rng))
+    x, out, gamma = xbuf[:60].reshape(4, 3, 5), obuf[:60].reshape(4, 3, 5), obuf[57:60]
+    rm, rv = cp.zeros(3, cp.float32), cp.ones(3, cp.float32)
+    before = xbuf.get(), obuf.get()
+    for kw, match in [(dict(gamma=gamma, out=out), "out overlaps gamma"),
+                      (dict(running_mean=xbuf[10:13]), "running_mean overlaps x"),
+                      (dict(running_var=rm), "running_mean overlaps running_var")]:
+        with pytest.raises(ValueError, match=match):
+            bn_forward(x, **{"running_mean": rm, "running_var": rv, **kw}, backend="cupy")
+    np.testing.assert_array_equal(xbuf.get(), before[0])
+    np.testing.assert_array_equal(obuf.get(), before[1])
+    np.testing.assert_array_equal(rm.get(), 0)
