@@ -1288,9 +1288,9 @@ def plot_results(results: Sequence[Result], path: str, title: str = ""):
         ax.axhline(100, color="black", linestyle="--", linewidth=0.8)
         ax.set_ylim(0, top * 1.12)
         ax.set_ylabel("% of same-size copy")
-        ax.set_title(f"{OP_TITLES[op]}: GB/s over the minimum bytes ({BYTES_FACTOR[op]} x nbytes of x) as % of "
-                     "a copy of x timed in the same run (100 % = copy speed; higher is faster)",
-                     fontsize=9, loc="left")
+        panel = (f"{OP_TITLES[op]}: GB/s over the minimum bytes ({BYTES_FACTOR[op]} x nbytes of x) as % of "
+                 "a copy of x timed in the same run (100 % = copy speed; higher is faster)")
+        ax.set_title(textwrap.fill(panel, int(fig.get_figwidth() * 12)), fontsize=9, loc="left")
         ax.set_xticks(range(len(groups)), [f"{s}\n{d}" for s, d in groups], fontsize=7)
         ax.set_xlim(-0.6, len(groups) - 0.4)
         ax.grid(axis="y", alpha=0.3)
