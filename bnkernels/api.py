@@ -187,9 +187,11 @@ def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, backend=
 def channel_stats(x, *, axis=1, backend="auto") -> ChannelStats:
     """Per-channel count, mean and M2 of ``x`` (reduction over all other axes).
 
-    Accumulated in float64 around the rounded mean (never E[x^2] - E[x]^2);
-    for float16/float32 input the deviations are squared in float32, so M2
-    is accurate to about 1e-7 relative, whatever the mean.
+    Accumulated around a shift near the mean (never E[x^2] - E[x]^2). The
+    CPU backends form and square the deviations in float64 (no overflow or
+    underflow for any float16/float32 data); the GPU backends work
+    float16/float32 input in float32. Either way M2 is accurate to about
+    1e-7 relative for float16/float32 input, whatever the mean.
 
     Args:
         x: array with ndim >= 1, float16/32/64; channels along ``axis``.

@@ -334,9 +334,9 @@ def _assert_stats(stats, p: Problem, what: str, m2_rtol: float):
 
 #: Tight float64 tolerance for statistics of float64 data.
 STATS_RTOL = TOLERANCES[np.dtype(np.float64)]["rtol"]
-#: channel_stats documents that for float16/float32 input "the deviations are
-#: squared in float32, so M2 is accurate to about 1e-7 relative": d = x - k
-#: and d**2 each round by u32, so up to ~3 u32.
+#: channel_stats documents that for float16/float32 input "M2 is accurate to
+#: about 1e-7 relative": worked in float32 (the GPU backends), d = x - k and
+#: d**2 each round by u32, so up to ~3 u32 (the CPU backends, in float64, do better).
 STATS_RTOL_FLOAT32_INPUT = 4 * UNIT[np.dtype(np.float32)]
 
 
