@@ -2,7 +2,7 @@
 of every implementation usable here (the bnkernels backends, textbook
 NumPy, ``torch.nn.functional.batch_norm``; with a GPU also the GPU
 backends, textbook CuPy and torch CUDA) on the named shapes of
-:data:`bnkernels.benchmark.NAMED_CASES`, float32 and float16::
+:data:`bnkernels.bench.NAMED_CASES`, float32 and float16::
 
     pytest bench --benchmark-only                            # everything, a few minutes on 2 cores
     pytest bench --benchmark-only -k "resnet-56 and float32"
@@ -17,13 +17,13 @@ the reason instead of being timed, a wrong bnkernels result fails.
 
 ``benchmark.extra_info`` holds op, implementation, role, device,
 device_name, shape_name, shape, axis, layout, dtype, bytes (the minimum
-bytes the op must move, :data:`bnkernels.benchmark.BYTES_MODEL`),
+bytes the op must move, :data:`bnkernels.bench.BYTES_MODEL`),
 bytes_model, max_err, timer, allocation and, when timed, gbps (from the
 median), ceiling_gbps and ceiling_method (a large copy on the same device,
 measured once per session), pct_of_ceiling, copy_gbps and pct_of_copy (a
 copy of x into a preallocated buffer of its size on the same device, hot,
 timed with the device's ``quick_timing`` once per shape, dtype and device;
-:data:`bnkernels.benchmark.SAME_SIZE_COPY_NOTE`); torch_threads for torch. On
+:data:`bnkernels.bench.SAME_SIZE_COPY_NOTE`); torch_threads for torch. On
 a GPU, pytest-benchmark's wall clock includes a device synchronize after
 each call, and ``cuda_event_median_s``/``gbps`` come from CUDA events.
 Outputs are not preallocated (no API here takes one), so allocation is part
@@ -37,7 +37,7 @@ import statistics
 import numpy as np
 import pytest
 
-from bnkernels import benchmark as bm
+from bnkernels import bench as bm
 
 CATALOG = bm.implementation_catalog()
 DTYPES = ("float32", "float16")

@@ -1,7 +1,7 @@
 """The ``bnkernels`` command: ``bnkernels info`` and ``bnkernels bench``.
 
 Argument parsing and printing only; what is measured and how lives in
-:mod:`bnkernels.benchmark`. Exit codes: 0 success, 2 usage error, 1 when an
+:mod:`bnkernels.bench`. Exit codes: 0 success, 2 usage error, 1 when an
 implementation produced a wrong result (or raised) in ``bench``.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import benchmark as bm
+from . import bench as bm
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -31,7 +31,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # --------------------------------------------------------------------------
 
 def info_data() -> dict:
-    """What ``bnkernels info --json`` prints: :func:`bnkernels.benchmark.system_info`
+    """What ``bnkernels info --json`` prints: :func:`bnkernels.bench.system_info`
     plus ``backends``, a list of ``{name, device, available, implemented, reason,
     install, details}`` (``details``: how a usable backend runs here)."""
     from . import available_backends
@@ -583,7 +583,7 @@ def main(argv: Sequence[str] | None = None, *,
     exit code (0 ok, 1 wrong results, 2 usage error) instead of exiting.
 
     ``implementations``: for ``bench``, run exactly these
-    :class:`bnkernels.benchmark.Implementation` objects instead of the ones
+    :class:`bnkernels.bench.Implementation` objects instead of the ones
     ``--backends`` selects (for scripts and tests).
     """
     parser = build_parser()

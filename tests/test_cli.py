@@ -1,5 +1,5 @@
 """The ``bnkernels`` command line (``bnkernels.cli``) and the measurement code
-behind ``bnkernels bench`` (``bnkernels.benchmark``).
+behind ``bnkernels bench`` (the package ``bnkernels.bench``).
 
 Benchmarks run on tiny shapes with one repeat and a small copy buffer, so
 these tests take seconds; no test looks at how fast anything is.
@@ -17,8 +17,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bnkernels import benchmark as bm
+from bnkernels import bench as bm
 from bnkernels.cli import Progress, build_parser, main, select_implementations
+
+
+def patch_bench(monkeypatch, name, value):
+    """Replace a harness function everywhere it is looked up: the package
+    ``bnkernels.bench`` (what the CLI calls) and each of its modules."""
+    import sys
+
+    monkeypatch.setattr(bm, name, value)
+    for module in [m for k, m in sys.modules.items() if k.startswith("bnkernels.bench.")]:
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, value)
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_NUMBA = importlib.util.find_spec("numba") is not None
@@ -212,7 +223,7 @@ def test_bench_torch_when_installed(tmp_path, capsys):
 
 def test_cold_rotates_copies_of_the_inputs(tmp_path, capsys, monkeypatch):
     # A 64 KiB "cache": x (3200 bytes) then needs ceil(2 * 64 KiB / 3200) + 1 = 42 copies.
-    monkeypatch.setattr(bm, "last_level_cache_bytes", lambda: 64 << 10)
+    patch_bench(monkeypatch, "last_level_cache_bytes", lambda: 64 << 10)
     data = _run_json(["bench", "--cold", "--backends", "numpy", "--ops", "train,backward", "--repeat", "3",
                       "--ceiling-mib", "4", "--shapes", "4x8x5x5", "--dtype", "float32"], tmp_path)
     assert data["cold"] is True
@@ -285,7 +296,7 @@ def test_default_device_without_a_gpu_is_the_cpu():
 
 
 def test_torch_that_does_not_import_is_left_out_or_a_usage_error(monkeypatch, capsys):
-    monkeypatch.setattr(bm, "import_torch", lambda: None)  # as if installed but broken
+    patch_bench(monkeypatch, "import_torch", lambda: None)  # as if installed but broken
     names = [i.name for i in select_implementations(None, build_parser(), device="cpu")]
     assert "torch" not in names and "numpy" in names
     assert main(["bench", "--backends", "torch", *FAST]) == 2
@@ -294,7 +305,7 @@ def test_torch_that_does_not_import_is_left_out_or_a_usage_error(monkeypatch, ca
 
 def test_without_torch_the_table_says_so(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now fails, find_spec says missing
-    monkeypatch.setattr(bm, "system_info", lambda: {**SYSTEM_INFO, "torch": None})
+    patch_bench(monkeypatch, "system_info", lambda: {**SYSTEM_INFO, "torch": None})
     assert main(["bench", "--device", "cpu", "--ops", "infer", *FAST]) == 0
     out = capsys.readouterr().out
     assert "torch is not installed here" in out and 'pip install "bnkernels[torch]"' in out
@@ -711,12 +722,12 @@ def test_channels_last_case_holds_the_same_data():
 
 
 def test_default_ceiling_buffer_is_beyond_the_cache(monkeypatch):
-    monkeypatch.setattr(bm, "available_memory_bytes", lambda: 64 << 30)
+    patch_bench(monkeypatch, "available_memory_bytes", lambda: 64 << 30)
     for llc, expected in [(None, 256 * bm.MiB), (32 * bm.MiB, 256 * bm.MiB), (480 * bm.MiB, 960 * bm.MiB),
                           (4 << 30, 2 << 30)]:
-        monkeypatch.setattr(bm, "last_level_cache_bytes", lambda llc=llc: llc)
+        patch_bench(monkeypatch, "last_level_cache_bytes", lambda llc=llc: llc)
         assert bm.default_ceiling_bytes() == expected
-    monkeypatch.setattr(bm, "available_memory_bytes", lambda: 1 << 30)  # an eighth of the memory
+    patch_bench(monkeypatch, "available_memory_bytes", lambda: 1 << 30)  # an eighth of the memory
     assert bm.default_ceiling_bytes() == 128 * bm.MiB
 
 
@@ -838,7 +849,7 @@ def test_info_says_how_numba_runs_here(capsys):
 
 
 def test_cpu_copy_without_numba_is_np_copyto_and_copies(monkeypatch):
-    monkeypatch.setattr(bm, "_numba_copy_kernel", lambda: None)  # as if numba were not installed
+    patch_bench(monkeypatch, "_numba_copy_kernel", lambda: None)  # as if numba were not installed
     made = []  # the destinations the real sliced_copy is given, and its runners
 
     def recording(dst, src, pool=None, threads=1):
@@ -847,7 +858,7 @@ def test_cpu_copy_without_numba_is_np_copyto_and_copies(monkeypatch):
         return run
 
     real = bm.sliced_copy
-    monkeypatch.setattr(bm, "sliced_copy", recording)
+    patch_bench(monkeypatch, "sliced_copy", recording)
     device = bm.CpuDevice()
     impl = device.copy_implementation()
     assert impl.name == "np.copyto" and impl.role == bm.COPY and not impl.checked

@@ -1,0 +1,298 @@
+"""What ``bnkernels bench`` measures: the operations (:data:`OPS`, the
+bytes each must move, :func:`min_bytes`), the shapes (:class:`Case`,
+:data:`NAMED_CASES`), their inputs (:func:`make_inputs`) and the check of
+every output against the float64 reference before anything is timed
+(:func:`reference_outputs`, :func:`check_outputs`)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..reference import reference_backward, reference_forward
+
+
+#: Operations, in the order they are reported.
+OPS = ("train", "infer", "backward")
+OP_TITLES = {"train": "training forward", "infer": "inference forward", "backward": "backward"}
+
+#: Minimum traffic of each operation in units of ``x.nbytes`` (see
+#: :func:`min_bytes`); ``"copy"`` is the same-size copy reference (:data:`COPY`).
+BYTES_FACTOR = {"train": 3, "infer": 2, "backward": 5, "copy": 2}
+
+BYTES_MODEL = (
+    "minimum bytes an operation must move, in sizes of x (storage dtype), for a two-pass method: "
+    "training forward 3 (read x for the statistics, read x again and write y), inference 2 "
+    "(read x, write y), backward 5 (read x and dy for the sums, read x and dy again and write dx); "
+    "per-channel vectors are ignored; the same-size copy 2 (read x, write a buffer of its size). "
+    "GB/s = bytes / median time / 1e9"
+)
+
+ALLOCATION_NOTE = (
+    "outputs are not preallocated (textbook NumPy/CuPy and torch.nn.functional.batch_norm return new "
+    "arrays, and so do bn_forward and bn_backward unless given out=), so those times include "
+    "allocating the outputs, as in real use; the <backend>+out rows pass a preallocated out= instead, "
+    "as the copy ceiling and the same-size copy write into preallocated buffers"
+)
+
+SAME_SIZE_COPY_NOTE = (
+    "% copy = GB/s / GB/s of a copy of x into a preallocated buffer of the same size on the same "
+    "device, with the same threads and in the same cache state (hot, or rotated through copies with "
+    "--cold), read + write counted; 100 % means the op moved its bytes as fast as that copy. The copy "
+    "rows show that copy"
+)
+
+#: Roles: candidates are what is being measured (a wrong candidate fails
+#: ``bnkernels bench``); the two comparison points give the speed-ups.
+CANDIDATE, TEXTBOOK, TORCH = "candidate", "textbook", "torch"
+
+#: The same-size copy reference: both its role and its op (not one of
+#: :data:`OPS`; users do not select it). A copy of ``x`` into a preallocated
+#: buffer of the same size on the device of the ops, timed like them
+#: (``CpuDevice.copy_implementation``, ``CudaDevice.copy_implementation``);
+#: ``pct_of_copy`` is relative to it.
+COPY = "copy"
+
+#: Name of the CPU textbook baseline.
+BASELINE = "textbook-numpy"
+
+#: Allowed error of each output: ``max |out - ref| / max |ref|`` (ref float64).
+TOLERANCE = {
+    np.dtype(np.float16): 2e-2,
+    np.dtype(np.float32): 1e-3,
+    np.dtype(np.float64): 1e-9,
+}
+
+EPS = 1e-5
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+class Unsupported(Exception):
+    """Raised by ``Implementation.prepare`` for an op/dtype it does not do."""
+
+
+
+def layout_label(shape: Sequence[int], axis: int) -> str:
+    """Short layout name: ``NCHW``/``NHWC`` for 4-D, ``2-D`` for (N, C),
+    else ``<n>-D axis=<a>``."""
+    nd = len(shape)
+    ax = axis % nd
+    if nd == 4 and ax == 1:
+        return "NCHW"
+    if nd == 4 and ax == 3:
+        return "NHWC"
+    if nd == 2 and ax == 1:
+        return "2-D"
+    return f"{nd}-D axis={ax}"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One shape to measure, its channel axis and (optionally) its name."""
+
+    shape: tuple[int, ...]
+    axis: int = 1
+    name: str = ""
+
+    @property
+    def layout(self) -> str:
+        return layout_label(self.shape, self.axis)
+
+    @property
+    def shape_str(self) -> str:
+        return "x".join(str(s) for s in self.shape)
+
+    @property
+    def label(self) -> str:
+        """The name when there is one, else the dimensions."""
+        return self.name or self.shape_str
+
+    def _batch_axis(self) -> int:
+        return 1 if self.axis % len(self.shape) == 0 else 0
+
+    def scaled(self, divisor: int) -> "Case":
+        """The same case with the batch (first non-channel) dimension divided
+        by ``divisor``; the name gets a ``/divisor`` suffix."""
+        b = self._batch_axis()
+        shape = list(self.shape)
+        shape[b] = max(shape[b] // divisor, 2)
+        return Case(tuple(shape), self.axis, f"{self.name}/{divisor}" if self.name else "")
+
+    def tiny(self) -> "Case":
+        """A few-KB version for smoke tests: every non-channel dimension cut
+        to at most 4 (the batch of a 2-D case to 64), same axis and name."""
+        nd, ax = len(self.shape), self.axis % len(self.shape)
+        cap = 64 if nd == 2 else 4
+        shape = tuple(d if i == ax else min(d, cap) for i, d in enumerate(self.shape))
+        return Case(shape, self.axis, self.name)
+
+
+#: The named shapes: what ``bnkernels bench`` and ``pytest bench`` measure by
+#: default. ResNet-like activations (stage conv2_x at 56x56, batch 32; stage
+#: conv4_x at 14x14, batch 256), the same data channels-last, a dense layer,
+#: tall-skinny (many rows, few channels) and small-C (an RGB image batch).
+NAMED_CASES: dict[str, Case] = {c.name: c for c in (
+    Case((32, 64, 56, 56), 1, "resnet-56"),
+    Case((32, 56, 56, 64), -1, "resnet-56-nhwc"),
+    Case((256, 256, 14, 14), 1, "resnet-14"),
+    Case((256, 14, 14, 256), -1, "resnet-14-nhwc"),
+    Case((8192, 1024), 1, "dense"),
+    Case((100000, 32), 1, "tall-skinny"),
+    Case((64, 3, 224, 224), 1, "small-c"),
+)}
+DEFAULT_CASES = tuple(NAMED_CASES.values())
+#: ``--quick`` runs every named case with the batch divided by this.
+QUICK_DIVISOR = 4
+QUICK_CASES = tuple(c.scaled(QUICK_DIVISOR) for c in DEFAULT_CASES)
+
+
+def parse_case(text: str) -> Case:
+    """A named shape (``resnet-56``, see :data:`NAMED_CASES`) or
+    ``SHAPE[@AXIS]``: ``"8x32x28x28"``, ``"8x28x28x32@-1"`` (axis default 1).
+    Raises ``ValueError`` with a readable message."""
+    text = text.strip()
+    if text in NAMED_CASES:
+        return NAMED_CASES[text]
+    dims, _, axis_text = text.partition("@")
+    try:
+        shape = tuple(int(d) for d in dims.lower().split("x"))
+        axis = int(axis_text) if axis_text else 1
+    except ValueError:
+        raise ValueError(f"bad shape {text!r}: expected a name ({', '.join(NAMED_CASES)}) "
+                         "or e.g. 8x32x28x28 or 8x28x28x32@-1") from None
+    if not shape or any(d < 1 for d in shape):
+        raise ValueError(f"bad shape {text!r}: dimensions must be positive integers")
+    if not -len(shape) <= axis < len(shape):
+        raise ValueError(f"bad shape {text!r}: axis {axis} out of range for {len(shape)} dimensions")
+    if math.prod(shape) // shape[axis] < 2:
+        raise ValueError(f"bad shape {text!r}: training needs at least 2 values per channel")
+    return Case(shape, axis)
+
+
+def parse_cases(text: str) -> list[Case]:
+    """Comma list of :func:`parse_case` items; ``all`` is every named shape."""
+    cases: list[Case] = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        cases.extend(DEFAULT_CASES if item == "all" else [parse_case(item)])
+    if not cases:
+        raise ValueError("no shape given")
+    return list(dict.fromkeys(cases))
+
+
+@dataclass
+class Inputs:
+    """Host arrays of one case: ``x``, ``dy`` in the benchmark dtype;
+    ``gamma``, ``beta``, ``running_mean``, ``running_var`` float32 (C,)."""
+
+    x: np.ndarray
+    dy: np.ndarray
+    gamma: np.ndarray
+    beta: np.ndarray
+    running_mean: np.ndarray
+    running_var: np.ndarray
+    axis: int
+    eps: float = EPS
+
+    def copy(self) -> "Inputs":
+        """New ``x`` and ``dy`` buffers with the same values (the per-channel
+        vectors are shared: nothing benchmarked writes them)."""
+        return replace(self, x=self.x.copy(), dy=self.dy.copy())
+
+
+def make_inputs(case: Case, dtype, seed: int = 0) -> Inputs:
+    """Deterministic data for a case: per-channel means in [1, 4] and standard
+    deviations in [0.5, 2] (a non-zero mean, as real activations have).
+
+    The values are drawn in channels-first order, so a channels-last case
+    (channel axis last, ndim > 2) holds exactly the same data as the
+    channels-first case of the transposed shape.
+    """
+    shape, nd = case.shape, len(case.shape)
+    ax = case.axis % nd
+    C = shape[ax]
+    channels_last = nd > 2 and ax == nd - 1
+    gen_shape = (shape[0], C, *shape[1:-1]) if channels_last else shape
+    gen_axis = 1 if channels_last else ax
+    rng = np.random.default_rng(seed)
+    pshape = [1] * nd
+    pshape[gen_axis] = C
+    mean_c = rng.uniform(1.0, 4.0, C).astype(np.float32)
+    std_c = rng.uniform(0.5, 2.0, C).astype(np.float32)
+    x = rng.standard_normal(gen_shape, dtype=np.float32)
+    x *= std_c.reshape(pshape)
+    x += mean_c.reshape(pshape)
+    dy = rng.standard_normal(gen_shape, dtype=np.float32)
+    if channels_last:
+        x = np.moveaxis(x, 1, -1)
+        dy = np.moveaxis(dy, 1, -1)
+    dtype = np.dtype(dtype)
+    x = np.ascontiguousarray(x, dtype=dtype)
+    dy = np.ascontiguousarray(dy, dtype=dtype)
+    gamma = rng.uniform(0.5, 2.0, C).astype(np.float32)
+    beta = rng.standard_normal(C).astype(np.float32)
+    running_mean = (mean_c + 0.1 * rng.standard_normal(C)).astype(np.float32)
+    running_var = (std_c**2 * rng.uniform(0.8, 1.25, C)).astype(np.float32)
+    return Inputs(x, dy, gamma, beta, running_mean, running_var, case.axis)
+
+
+def min_bytes(op: str, x_nbytes: int) -> int:
+    """Minimum bytes ``op`` must move for an input of ``x_nbytes`` bytes
+    (see :data:`BYTES_MODEL`)."""
+    return BYTES_FACTOR[op] * int(x_nbytes)
+
+
+
+def _host(a) -> np.ndarray:
+    return np.asarray(a)
+
+
+def reference_outputs(op: str, inp: Inputs) -> tuple[np.ndarray, ...]:
+    """Float64 outputs of ``op`` from :mod:`bnkernels.reference`, in the
+    order implementations return them."""
+    kw = dict(axis=inp.axis, eps=inp.eps)
+    if op == "train":
+        return (reference_forward(inp.x, inp.gamma, inp.beta, **kw)[0],)
+    if op == "infer":
+        return (reference_forward(inp.x, inp.gamma, inp.beta, inp.running_mean, inp.running_var,
+                                  training=False, **kw)[0],)
+    if op == "backward":
+        _, mean, invstd, _, _ = reference_forward(inp.x, inp.gamma, inp.beta, **kw)
+        return reference_backward(inp.dy, inp.x, mean, invstd, inp.gamma, axis=inp.axis)
+    raise ValueError(f"unknown op {op!r}")
+
+
+def check_outputs(outputs: Sequence[Any], expected: Sequence[np.ndarray],
+                  to_host: Callable[[Any], np.ndarray] = _host) -> float:
+    """Worst relative error over all outputs: ``max |out - ref| / max |ref|``
+    per output. ``inf`` for a wrong count or shape, or any NaN/inf."""
+    if len(outputs) != len(expected):
+        return math.inf
+    worst = 0.0
+    for out, ref in zip(outputs, expected):
+        a = np.asarray(to_host(out))
+        if a.shape != ref.shape:
+            return math.inf
+        err = np.abs(a.astype(np.float64) - ref)
+        if err.size == 0:
+            continue
+        e = float(err.max())
+        if not math.isfinite(e):
+            return math.inf
+        scale = float(np.abs(ref).max()) or 1.0
+        worst = max(worst, e / scale)
+    return worst
+
+
+__all__ = [
+    'ALLOCATION_NOTE', 'BASELINE', 'BYTES_FACTOR', 'BYTES_MODEL', 'CANDIDATE', 'COPY', 'Case',
+    'DEFAULT_CASES', 'EPS', 'GiB', 'Inputs', 'MiB', 'NAMED_CASES', 'OPS', 'OP_TITLES', 'QUICK_CASES',
+    'QUICK_DIVISOR', 'SAME_SIZE_COPY_NOTE', 'TEXTBOOK', 'TOLERANCE', 'TORCH', 'Unsupported', '_host',
+    'check_outputs', 'layout_label', 'make_inputs', 'min_bytes', 'parse_case', 'parse_cases',
+    'reference_outputs',
+]
