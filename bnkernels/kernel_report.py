@@ -557,13 +557,12 @@ class KernelSources(NamedTuple):
 
 def bnkernels_sources() -> KernelSources:
     """The main ``.cu`` file, name expressions and RawModule options
-    (``nvrtc_options()``, or a ``NVRTC_OPTIONS`` tuple) of
-    :mod:`bnkernels.backends.cupy_backend.sources`."""
+    (``nvrtc_options()``) of :mod:`bnkernels.backends.cupy_backend.sources`."""
     try:
         from .backends.cupy_backend import sources
     except ImportError as exc:
         raise KernelToolError(f"the CuPy backend's kernel sources are not in this bnkernels: {exc}") from exc
-    options = sources.nvrtc_options() if hasattr(sources, "nvrtc_options") else sources.NVRTC_OPTIONS
+    options = sources.nvrtc_options()
     return KernelSources(Path(sources.source_dir()) / sources.MAIN_FILE,
                          list(sources.name_expressions()), tuple(options))
 

@@ -42,7 +42,7 @@ NO_FALLBACK_VAR = "BNKERNELS_NO_FALLBACK"
 class BackendSpec:
     name: str
     device: str  # "cpu" or "gpu"
-    module: str | None  # implementation module; None while the backend is planned
+    module: str  # the implementation module
     requirement: Callable[[], str | None]  # None when usable, else why not
     install: str  # what a user installs to get it
     package: str | None = None  # the optional package it imports (None: always there)
@@ -76,16 +76,10 @@ class BackendStatus:
     available: bool
     reason: str | None
     install: str
-    implemented: bool  # False: planned for a later release of bnkernels
 
 
 def _unavailable_reason(spec: BackendSpec) -> str | None:
-    problem = spec.requirement()
-    if problem:
-        return problem
-    if spec.module is None:
-        return f"the {spec.name} backend is not implemented in this release of bnkernels yet"
-    return probes.module_problem(spec.module)
+    return spec.requirement() or probes.module_problem(spec.module)
 
 
 def _install_hint(spec: BackendSpec) -> str:
@@ -100,15 +94,14 @@ def available_backends() -> dict[str, BackendStatus]:
     """Status of every backend, in order of preference.
 
     Returns a dict ``name -> BackendStatus(name, device, available, reason,
-    install, implemented)``; ``reason`` says why an unavailable backend
+    install)``; ``reason`` says why an unavailable backend
     cannot run here.
     """
     out = {}
     for spec in BACKENDS:
         reason = _unavailable_reason(spec)
         out[spec.name] = BackendStatus(spec.name, spec.device, reason is None, reason,
-                                       spec.install if reason is None else _install_hint(spec),
-                                       spec.module is not None)
+                                       spec.install if reason is None else _install_hint(spec))
     return out
 
 

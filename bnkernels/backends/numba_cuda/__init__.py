@@ -161,9 +161,10 @@ def _empty(shape, dtype, stream):
     return cuda.device_array(shape, dtype=dtype, stream=stream)
 
 
-def _reduce_launch(layout: ChannelLayout, acc_dtype, stream):
+def _reduce_launch(layout: ChannelLayout, acc_dtype, stream, n_stages: int):
+    """The plan, ``n_stages`` (C, splits) staging buffers and the counters."""
     plan = launch.reduce_plan(layout.outer, layout.channels, layout.inner, _limits(), TUNING)
-    stages = [_empty((layout.channels, plan.splits), acc_dtype, stream) for _ in range(3)]
+    stages = [_empty((layout.channels, plan.splits), acc_dtype, stream) for _ in range(n_stages)]
     return plan, stages, _counters_for(plan.groups, stream)
 
 
@@ -188,7 +189,7 @@ def _run_stats(x: Operand, layout: ChannelLayout, gamma, beta, eps: float, runni
         else:
             rm = rv = _empty(1, np.float32, stream)
             factor = 0.0
-        plan, stages, counters = _reduce_launch(layout, cdt, stream)
+        plan, stages, counters = _reduce_launch(layout, cdt, stream, 3)  # count, mean, m2
         kernel = kernels.stats_rows if layout.inner == 1 else kernels.stats_planes
         kernel[plan.grid, plan.block, stream](
             xd, layout.outer, C, layout.inner, 1.0 / n, n / (n - 1) if n > 1 else 0.0, eps, factor,
@@ -252,7 +253,7 @@ def backward(dy: Operand, x: Operand, layout: ChannelLayout, mean, invstd, gamma
         g, has_g = _param(gamma, stream)
         m, s = _to_device(mean, stream), _to_device(invstd, stream)
         if n:
-            plan, stages, counters = _reduce_launch(layout, cdt, stream)
+            plan, stages, counters = _reduce_launch(layout, cdt, stream, 2)  # sum(dy), sum(dy * (x - k))
             kernel = k.bwd_rows if layout.inner == 1 else k.bwd_planes
             kernel[plan.grid, plan.block, stream](dyd, xd, layout.outer, C, layout.inner, 1.0 / n, has_g, g,
                                                   m, s, dgamma, dbeta, kk, a, b, c, *stages, counters)

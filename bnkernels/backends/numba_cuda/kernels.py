@@ -301,7 +301,7 @@ def _make_backward_kernel(acc, channels_last):
             saved_mean, saved_invstd,  # (C,) from the forward
             dgamma, dbeta,  # (C,) acc outputs
             k_out, a_out, b_out, c_out,  # (C,) acc: dx = dy * a + (x - k) * b + c
-            stage_s, stage_t, stage_u,  # (C, gridDim.x) acc partial sums
+            stage_s, stage_t,  # (C, gridDim.x) acc partial sums
             counters):  # (groups,) int32, zero between launches
         sh_a = cuda.shared.array((MAX_WARPS, WARP), acc)
         sh_b = cuda.shared.array((MAX_WARPS, WARP), acc)
@@ -345,7 +345,6 @@ def _make_backward_kernel(acc, channels_last):
             if ty == 0 and active:
                 stage_s[c, bx] = s0
                 stage_t[c, bx] = t0
-                stage_u[c, bx] = u0
             if last_to_arrive(counters, g, sh_last):
                 s0 = t0 = zero
                 if active:
@@ -500,7 +499,7 @@ def compile_targets():
         a, s = arr(acc), arr(storage)
         stats_args = (s, i64, i64, i64, f64, f64, f64, f64, i64, i64, i64, param, param, param, param,
                       *[a] * 7, *[arr(acc, 2)] * 3, arr(i32))
-        bwd_args = (s, s, i64, i64, i64, f64, i64, param, a, a, *[a] * 6, *[arr(acc, 2)] * 3, arr(i32))
+        bwd_args = (s, s, i64, i64, i64, f64, i64, param, a, a, *[a] * 6, *[arr(acc, 2)] * 2, arr(i32))
         for kname, kernel, args in (
                 ("stats_planes", k.stats_planes, stats_args),
                 ("stats_rows", k.stats_rows, stats_args),

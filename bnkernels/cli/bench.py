@@ -1,9 +1,5 @@
-"""The ``bnkernels`` command: ``bnkernels info`` and ``bnkernels bench``.
-
-Argument parsing and printing only; what is measured and how lives in
-:mod:`bnkernels.bench`. Exit codes: 0 success, 2 usage error, 1 when an
-implementation produced a wrong result (or raised) in ``bench``.
-"""
+"""``bnkernels bench``: choosing the implementations, the progress bar, the
+printed report and its JSON; what is measured lives in :mod:`bnkernels.bench`."""
 from __future__ import annotations
 
 import argparse
@@ -17,88 +13,13 @@ import shutil
 import sys
 import textwrap
 import time
-from typing import Sequence
 
 import numpy as np
 
-from . import bench as bm
+from .. import bench as bm
+from .exits import EXIT_FAILED, EXIT_OK
+from .tables import format_table, format_results_table
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-# --------------------------------------------------------------------------
-# info
-# --------------------------------------------------------------------------
-
-def info_data() -> dict:
-    """What ``bnkernels info --json`` prints: :func:`bnkernels.bench.system_info`
-    plus ``backends``, a list of ``{name, device, available, implemented, reason,
-    install, details}`` (``details``: how a usable backend runs here)."""
-    from . import available_backends
-    from .backends import backend_details
-
-    data = bm.system_info()
-    data["backends"] = [
-        {"name": s.name, "device": s.device, "available": s.available, "implemented": s.implemented,
-         "reason": s.reason, "install": s.install, "details": backend_details(s.name) if s.available else ""}
-        for s in available_backends().values()
-    ]
-    return data
-
-
-def _format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool],
-                  free_last: bool = False) -> str:
-    """Fixed-width text table. A row shorter than ``headers`` ends in a free
-    text cell that spans the remaining columns and does not widen them; with
-    ``free_last`` the last column is always such free text."""
-    n = len(headers)
-    fixed = n - 1 if free_last else n
-    widths = [len(h) for h in headers]
-    for r in rows:
-        k = min(fixed, len(r) if len(r) == n else len(r) - 1)
-        for i in range(k):
-            widths[i] = max(widths[i], len(r[i]))
-
-    def line(cells):
-        k = min(fixed, len(cells) if len(cells) == n else len(cells) - 1)
-        out = [c.rjust(w) if ra else c.ljust(w) for c, w, ra in zip(cells[:k], widths, right)]
-        out += cells[k:]
-        return "  ".join(out).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def _cmd_info(args) -> int:
-    data = info_data()
-    if args.json:
-        print(json.dumps(data, indent=2))
-        return EXIT_OK
-    print(f"bnkernels  {data['bnkernels']}")
-    print(f"Python     {data['python']} ({data['python_implementation']}, {data['python_executable']})")
-    print(f"NumPy      {data['numpy']}")
-    print(f"torch      {data['torch'] or 'not installed'} (optional, compared against in bench)")
-    print(f"Platform   {data['platform']}")
-    print(f"CPU        {data['cpu']}")
-    print(f"Cores      {data['cpu_count']} ({data['cpus_usable']} usable by this process)")
-    print()
-    rows = []
-    for b in data["backends"]:
-        if b["available"]:
-            rows.append([b["name"], b["device"], "yes", b["details"]])
-        elif not b["implemented"]:
-            rows.append([b["name"], b["device"], "planned", "not in this release"
-                         + ("" if "not implemented" in b["reason"] else f" (and here: {b['reason']})")])
-        else:
-            rows.append([b["name"], b["device"], "no", f"why: {b['reason']}"])
-            rows.append(["", "", "", f"to get it: {b['install']}"])
-    print(_format_table(["backend", "device", "usable", "details / why not / what to install"], rows,
-                        [False] * 4, free_last=True))
-    return EXIT_OK
-
-
-# --------------------------------------------------------------------------
-# bench
-# --------------------------------------------------------------------------
 
 DTYPE_NAMES = ("float16", "float32", "float64")
 #: dtypes of a default run and of a --quick run.
@@ -206,61 +127,6 @@ class Progress:
             self.stream.flush()
 
 
-def _fmt_ms(s: float | None) -> str:
-    if s is None:
-        return "-"
-    ms = s * 1e3
-    return f"{ms:.3f}" if ms < 10 else f"{ms:.2f}" if ms < 100 else f"{ms:.1f}"
-
-
-def _fmt_x(v: float | None) -> str:
-    return f"{v:.2f}x" if v is not None else "-"
-
-
-def _fmt_pct(v: float | None) -> str:
-    return f"{v:.0f}%" if v is not None else "-"
-
-
-def _result_row(r: bm.Result) -> list[str]:
-    base = [r.op, r.shape_name, "x".join(map(str, r.shape)), r.layout, r.dtype, r.implementation]
-    if r.status == "ok":
-        return base + [
-            _fmt_ms(r.median_s),
-            f"{_fmt_ms(r.min_s)}-{_fmt_ms(r.max_s)}",
-            f"{r.gbps:.2f}",
-            _fmt_pct(r.pct_of_ceiling),
-            _fmt_pct(r.pct_of_copy),
-            _fmt_x(r.speedup_vs_textbook),
-            _fmt_x(r.speedup_vs_torch),
-        ]
-    if r.status == "wrong":
-        text = f"WRONG (max err {r.max_err:.2e} > tolerance {r.tolerance:.0e}; not timed)"
-    elif r.status == "unsupported":
-        text = f"n/a ({r.message})"
-    else:
-        text = f"ERROR ({r.message})"
-    return base + [text]
-
-
-TABLE_HEADERS = ["op", "shape", "dims", "layout", "dtype", "implementation", "median ms", "min-max ms",
-                 "GB/s", "% ceil", "% copy", "vs textbook", "vs torch"]
-
-
-def format_results_table(results: Sequence[bm.Result]) -> str:
-    """The bench table; a blank line between (dtype, shape) groups, each
-    led by its same-size copy rows (op ``copy``)."""
-    right = [False] * 6 + [True] * 7
-    text = _format_table(TABLE_HEADERS, [_result_row(r) for r in results], right).split("\n")
-    lines, prev = text[:2], None
-    for r, line in zip(results, text[2:]):
-        group = (r.dtype, r.shape_name, r.shape, r.device)
-        if prev is not None and group != prev:
-            lines.append("")
-        lines.append(line)
-        prev = group
-    return "\n".join(lines)
-
-
 def _timing_text(t: bm.Timing, timer: str) -> str:
     more = f" and >= {t.min_time:g} s (at most {t.max_repeat} calls)" if t.min_time > 0 else ""
     return (f"{t.warmup} warm-up call{'s' if t.warmup != 1 else ''}, then >= {t.repeat} timed "
@@ -347,18 +213,18 @@ def _bench_payload(results, ceilings, devices, timings, args, info, torch_thread
 def _print_list() -> int:
     print("Named shapes (--shapes NAME[,NAME...] or all; any SHAPE[@AXIS] works too):")
     rows = [[name, c.shape_str, c.layout, f"axis={c.axis}"] for name, c in bm.NAMED_CASES.items()]
-    print(_format_table(["name", "dims", "layout", "channel axis"], rows, [False] * 4))
+    print(format_table(["name", "dims", "layout", "channel axis"], rows, [False] * 4))
     print()
     print("Implementations (--backends NAME[,NAME...]):")
     rows = [[e.name, e.device, e.role, "yes" if e.default else "when named",
              "yes" if e.problem is None else f"no: {e.problem}"]
             for e in bm.implementation_catalog().values()]
-    print(_format_table(["name", "device", "role", "default", "usable here"], rows, [False] * 5,
+    print(format_table(["name", "device", "role", "default", "usable here"], rows, [False] * 5,
                         free_last=True))
     return EXIT_OK
 
 
-def _cmd_bench(args, parser, implementations=None, argv=()) -> int:
+def run_bench(args, parser, implementations=None, argv=()) -> int:
     if args.list:
         return _print_list()
     ops = _split(args.ops)
@@ -455,7 +321,7 @@ def _cmd_bench(args, parser, implementations=None, argv=()) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def _add_bench_parser(sub) -> None:
+def add_bench_parser(sub) -> None:
     """The ``bench`` subcommand's arguments."""
     names = ", ".join(bm.NAMED_CASES)
     p_bench = sub.add_parser(
@@ -507,97 +373,3 @@ def _add_bench_parser(sub) -> None:
     p_bench.add_argument("--list", action="store_true",
                          help="list the named shapes and the implementations usable here, and exit")
     p_bench.set_defaults(subparser=p_bench)
-
-
-# --------------------------------------------------------------------------
-# kernels
-# --------------------------------------------------------------------------
-
-def _cmd_kernels(args) -> int:
-    """``bnkernels kernels``: compile the CuPy kernels with NVRTC as CuPy
-    would, for each ``--arch``, and print each instantiation's resources and
-    global/local memory instructions (:mod:`bnkernels.kernel_report`).
-    Exit 1 when a tool is missing or the sources do not compile."""
-    from . import kernel_report as kr
-
-    archs = list(dict.fromkeys(args.arch or kr.DEFAULT_ARCHS))
-    try:
-        archs = [kr.normalize_arch(a) for a in archs]
-        reports = [r for arch in archs for r in kr.inspect(arch)]
-        version = "%d.%d" % kr.nvrtc_version()
-    except ValueError as exc:
-        print(f"bnkernels kernels: --arch: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (kr.KernelToolError, kr.KernelCompileError) as exc:
-        print(f"bnkernels kernels: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    if args.json:
-        options = kr.bnkernels_sources().options
-        print(json.dumps({"nvrtc_version": version, "archs": archs,
-                          "nvrtc_options": {a: list(kr.compile_options(options, a)) for a in archs},
-                          "kernels": [r.to_dict() for r in reports]}, indent=2))
-        return EXIT_OK
-    print(f"NVRTC {version}, options as cupy.RawModule passes them; resources from ptxas, "
-          "memory instructions from cuobjdump -sass")
-    rows = [[r.name_expression, r.arch, str(r.registers), str(r.shared_bytes), str(r.stack_bytes),
-             str(r.spill_bytes), str(r.local_memory_ops), f"{r.vector_loads}/{r.vector_stores}",
-             f"{r.scalar_global_loads}/{r.scalar_global_stores}", "yes" if r.vectorized else "no"]
-            for r in reports]
-    print(_format_table(["kernel", "arch", "regs", "smem B", "stack B", "spill B", "LDL/STL",
-                         "128-bit ld/st", "narrower ld/st", "vectorized"],
-                        rows, [False, False] + [True] * 7 + [False]))
-    return EXIT_OK
-
-
-# --------------------------------------------------------------------------
-# entry point
-# --------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser with the ``info``, ``bench`` and ``kernels`` subcommands."""
-    parser = argparse.ArgumentParser(prog="bnkernels", description="bnkernels command-line tool")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p_info = sub.add_parser("info", help="versions, CPU and which backends are usable here")
-    p_info.add_argument("--json", action="store_true", help="print as JSON")
-    p_info.set_defaults(subparser=p_info)
-
-    _add_bench_parser(sub)
-
-    p_kernels = sub.add_parser(
-        "kernels", help="compile the CUDA kernels (no GPU needed) and report their resources",
-        description="Compile every CuPy kernel instantiation with NVRTC and CuPy's options, then "
-                    "print registers, shared memory, stack, spills, local-memory instructions "
-                    "(LDL/STL) and 128-bit global loads/stores from cuobjdump -sass. Needs "
-                    '"cuda-bindings==13.*" and "cuda-toolkit[nvrtc,cudart,cuobjdump,nvdisasm]==13.*".')
-    p_kernels.add_argument("--arch", action="append", metavar="SM",
-                           help="real architecture, repeatable (default: sm_80 and sm_90)")
-    p_kernels.add_argument("--json", action="store_true", help="print as JSON")
-    p_kernels.set_defaults(subparser=p_kernels)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None, *,
-         implementations: Sequence[bm.Implementation] | None = None) -> int:
-    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the
-    exit code (0 ok, 1 wrong results, 2 usage error) instead of exiting.
-
-    ``implementations``: for ``bench``, run exactly these
-    :class:`bnkernels.bench.Implementation` objects instead of the ones
-    ``--backends`` selects (for scripts and tests).
-    """
-    parser = build_parser()
-    try:
-        argv = list(sys.argv[1:] if argv is None else argv)
-        args = parser.parse_args(argv)
-        if args.command == "info":
-            return _cmd_info(args)
-        if args.command == "kernels":
-            return _cmd_kernels(args)
-        return _cmd_bench(args, args.subparser, implementations, argv)
-    except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
