@@ -44,7 +44,7 @@ from numba.extending import overload
 
 from ..validation import ChannelLayout, compute_dtype
 from .numba_half import NATIVE_HALF, prefer_wide_vectors_for, store, to_work, work_value
-from .numpy_backend import ieee_semantics, update_running
+from .cpu_common import ieee_semantics, update_running
 from .outputs import deliver
 
 name = "numba"

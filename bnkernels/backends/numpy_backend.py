@@ -50,13 +50,10 @@ from collections import Counter
 import numpy as np
 
 from ..validation import ChannelLayout, compute_dtype
+from .cpu_common import ieee_semantics, update_running
 from .outputs import deliver
 
 name = "numpy"
-
-#: Decorator for the entry points: no NumPy floating-point warnings (nor
-#: errors: subnormal results are expected here, whatever ``np.seterr`` says).
-ieee_semantics = np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore")
 
 #: Elements per block: buffers of 1 MiB (float32) or 2 MiB (float64), which
 #: stay in the last-level cache. NumPy's cost per call (microseconds)
@@ -380,16 +377,6 @@ def _result(plan: _Plan, x, out):
     """The array to write the result into: ``out``, else a new array like x
     in x's memory order."""
     return out if out is not None else plan.new(x.dtype)
-
-
-def update_running(running_mean, running_var, mean, var_unbiased, factor):
-    """``running = (1 - factor) * running + factor * batch``, in place.
-
-    Computed in float64 and stored in the running arrays' own dtype.
-    """
-    for run, batch in ((running_mean, mean), (running_var, var_unbiased)):
-        new = (1.0 - factor) * run.astype(np.float64) + factor * batch
-        run[...] = new
 
 
 @ieee_semantics
