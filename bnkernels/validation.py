@@ -123,18 +123,14 @@ def writable_view(obj, name: str, *, gpu_backend: bool):
     something NumPy can view without a copy (a CPU torch tensor): a copy
     would take the result and drop it. Returns the NumPy view or the GPU
     array."""
-    if obj is None:
-        return None
-    reject_masked(obj, name)
     if hasattr(obj, "__cuda_array_interface__"):
         if not gpu_backend:
             raise TypeError(f"{name} is a GPU array ({type(obj).__name__}) but x is on the host and runs on "
                             f"a CPU backend: pass a NumPy {name}, or use a GPU backend")
         return obj
-    try:
-        view = np.asarray(obj)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"{name} cannot be used as an array ({type(obj).__name__}): {_one_line(exc)}") from None
+    view = convert(obj, name)  # None stays None; masked arrays refused
+    if view is None:
+        return None
     if view is not obj and view.flags.owndata:
         raise TypeError(f"{name} must be an array (it is updated in place): a NumPy ndarray, or an object "
                         f"NumPy views without a copy such as a CPU torch tensor; got {type(obj).__name__}, "
