@@ -1,6 +1,6 @@
 """What the two CPU backends (``numpy_backend``, ``numba_backend``) share:
-IEEE semantics without NumPy's warnings, and the running-statistics update
-(both host-side, on NumPy arrays)."""
+IEEE semantics without NumPy's warnings, per-channel parameters as float64,
+and the running-statistics update (all host-side, on NumPy arrays)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,6 +10,12 @@ import numpy as np
 #: floating-point warnings (or errors: subnormal results are expected,
 #: whatever ``np.seterr`` says) do not surface in callers' code.
 ieee_semantics = np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore")
+
+
+def per_channel(p, C: int, default: float) -> np.ndarray:
+    """A per-channel parameter (gamma, beta: (C,) or None) as a float64
+    (C,) array, ``default`` everywhere where it is None."""
+    return np.full(C, default) if p is None else np.asarray(p, np.float64)
 
 
 def update_running(running_mean, running_var, mean, var_unbiased, factor):

@@ -44,7 +44,7 @@ from numba.extending import overload
 
 from ..validation import ChannelLayout, compute_dtype
 from .numba_half import NATIVE_HALF, prefer_wide_vectors_for, store, to_work, work_value
-from .cpu_common import ieee_semantics, update_running
+from .cpu_common import ieee_semantics, per_channel, update_running
 from .outputs import deliver
 
 name = "numba"
@@ -380,10 +380,6 @@ def _out3(layout: ChannelLayout, dtype, out=None):
     return y, (y3.view(np.uint16) if y3.dtype == np.float16 else y3)
 
 
-def _vec(p, C, default):
-    return np.full(C, default) if p is None else np.asarray(p, np.float64)
-
-
 def _work(x3, *vectors):
     """Per-channel float64 vectors in the kernels' working type for x3's
     elements: float32 for float16 data (uint16 bits), else float64."""
@@ -484,7 +480,7 @@ def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool,
     cdt = compute_dtype(x.dtype)
     x3 = _view3(x, layout)
     y, y_store = _out3(layout, x.dtype, out)
-    g, b = _vec(gamma, C, 1.0), _vec(beta, C, 0.0)
+    g, b = per_channel(gamma, C, 1.0), per_channel(beta, C, 0.0)
     if C == 0:
         return deliver(y, out), np.zeros(0, cdt), np.zeros(0, cdt)
     if _fused(layout):
@@ -511,10 +507,10 @@ def forward_infer(x, layout: ChannelLayout, running_mean, running_var, gamma, be
     cdt = compute_dtype(x.dtype)
     mean = np.asarray(running_mean, np.float64)
     invstd = 1.0 / np.sqrt(np.asarray(running_var, np.float64) + eps)
-    scale = _vec(gamma, C, 1.0) * invstd
+    scale = per_channel(gamma, C, 1.0) * invstd
     y, y_store = _out3(layout, x.dtype, out)
     if C and layout.count:
-        _apply(_view3(x, layout), y_store, layout, mean, scale, _vec(beta, C, 0.0), relu)
+        _apply(_view3(x, layout), y_store, layout, mean, scale, per_channel(beta, C, 0.0), relu)
     return deliver(y, out), mean.astype(cdt), invstd.astype(cdt)
 
 
@@ -529,7 +525,7 @@ def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None):
     if C == 0 or n == 0:
         return deliver(dx, out), np.zeros(C, cdt), np.zeros(C, cdt)
     x3, dy3 = _view3(x, layout), _view3(dy, layout)
-    m, inv, g = np.asarray(mean, np.float64), np.asarray(invstd, np.float64), _vec(gamma, C, 1.0)
+    m, inv, g = np.asarray(mean, np.float64), np.asarray(invstd, np.float64), per_channel(gamma, C, 1.0)
     mw, zero = _work(x3, m, np.zeros(C))
     if _fused(layout):
         dgamma, dbeta = np.empty(C), np.empty(C)

@@ -50,7 +50,7 @@ from collections import Counter
 import numpy as np
 
 from ..validation import ChannelLayout, compute_dtype
-from .cpu_common import ieee_semantics, update_running
+from .cpu_common import ieee_semantics, per_channel, update_running
 from .outputs import deliver
 
 name = "numpy"
@@ -368,11 +368,6 @@ def _moments(plan: _Plan, xp, dtype):
         k = np.where(bad, k + dm, k)
 
 
-def _vec(p, C: int, default: float):
-    """A per-channel parameter (C,) as float64, ``default`` where None."""
-    return np.full(C, default) if p is None else np.asarray(p, np.float64)
-
-
 def _result(plan: _Plan, x, out):
     """The array to write the result into: ``out``, else a new array like x
     in x's memory order."""
@@ -413,11 +408,11 @@ def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool,
     xp = plan.view(x)
     k, dm, m2 = _moments(plan, xp, x.dtype)
     invstd = 1.0 / np.sqrt(m2 / n + eps)
-    scale = _vec(gamma, C, 1.0) * invstd
+    scale = per_channel(gamma, C, 1.0) * invstd
     # center x on k, or on the mean itself where k is 0 (then exactly dm)
     center = _centered(np.where(k == 0, dm, k), np.abs(k + dm) * np.sqrt(n / m2))
     offset = k + dm if center is None else np.where(k == 0, 0.0, dm)  # mean - center
-    shift = _vec(beta, C, 0.0) - offset * scale
+    shift = per_channel(beta, C, 0.0) - offset * scale
     _affine_pass(plan, [(xp, center, scale)], shift, relu, plan.view(y), x.dtype)
     mean = k + dm
     if running is not None:
@@ -440,9 +435,9 @@ def forward_infer(x, layout: ChannelLayout, running_mean, running_var, gamma, be
     y = _result(plan, x, out)
     mean = np.asarray(running_mean, dtype=np.float64)
     invstd = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
-    scale = _vec(gamma, C, 1.0) * invstd
+    scale = per_channel(gamma, C, 1.0) * invstd
     center = _centered(mean, np.abs(mean) * invstd)
-    beta64 = _vec(beta, C, 0.0) - (0.0 if center is not None else mean * scale)
+    beta64 = per_channel(beta, C, 0.0) - (0.0 if center is not None else mean * scale)
     _affine_pass(plan, [(plan.view(x), center, scale)], beta64, relu, plan.view(y), x.dtype)
     return deliver(y, out), mean.astype(cdt), invstd.astype(cdt)
 
@@ -475,7 +470,7 @@ def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None):
     # sum(dy * (x - mean)), from x - center
     sum_dy_xmu = sum_dy_xc if center is not None else sum_dy_xc - mean64 * sum_dy
     dgamma = sum_dy_xmu * invstd64
-    a = _vec(gamma, C, 1.0) * invstd64
+    a = per_channel(gamma, C, 1.0) * invstd64
     b = -a * invstd64 * dgamma / n
     c = -a * sum_dy / n - (0.0 if center is not None else mean64 * b)
     _affine_pass(plan, [(dyp, None, a), (xp, center, b)], c, False, plan.view(dx), x.dtype)
