@@ -12,7 +12,7 @@ Quick start::
 Importing bnkernels never needs more than NumPy; optional backends are
 probed when they are first asked for.
 """
-from .api import ChannelStats, SavedStats, bn_backward, bn_forward, channel_stats, merge_stats
+from .batch_norm import ChannelStats, SavedStats, bn_backward, bn_forward, channel_stats, merge_stats
 from .backends import BackendStatus, available_backends
 from .errors import BackendFallbackWarning, BackendUnavailableError
 from .layer import BatchNorm

@@ -6,7 +6,7 @@ import numbers
 import numpy as np
 
 from . import validation as v
-from .api import bn_backward, bn_forward
+from .batch_norm import bn_backward, bn_forward
 from .backends import check_backend_name
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
 
 import numpy as np
+
+from .backends.interface import ChannelLayout
 
 #: Input dtypes accepted for ``x`` and ``dy``.
 INPUT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -22,46 +23,6 @@ INPUT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 RUNNING_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 #: Activations that can be fused after the affine transform.
 ACTIVATIONS = (None, "relu")
-
-
-@dataclass(frozen=True)
-class ChannelLayout:
-    """Where the channels are in an input of a given shape.
-
-    Any channel axis of an array is the canonical view ``(outer, C, inner)``:
-    ``outer = prod(shape[:axis])``, ``inner = prod(shape[axis+1:])``.
-    ``inner > 1`` is NCHW-like (channel planes), ``inner == 1`` is NHWC or 2-D
-    (channel fastest).
-    """
-
-    shape: tuple[int, ...]
-    axis: int  # non-negative channel axis
-
-    @property
-    def channels(self) -> int:
-        return self.shape[self.axis]
-
-    @property
-    def outer(self) -> int:
-        return math.prod(self.shape[: self.axis])
-
-    @property
-    def inner(self) -> int:
-        return math.prod(self.shape[self.axis + 1 :])
-
-    @property
-    def count(self) -> int:
-        """Number of values reduced per channel (``outer * inner``)."""
-        return self.outer * self.inner
-
-    @property
-    def reduce_axes(self) -> tuple[int, ...]:
-        return tuple(i for i in range(len(self.shape)) if i != self.axis)
-
-    @property
-    def param_shape(self) -> tuple[int, ...]:
-        """Shape that broadcasts a per-channel vector against the input."""
-        return tuple(self.channels if i == self.axis else 1 for i in range(len(self.shape)))
 
 
 def compute_dtype(dtype) -> np.dtype:

@@ -83,11 +83,11 @@ GPU_CASES = [
 def gpu_tunings():
     """32-thread blocks (one warp: shuffles only) and 64-thread blocks (two
     warps: shuffles, then shared memory)."""
-    from bnkernels.backends import launch
+    from bnkernels.backends.gpu import geometry
 
     return {
-        "warp": launch.Tuning(block_threads=32, min_values_per_thread=1, waves=2),
-        "2warps": launch.Tuning(block_threads=64, min_values_per_thread=1, waves=2),
+        "warp": geometry.Tuning(block_threads=32, min_values_per_thread=1, waves=2),
+        "2warps": geometry.Tuning(block_threads=64, min_values_per_thread=1, waves=2),
     }
 
 
@@ -95,6 +95,6 @@ def tiny_device(tuning):
     """One SM with 2 resident blocks: reductions get 2-4 blocks per channel
     group and elementwise grids at most 4 blocks, so every path of the
     kernels runs while CPU execution stays fast."""
-    from bnkernels.backends import launch
+    from bnkernels.backends.gpu import geometry
 
-    return launch.DeviceLimits(sm_count=1, max_threads_per_sm=2 * tuning.block_threads)
+    return geometry.DeviceLimits(sm_count=1, max_threads_per_sm=2 * tuning.block_threads)

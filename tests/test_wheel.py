@@ -20,10 +20,11 @@ def test_wheel_contains_every_package(wheel):
 
 def test_wheel_contains_kernel_sources(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    cu = {p.name for p in (ROOT / "kernels").iterdir() if p.suffix in (".cu", ".cuh")}
+    where = "bnkernels/backends/cupy_backend/kernels"
+    cu = {p.name for p in (ROOT / where).iterdir() if p.suffix in (".cu", ".cuh")}
     assert cu, "the repository has kernel sources"
     for name in cu:
-        assert f"bnkernels/kernels/{name}" in names
+        assert f"{where}/{name}" in names
 
 
 def test_installed_wheel_reads_sources_through_importlib_resources(wheel, tmp_path):

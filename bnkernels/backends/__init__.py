@@ -1,8 +1,8 @@
 """Backend registry and dispatch.
 
-A backend is a module with the functions listed in ``numpy_backend`` (the
-reference implementation of the interface): ``asarray``, ``channel_stats``,
-``forward_train``, ``forward_infer``, ``backward``. Backends are looked up by
+A backend is a module with the members of ``interface.Backend`` (the stages
+of a normalization and their fused forms; ``numpy_backend`` is the
+reference implementation). Backends are looked up by
 name on every call; nothing is chosen at import time, so any number of
 backends can be used side by side in one process.
 

@@ -1,9 +1,13 @@
 """What the two CPU backends (``numpy_backend``, ``numba_backend``) share:
 IEEE semantics without NumPy's warnings, per-channel parameters as float64,
-and the running-statistics update (all host-side, on NumPy arrays)."""
+and the finalize stage (all host-side, on NumPy arrays)."""
 from __future__ import annotations
 
 import numpy as np
+
+from ..validation import compute_dtype
+from .coefficients import normalization, update_running
+from .interface import ChannelLayout, Moments, Normalization
 
 #: Decorator for the CPU entry points: NaN/Inf propagate silently, as on a
 #: GPU (eps=0 on a constant channel, float16 beyond 65504), and NumPy's
@@ -18,13 +22,25 @@ def per_channel(p, C: int, default: float) -> np.ndarray:
     return np.full(C, default) if p is None else np.asarray(p, np.float64)
 
 
-def update_running(running_mean, running_var, mean, var_unbiased, factor):
-    """``running = (1 - factor) * running + factor * batch``, in place.
+def _normalization(mean, var, dtype, gamma, beta, eps: float) -> Normalization:
+    invstd, scale, shift = normalization(mean, var, gamma, beta, eps)
+    cdt = compute_dtype(dtype)
+    return Normalization(mean.astype(cdt), invstd.astype(cdt), mean, scale, shift)
 
-    running_mean, running_var: (C,) float32/float64 arrays, updated;
-    mean, var_unbiased: (C,) float64 batch statistics; factor: float in
-    [0, 1]. Computed in float64 and stored in the running arrays' own dtype.
-    """
-    for run, batch in ((running_mean, mean), (running_var, var_unbiased)):
-        new = (1.0 - factor) * run.astype(np.float64) + factor * batch
-        run[...] = new
+
+@ieee_semantics
+def finalize(x, layout: ChannelLayout, moments: Moments, gamma, beta, eps: float, running) -> Normalization:
+    """See ``interface.Backend.finalize``; k, scale, shift float64."""
+    n = moments.count
+    mean = np.asarray(moments.mean, np.float64)
+    m2 = np.asarray(moments.m2, np.float64)
+    if running is not None:
+        update_running(running[0], running[1], mean, m2 / (n - 1), running[2])
+    return _normalization(mean, m2 / n, x.dtype, gamma, beta, eps)
+
+
+@ieee_semantics
+def finalize_running(x, layout: ChannelLayout, running_mean, running_var, gamma, beta,
+                     eps: float) -> Normalization:
+    """See ``interface.Backend.finalize_running``; k, scale, shift float64."""
+    return _normalization(np.asarray(running_mean, np.float64), running_var, x.dtype, gamma, beta, eps)

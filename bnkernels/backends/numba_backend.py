@@ -42,12 +42,18 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from ..validation import ChannelLayout, compute_dtype
+from ..validation import compute_dtype
+from .coefficients import dx_coefficients, update_running
+from . import cpu_common
+from .cpu_common import ieee_semantics, per_channel
+from .interface import ChannelLayout, GradSums, Moments, Normalization
 from .numba_half import NATIVE_HALF, prefer_wide_vectors_for, store, to_work, work_value
-from .cpu_common import ieee_semantics, per_channel, update_running
 from .outputs import deliver
 
 name = "numba"
+
+#: The finalize stage, shared by both CPU backends (host float64 arithmetic).
+finalize, finalize_running = cpu_common.finalize, cpu_common.finalize_running
 
 
 def cache_directory() -> str | None:
@@ -461,14 +467,13 @@ def _apply(x3, y3, layout: ChannelLayout, k, scale, shift, relu):
 
 @thread_safe
 @ieee_semantics
-def channel_stats(x, layout: ChannelLayout):
-    """Per-channel float64 mean and M2."""
+def statistics(x, layout: ChannelLayout) -> Moments:
+    """See ``numpy_backend.statistics``."""
     if layout.count == 0 or layout.channels == 0:
-        z = np.zeros(layout.channels)
-        return z, z.copy()
+        return Moments(layout.count, np.zeros(layout.channels), np.zeros(layout.channels))
     C = layout.channels  # gamma, beta and eps do not matter: only mean and m2 are used
     _, mean, m2, _, _, _ = _stats(_view3(x, layout), layout, np.ones(C), np.zeros(C), 1.0)
-    return mean, m2
+    return Moments(layout.count, mean, m2)
 
 
 @thread_safe
@@ -499,19 +504,50 @@ def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool,
 
 @thread_safe
 @ieee_semantics
-def forward_infer(x, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float, relu: bool,
-                  out=None):
-    """See ``numpy_backend.forward_infer``; y is written into a C-contiguous
+def normalize(x, layout: ChannelLayout, norm: Normalization, relu: bool, out=None):
+    """See ``numpy_backend.normalize``; y is written into a C-contiguous
     ``out`` directly."""
-    C = layout.channels
-    cdt = compute_dtype(x.dtype)
-    mean = np.asarray(running_mean, np.float64)
-    invstd = 1.0 / np.sqrt(np.asarray(running_var, np.float64) + eps)
-    scale = per_channel(gamma, C, 1.0) * invstd
     y, y_store = _out3(layout, x.dtype, out)
+    if layout.channels and layout.count:
+        _apply(_view3(x, layout), y_store, layout, norm.k, norm.scale, norm.shift, relu)
+    return deliver(y, out)
+
+
+def _dx(dy3, x3, out_store, layout: ChannelLayout, coeffs):
+    """dx = dy * a + (x - mean) * b + c with the kernel suited to the layout;
+    ``coeffs``: (mean, a, b, c) in the working type."""
+    C = layout.channels
+    if layout.inner == 1:
+        dx_rows(dy3.reshape(-1, C), x3.reshape(-1, C), out_store.reshape(-1, C), *coeffs, _tasks(layout.outer))
+    else:
+        dx_planes(dy3, x3, out_store, *coeffs, _tasks(layout.outer))
+
+
+@thread_safe
+@ieee_semantics
+def backward_reduce(dy, x, layout: ChannelLayout, mean, invstd) -> GradSums:
+    """See ``numpy_backend.backward_reduce``."""
+    C = layout.channels
+    if C == 0 or layout.count == 0:
+        return GradSums(np.zeros(C), np.zeros(C))
+    x3 = _view3(x, layout)
+    mw, zero = _work(x3, np.asarray(mean, np.float64), np.zeros(C))
+    s, t = _sums(_view3(dy, layout), zero, x3, mw, layout)
+    return GradSums(s, t * np.asarray(invstd, np.float64))
+
+
+@thread_safe
+@ieee_semantics
+def backward_apply(dy, x, layout: ChannelLayout, mean, invstd, gamma, sums: GradSums, count: int, out=None):
+    """See ``numpy_backend.backward_apply``; dx is written into a
+    C-contiguous ``out`` directly."""
+    C, cdt = layout.channels, compute_dtype(x.dtype)
+    dx, out_store = _out3(layout, x.dtype, out)
     if C and layout.count:
-        _apply(_view3(x, layout), y_store, layout, mean, scale, per_channel(beta, C, 0.0), relu)
-    return deliver(y, out), mean.astype(cdt), invstd.astype(cdt)
+        x3 = _view3(x, layout)
+        a, b, c = dx_coefficients(sums.sum_dy, sums.sum_dy_xhat, count, invstd, gamma)
+        _dx(_view3(dy, layout), x3, out_store, layout, _work(x3, np.asarray(mean, np.float64), a, b, c))
+    return deliver(dx, out), sums.sum_dy_xhat.astype(cdt), sums.sum_dy.astype(cdt)
 
 
 @thread_safe
@@ -536,10 +572,5 @@ def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None):
         s, t = _sums(dy3, zero, x3, mw, layout)
         dgamma, dbeta, a, b, cc = (np.empty(C) for _ in range(5))
         backward_coeffs(s, t, n, inv, g, dgamma, dbeta, a, b, cc)
-        coeffs = (mw, *_work(x3, a, b, cc))
-        if layout.inner == 1:
-            dx_rows(dy3.reshape(-1, C), x3.reshape(-1, C), out_store.reshape(-1, C), *coeffs,
-                    _tasks(layout.outer))
-        else:
-            dx_planes(dy3, x3, out_store, *coeffs, _tasks(layout.outer))
+        _dx(dy3, x3, out_store, layout, (mw, *_work(x3, a, b, cc)))
     return deliver(dx, out), dgamma.astype(cdt), dbeta.astype(cdt)

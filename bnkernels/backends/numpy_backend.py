@@ -1,8 +1,7 @@
-"""Vectorized NumPy backend: the dependency-free CPU implementation.
-
-Every backend module provides the functions below with these signatures; the
-public API (``bnkernels.api``) has validated all arguments before calling
-them, so they do no checking of their own.
+"""Vectorized NumPy backend: the dependency-free CPU implementation, and the
+reference implementation of ``interface.Backend`` (every member; finalize
+comes from ``cpu_common``). The public functions validated every argument
+before calling them, so they do no checking of their own.
 
 Blocks (:class:`_Plan`): the input is walked in its own memory order (axes
 sorted by decreasing stride: transposed, Fortran-ordered and strided inputs
@@ -49,11 +48,17 @@ from collections import Counter
 
 import numpy as np
 
-from ..validation import ChannelLayout, compute_dtype
-from .cpu_common import ieee_semantics, per_channel, update_running
+from ..validation import compute_dtype
+from .coefficients import dx_coefficients, update_running
+from . import cpu_common
+from .cpu_common import ieee_semantics, per_channel
+from .interface import ChannelLayout, GradSums, Moments, Normalization
 from .outputs import deliver
 
 name = "numpy"
+
+#: The finalize stage, shared by both CPU backends (host float64 arithmetic).
+finalize, finalize_running = cpu_common.finalize, cpu_common.finalize_running
 
 #: Elements per block: buffers of 1 MiB (float32) or 2 MiB (float64), which
 #: stay in the last-level cache. NumPy's cost per call (microseconds)
@@ -375,17 +380,17 @@ def _result(plan: _Plan, x, out):
 
 
 @ieee_semantics
-def channel_stats(x, layout: ChannelLayout):
-    """Per-channel mean and M2 (sum of squared deviations) of x.
+def statistics(x, layout: ChannelLayout) -> Moments:
+    """Per-group count, mean and M2 (sum of squared deviations) of x.
 
-    x: any shape, float16/32/64; returns two float64 arrays of shape (C,)
-    (zeros for an empty batch).
+    x: any shape, float16/32/64; mean and m2: float64 (C,) (zeros for an
+    empty batch).
     """
     if x.size == 0:
-        return np.zeros(layout.channels), np.zeros(layout.channels)
+        return Moments(layout.count, np.zeros(layout.channels), np.zeros(layout.channels))
     plan = _Plan(x, layout)
     k, dm, m2 = _moments(plan, plan.view(x), x.dtype)
-    return k + dm, m2
+    return Moments(layout.count, k + dm, m2)
 
 
 @ieee_semantics
@@ -422,56 +427,75 @@ def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool,
 
 
 @ieee_semantics
-def forward_infer(x, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float,
-                  relu: bool, out=None):
-    """Inference forward from running statistics (C,).
-
-    ``y = (x - running_mean) * gamma / sqrt(running_var + eps) + beta``.
-    Returns ``y`` (like x, in x's memory order; ``out`` when given) and the
-    ``mean`` and ``invstd`` used, (C,) in the compute dtype.
-    """
-    C, cdt = layout.channels, compute_dtype(x.dtype)
+def normalize(x, layout: ChannelLayout, norm: Normalization, relu: bool, out=None):
+    """``y = (x - k) * scale + shift`` [ReLU] with ``norm`` from
+    :func:`finalize` or :func:`finalize_running`. Returns ``y`` (like x,
+    in x's memory order; ``out`` when given)."""
     plan = _Plan(x, layout)
     y = _result(plan, x, out)
-    mean = np.asarray(running_mean, dtype=np.float64)
-    invstd = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
-    scale = per_channel(gamma, C, 1.0) * invstd
-    center = _centered(mean, np.abs(mean) * invstd)
-    beta64 = per_channel(beta, C, 0.0) - (0.0 if center is not None else mean * scale)
-    _affine_pass(plan, [(plan.view(x), center, scale)], beta64, relu, plan.view(y), x.dtype)
-    return deliver(y, out), mean.astype(cdt), invstd.astype(cdt)
+    k = np.asarray(norm.k, np.float64)
+    center = _centered(k, np.abs(k) * np.asarray(norm.invstd, np.float64))
+    shift = norm.shift - (0.0 if center is not None else k * norm.scale)
+    _affine_pass(plan, [(plan.view(x), center, norm.scale)], shift, relu, plan.view(y), x.dtype)
+    return deliver(y, out)
+
+
+def _backward_center(mean, invstd):
+    """The shift of the backward passes (see :func:`_centered`)."""
+    return _centered(mean, np.abs(mean) * invstd)
 
 
 @ieee_semantics
-def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None):
-    """Backward of the training forward (before any activation).
-
-    dy, x: same shape and dtype (any strides, each its own); mean, invstd:
-    (C,) saved statistics (used at their own precision); gamma: (C,) or
-    None; out: None or a checked buffer for dx (dy or x itself for an
-    in-place result). Returns ``dx`` (like x, in x's memory order; ``out``
-    when given), ``dgamma = sum(dy * xhat)`` and ``dbeta = sum(dy)`` (C,)
-    in the compute dtype.
-
-    ``dx = gamma * invstd * (dy - sum(dy)/n - xhat * sum(dy * xhat)/n)``,
-    applied as one fused ``dy * a + (x - mean) * b + c`` per channel; the
-    sums are float64 (``dy * (x - mean)`` of float32 data overflows float32).
-    """
-    C, n, cdt = layout.channels, layout.count, compute_dtype(x.dtype)
-    plan = _Plan(x, layout)
-    dx = _result(plan, x, out)
+def backward_reduce(dy, x, layout: ChannelLayout, mean, invstd) -> GradSums:
+    """Per-group float64 ``sum(dy)`` and ``sum(dy * xhat)``, one pass over
+    dy and x (any strides, each its own); mean, invstd: (C,) saved
+    statistics, used at their own precision. The products are float64
+    (``dy * (x - mean)`` of float32 data overflows float32)."""
+    C = layout.channels
     if x.size == 0:
-        return deliver(dx, out), np.zeros(C, cdt), np.zeros(C, cdt)
+        return GradSums(np.zeros(C), np.zeros(C))
+    plan = _Plan(x, layout)
     mean64 = np.asarray(mean, dtype=np.float64)
     invstd64 = np.asarray(invstd, dtype=np.float64)
-    dyp, xp = plan.view(dy), plan.view(x)
-    center = _centered(mean64, np.abs(mean64) * invstd64)
-    sum_dy, sum_dy_xc = _sums_pass(plan, dyp, None, xp, center)
+    center = _backward_center(mean64, invstd64)
+    sum_dy, sum_dy_xc = _sums_pass(plan, plan.view(dy), None, plan.view(x), center)
     # sum(dy * (x - mean)), from x - center
     sum_dy_xmu = sum_dy_xc if center is not None else sum_dy_xc - mean64 * sum_dy
-    dgamma = sum_dy_xmu * invstd64
-    a = per_channel(gamma, C, 1.0) * invstd64
-    b = -a * invstd64 * dgamma / n
-    c = -a * sum_dy / n - (0.0 if center is not None else mean64 * b)
-    _affine_pass(plan, [(dyp, None, a), (xp, center, b)], c, False, plan.view(dx), x.dtype)
+    return GradSums(sum_dy, sum_dy_xmu * invstd64)
+
+
+@ieee_semantics
+def backward_apply(dy, x, layout: ChannelLayout, mean, invstd, gamma, sums: GradSums, count: int, out=None):
+    """``dx`` from :func:`backward_reduce`'s sums (over ``count`` values
+    per group), applied as one fused ``dy * a + (x - mean) * b + c`` per
+    channel (``coefficients.dx_coefficients``). Returns ``(dx, dgamma,
+    dbeta)``: dx like x, in x's memory order (``out`` when given);
+    dgamma, dbeta (C,) in the compute dtype."""
+    cdt = compute_dtype(x.dtype)
+    plan = _Plan(x, layout)
+    dx = _result(plan, x, out)
+    dgamma, sum_dy = sums.sum_dy_xhat, sums.sum_dy
+    if x.size == 0:
+        return deliver(dx, out), np.zeros(layout.channels, cdt), np.zeros(layout.channels, cdt)
+    mean64 = np.asarray(mean, dtype=np.float64)
+    invstd64 = np.asarray(invstd, dtype=np.float64)
+    center = _backward_center(mean64, invstd64)
+    a, b, c = dx_coefficients(sum_dy, dgamma, count, invstd64, gamma)
+    if center is None:
+        c = c - mean64 * b
+    _affine_pass(plan, [(plan.view(dy), None, a), (plan.view(x), center, b)], c, False, plan.view(dx), x.dtype)
     return deliver(dx, out), dgamma.astype(cdt), sum_dy.astype(cdt)
+
+
+def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None):
+    """Backward of the training forward (before any activation):
+    :func:`backward_reduce` then :func:`backward_apply` over this input's
+    count (NumPy gains nothing from fusing them).
+
+    dy, x: same shape and dtype (any strides, each its own); mean, invstd:
+    (C,) saved statistics; gamma: (C,) or None; out: None or a checked
+    buffer for dx (dy or x itself for an in-place result). Returns ``(dx,
+    dgamma, dbeta)`` as :func:`backward_apply`.
+    """
+    sums = backward_reduce(dy, x, layout, mean, invstd)
+    return backward_apply(dy, x, layout, mean, invstd, gamma, sums, layout.count, out)

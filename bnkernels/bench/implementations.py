@@ -171,7 +171,7 @@ def bnkernels_implementation(backend: str, device: str = "cpu", preallocated: bo
     (``out=``), named ``<backend>+out``: what a training loop that reuses
     its buffers sees, without the allocation (page faults for large arrays)
     that every other row includes."""
-    from ..api import bn_backward, bn_forward
+    from ..batch_norm import bn_backward, bn_forward
 
     to_dev, to_host = _converters(device)
 

@@ -13,9 +13,10 @@ from numba import cuda
 
 from bnkernels import bn_backward, bn_forward, channel_stats
 from bnkernels.backends import numba_cuda as nc
-from bnkernels.backends import launch
+from bnkernels.backends.gpu import geometry
 from bnkernels.reference import reference_backward, reference_forward, reference_stats
 from bnkernels.validation import channel_layout
+from engine_checks import check_split_batch
 from helpers import DTYPES, GPU_CASES, assert_close, gpu_tunings, make_input, make_params, tiny_device
 
 BACKEND = "numba-cuda"
@@ -37,7 +38,7 @@ def small_launches(request, monkeypatch):
 
 def _splits(shape, axis, tuning):
     lay = channel_layout(shape, axis)
-    return launch.reduce_plan(lay.outer, lay.channels, lay.inner, nc._limits(), tuning).splits
+    return geometry.reduce_plan(lay.outer, lay.channels, lay.inner, nc._limits(), tuning).splits
 
 
 @pytest.mark.parametrize("shape,axis", CASES)
@@ -207,3 +208,12 @@ def test_torch_in_torch_out(rng):
     y = bn_forward(torch.from_numpy(x).cuda(), backend="auto")  # auto: a GPU array goes to a GPU backend
     assert isinstance(y, torch.Tensor) and y.is_cuda
     assert_close(y.cpu().numpy(), reference_forward(x)[0], np.float32, "y")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis,cuts", [((6, 3, 5), 1, [2]), ((9, 17), -1, [4, 5]), ((4, 3), 1, [])])
+def test_staged_path_of_a_split_batch(shape, axis, cuts, dtype, rng):
+    """The engine's stages (statistics, exchange, finalize, normalize;
+    backward reduce, exchange, backward apply) on parts of a batch give
+    the whole batch's result (``tests/engine_checks.py``)."""
+    check_split_batch(BACKEND, shape, axis, dtype, cuts, rng)

@@ -1,7 +1,7 @@
 """Run the project's unchanged CUDA C++ kernels on the CPU, for tests.
 
 No machine that runs the test suite has a GPU. This module compiles a
-``.cu`` file (e.g. ``kernels/bn_kernels.cu``) with g++ into a shared
+``.cu`` file (e.g. ``bnkernels/backends/cupy_backend/kernels/bn_kernels.cu``) with g++ into a shared
 library, together with ``cuda_host.h``, a small C++20 runtime that provides
 the CUDA built-ins the kernels use (one ``std::thread`` per CUDA thread,
 blocks one after another, ``__syncthreads`` as a block barrier, warp
@@ -15,7 +15,7 @@ How a test drives a kernel
     from host_cuda import runner          # tests/ is on sys.path
     from bnkernels.backends.cupy_backend import sources
 
-    so = runner.build("kernels/bn_kernels.cu", sources.name_expressions())
+    so = runner.build("bnkernels/backends/cupy_backend/kernels/bn_kernels.cu", sources.name_expressions())
     dev = runner.HostDevice()
     x = rng.standard_normal(4 * 3 * 5).astype(np.float32)   # C-contiguous
     y = np.empty_like(x)
@@ -37,7 +37,7 @@ adapter object with ``run = lambda launch: dev.run(so, launch)`` (plus its
   keyed by a hash of every input (sources of the kernel's folder, harness,
   names, flags, compiler version), under ``$BNHOST_CACHE_DIR`` or
   ``<tempdir>/bnkernels-host-cuda-<uid>``: a second test session reuses them.
-  Building all 28 instantiations of ``kernels/bn_kernels.cu`` takes about
+  Building all 28 instantiations of ``bnkernels/backends/cupy_backend/kernels/bn_kernels.cu`` takes about
   2 s on 2 cores (1.2 s once the runtime object, shared by all builds with
   the same flags, is cached); a cache hit takes milliseconds. A compile
   error raises ``BuildError`` with g++'s messages.

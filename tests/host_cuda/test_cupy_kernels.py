@@ -14,10 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bnkernels.backends import launch
-from bnkernels.backends.cupy_backend import plans, sources
+from bnkernels.backends.gpu import geometry
+from bnkernels.backends.cupy_backend import bind, sources
+from bnkernels.backends.gpu import plans
+from bnkernels.backends.gpu.members import GpuBackend, Operand
 from bnkernels.reference import reference_backward, reference_forward, reference_stats
 from bnkernels.validation import channel_layout, compute_dtype
+from engine_checks import check_split_batch
 from helpers import DTYPES, GPU_CASES, assert_close, gpu_tunings, make_input, make_params, tiny_device
 from host_cuda import runner
 
@@ -32,7 +35,7 @@ def library():
 
 
 class HostGPU:
-    """The device interface of ``plans.run_*``, on the host harness."""
+    """The device interface of ``gpu.plans.run_*``, on the host harness."""
 
     def __init__(self, so, tuning):
         self.so, self.tuning = so, tuning
@@ -49,12 +52,16 @@ class HostGPU:
             self.counter_array = np.zeros(max(n, 64), np.uint32)
         return self.counter_array
 
+    def zeros(self, shape, dtype):
+        return np.zeros(shape, dtype)
+
     def aligned(self, *arrays):
         return all(a.ctypes.data % 16 == 0 for a in arrays)
 
     def run(self, plan):
-        self.launches.append(plan)
-        self.host.run(self.so, plan)
+        bound = bind.bind(plan)  # as the cupy backend launches it
+        self.launches.append(bound)
+        self.host.run(self.so, bound)
 
 
 @pytest.fixture(params=list(TUNINGS))
@@ -69,7 +76,7 @@ def _flat(a):
 @pytest.mark.parametrize("shape,axis", CASES)
 def test_plans_use_several_blocks_per_channel(shape, axis, gpu):
     lay = channel_layout(shape, axis)
-    assert launch.reduce_plan(lay.outer, lay.channels, lay.inner, gpu.limits, gpu.tuning).splits > 1
+    assert geometry.reduce_plan(lay.outer, lay.channels, lay.inner, gpu.limits, gpu.tuning).splits > 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -192,5 +199,72 @@ def test_reductions_are_race_free(shape, axis, rng):
     bwd_plan, _ = plans.bwd_reduce(x, x, lay, None, mean, np.ones(lay.channels), gpu.alloc, counters,
                                    gpu.limits, gpu.tuning)
     for plan in (stats_plan, bwd_plan):
-        result = runner.tsan_run(so, plan)
+        result = runner.tsan_run(so, bind.bind(plan))
         assert result.clean, result.report
+
+
+# --- the GPU backends' members, on the host harness ------------------------
+
+class HostArrays:
+    """The arrays adapter of ``gpu.members`` with NumPy arrays as the
+    device's: the members the cupy backend runs, unchanged, launching
+    cupy's kernels on the host harness."""
+
+    def __init__(self, gpu):
+        self.gpu = gpu
+
+    def operand(self, x):
+        return x if isinstance(x, Operand) else Operand("host-device", x, device=np.asarray(x))
+
+    def device(self, x_op):
+        return self.gpu
+
+    def flat(self, op, dev, dtype=None):
+        return np.ascontiguousarray(op.array, dtype=dtype).reshape(-1)
+
+    def vector(self, op, dev, dtype):
+        return np.ascontiguousarray(op.array, dtype=dtype)
+
+    def result(self, x_op, a, dev):
+        return a
+
+    def to_host(self, a, dev):
+        return np.asarray(a)
+
+    def to_device(self, host, dev):
+        return np.array(host)
+
+    def write_back(self, op, a, dev):
+        op.device[...] = a
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis,cuts", [((6, 3, 5), 1, [2]), ((9, 17), -1, [4, 5]), ((5, 4), 1, [])])
+def test_members_staged_path_of_a_split_batch(shape, axis, cuts, dtype, gpu, rng):
+    """Statistics, finalize (bn_infer_coeffs from merged moments),
+    normalize; backward reduce and apply: the parts' results are the whole
+    batch's (``tests/engine_checks.py``)."""
+    check_split_batch(GpuBackend(HostArrays(gpu)), shape, axis, dtype, cuts, rng)
+
+
+@pytest.mark.parametrize("shape,axis", [((6, 3, 5), 1), ((9, 17), 1)])
+def test_members_fused_forms(shape, axis, gpu, rng):
+    """forward_train and backward of ``gpu.members`` (with running
+    statistics of two dtypes: one goes through a temporary and back)."""
+    x = make_input(shape, np.float32, rng)
+    dy = make_input(shape, np.float32, rng, mean=0.5)
+    C = shape[axis]
+    gamma, beta = make_params(C, rng)
+    rm, rv = rng.standard_normal(C).astype(np.float32), rng.uniform(0.5, 2, C)
+    ref = reference_forward(x, gamma, beta, rm, rv, axis=axis)
+    impl = GpuBackend(HostArrays(gpu))
+    lay = channel_layout(shape, axis)
+    y, mean, invstd = impl.forward_train(x, lay, gamma, beta, 1e-5, False, (rm, rv, 0.1))
+    assert_close(y, ref[0], np.float32, "y")
+    assert_close(rm, ref[3], np.float32, "running_mean", scale=np.abs(ref[3]).max() + 1)
+    assert_close(rv, ref[4], np.float32, "running_var", scale=np.abs(ref[4]).max() + 1)
+    dx, dgamma, dbeta = impl.backward(dy, x, lay, mean, invstd, gamma)
+    rdx, rdg, rdb = reference_backward(dy, x, mean, invstd, gamma, axis=axis)
+    assert_close(dx, rdx, np.float32, "dx", scale=10)
+    assert_close(dbeta, rdb, np.float32, "dbeta", scale=np.abs(rdb).max() + 1)
+    assert_close(dgamma, rdg, np.float32, "dgamma", scale=np.abs(rdg).max() + 1)

@@ -1,5 +1,8 @@
 """The ``cupy`` backend: CUDA C++ kernels (``kernels/*.cu``) compiled with
-NVRTC through ``cupy.RawModule``, launched with the plans of ``plans.py``.
+NVRTC through ``cupy.RawModule``, run by the launch sequences both GPU
+backends share (``backends/gpu/plans.py``, bound to these kernels by
+``bind.py``); its members are ``gpu/members.py``'s, on the arrays adapter
+below.
 
 Arrays: CuPy arrays are used in place and results are CuPy arrays; other GPU
 arrays (``__cuda_array_interface__``: Numba, torch) are wrapped without a
@@ -20,48 +23,21 @@ import functools
 
 import numpy as np
 
-from ...validation import ChannelLayout, compute_dtype
-from .. import launch
-from ..outputs import deliver
-from . import plans, sources
+from ..gpu import geometry
+from ..gpu.counters import CounterCache
+from ..gpu.members import GpuBackend, Operand
+from . import bind, sources
 
 name = "cupy"
 
-#: Launch-formula knobs (see ``bnkernels.backends.launch.Tuning``).
-TUNING = launch.Tuning()
+#: Launch-formula knobs (see ``gpu.geometry.Tuning``).
+TUNING = geometry.Tuning()
 
 
 def _cupy():
     import cupy
 
     return cupy
-
-
-class Operand:
-    """An argument: its device array, and whether the caller gave a host
-    array (results then go back to the host)."""
-
-    def __init__(self, source):
-        cp = _cupy()
-        self.host = isinstance(source, np.ndarray) or not hasattr(source, "__cuda_array_interface__")
-        self.array = np.asarray(source) if self.host else cp.asarray(source)
-
-    @property
-    def shape(self):
-        return self.array.shape
-
-    @property
-    def dtype(self):
-        return self.array.dtype
-
-    def device(self, dtype=None):
-        """A C-contiguous device array (a copy only when needed)."""
-        return _cupy().ascontiguousarray(self.array, dtype=dtype)
-
-
-def asarray(x):
-    """Wrap an argument without any copy."""
-    return x if isinstance(x, Operand) else Operand(x)
 
 
 @functools.cache
@@ -73,15 +49,18 @@ def _module(device_id: int):
                             name_expressions=sources.name_expressions())
 
 
+_counters = CounterCache()
+
+
 class _Device:
-    """What ``plans.run_*`` need, on the current CuPy device and stream."""
+    """What ``gpu.plans`` needs, on the current CuPy device and stream."""
 
     def __init__(self):
         cp = _cupy()
         self.cp = cp
         self.device_id = cp.cuda.Device().id
         attrs = cp.cuda.Device().attributes
-        self.limits = launch.DeviceLimits(
+        self.limits = geometry.DeviceLimits(
             sm_count=attrs["MultiProcessorCount"],
             max_threads_per_block=attrs["MaxThreadsPerBlock"],
             max_threads_per_sm=attrs["MaxThreadsPerMultiProcessor"],
@@ -89,128 +68,61 @@ class _Device:
         self.tuning = TUNING
 
     def alloc(self, shape, dtype):
-        if launch.poison_requested():
+        if geometry.poison_requested():
             return self.cp.full(shape, np.nan, dtype)
         return self.cp.empty(shape, dtype)
 
+    def zeros(self, shape, dtype):
+        return self.cp.zeros(shape, dtype)
+
     def counters(self, n):
-        return _counters(self.device_id, self.cp.cuda.get_current_stream().ptr, n)
+        key = (self.device_id, self.cp.cuda.get_current_stream().ptr)
+        return _counters.zeroed(key, n, lambda size: self.cp.zeros(size, self.cp.uint32))
 
     def aligned(self, *arrays):
         return all(a.data.ptr % 16 == 0 for a in arrays)
 
-    def run(self, launch_: plans.Launch):
-        kernel = _module(self.device_id).get_function(launch_.kernel)
-        kernel(launch_.grid, launch_.block, launch_.args, shared_mem=launch_.shared_mem)
+    def run(self, launch):
+        bound = bind.bind(launch)
+        kernel = _module(self.device_id).get_function(bound.kernel)
+        kernel(bound.grid, bound.block, bound.args, shared_mem=bound.shared_mem)
 
 
-_counter_cache: dict = {}
+class Arrays:
+    """The arrays adapter of ``gpu.members`` for CuPy."""
 
+    def operand(self, x):
+        if isinstance(x, Operand):
+            return x
+        if isinstance(x, np.ndarray) or not hasattr(x, "__cuda_array_interface__"):
+            return Operand("numpy", x, host=np.asarray(x))
+        return Operand("cupy", x, device=_cupy().asarray(x))
 
-def _counters(device_id, stream_ptr, n):
-    """Zeroed uint32 counters per (device, stream); kernels leave them zero."""
-    cp = _cupy()
-    cur = _counter_cache.get((device_id, stream_ptr))
-    if cur is None or cur.size < n:
-        cur = cp.zeros(max(n, 64), cp.uint32)
-        _counter_cache[(device_id, stream_ptr)] = cur
-    return cur
+    def device(self, x_op):
+        return _Device()
 
+    def flat(self, op, dev, dtype=None):
+        return dev.cp.ascontiguousarray(op.array, dtype=dtype).reshape(-1)
 
-def _result(x: Operand, a):
-    return _cupy().asnumpy(a) if x.host else a
+    def vector(self, op, dev, dtype):
+        return dev.cp.ascontiguousarray(op.array, dtype=dtype)
 
+    def result(self, x_op, a, dev):
+        return dev.cp.asnumpy(a) if x_op.is_host else a
 
-def _param(p, dtype):
-    return None if p is None else asarray(p).device(dtype)
+    def to_host(self, a, dev):
+        return dev.cp.asnumpy(a)
 
+    def to_device(self, host, dev):
+        return dev.cp.asarray(host)
 
-def _running_pair(running, stream_copy_back):
-    """Device running statistics of one dtype; host or mixed-dtype ones are
-    updated through temporaries copied back afterwards."""
-    rm, rv, factor = running
-    ops = [asarray(rm), asarray(rv)]
-    dtype = np.float64 if np.float64 in (ops[0].dtype, ops[1].dtype) else np.float32
-    devs = []
-    for op, original in zip(ops, (rm, rv)):
-        d = op.device(dtype)
-        if op.host or d is not op.array:  # a temporary: write the result back
-            stream_copy_back.append((original, d))
-        devs.append(d)
-    return devs[0], devs[1], factor
-
-
-def _copy_back(pairs):
-    cp = _cupy()
-    for original, d in pairs:
-        if isinstance(original, np.ndarray):
-            original[...] = cp.asnumpy(d)
+    def write_back(self, op, a, dev):
+        if op.is_host:
+            op.host[...] = a if isinstance(a, np.ndarray) else dev.cp.asnumpy(a)
         else:
-            original[...] = d.astype(original.dtype)
+            op.device[...] = dev.cp.asarray(a).astype(op.dtype)
 
 
-def _prepare(x):
-    """The operand, the device, the accumulation dtype and the flat
-    contiguous device input."""
-    x = asarray(x)
-    return x, _Device(), compute_dtype(x.dtype), x.device().reshape(-1)
-
-
-def _no_channels(x, dev, acc, xd, layout, out):
-    """Forward result of an input with C == 0: nothing to normalize."""
-    empty = dev.cp.empty(0, acc)
-    return deliver(_result(x, xd.reshape(layout.shape).copy()), out), _result(x, empty), _result(x, empty)
-
-
-def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running, out=None):
-    """See ``numpy_backend.forward_train``; kernels: bn_stats + bn_apply."""
-    x, dev, acc, xd = _prepare(x)
-    if layout.channels == 0:
-        return _no_channels(x, dev, acc, xd, layout, out)
-    copy_back = []
-    run = _running_pair(running, copy_back) if running is not None else None
-    y, stats = plans.run_forward_train(dev, xd, layout, _param(gamma, acc), _param(beta, acc), run, eps, relu)
-    _copy_back(copy_back)
-    return deliver(_result(x, y.reshape(layout.shape)), out), _result(x, stats["mean"]), _result(x, stats["invstd"])
-
-
-def forward_infer(x, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float, relu: bool,
-                  out=None):
-    """See ``numpy_backend.forward_infer``; kernels: bn_infer_coeffs + bn_apply."""
-    x, dev, acc, xd = _prepare(x)
-    if layout.channels == 0:
-        return _no_channels(x, dev, acc, xd, layout, out)
-    rm, rv = asarray(running_mean), asarray(running_var)
-    rdt = np.float64 if np.float64 in (rm.dtype, rv.dtype) else np.float32
-    y, stats = plans.run_forward_infer(dev, xd, layout, rm.device(rdt), rv.device(rdt), _param(gamma, acc),
-                                       _param(beta, acc), eps, relu)
-    return deliver(_result(x, y.reshape(layout.shape)), out), _result(x, stats["k"]), _result(x, stats["invstd"])
-
-
-def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None):
-    """See ``numpy_backend.backward``; kernels: bn_bwd_reduce + bn_dx."""
-    x, dy = asarray(x), asarray(dy)
-    dev = _Device()
-    acc = compute_dtype(x.dtype)
-    C = layout.channels
-    if C == 0 or layout.count == 0:
-        zeros = dev.cp.zeros(C, acc)
-        return (deliver(_result(x, dev.cp.zeros(layout.shape, x.dtype)), out), _result(x, zeros),
-                _result(x, zeros.copy()))
-    result, grads = plans.run_backward(dev, dy.device().reshape(-1), x.device().reshape(-1), layout,
-                                     _param(gamma, acc), asarray(mean).device(np.float64),
-                                     asarray(invstd).device(np.float64))
-    dx = deliver(_result(x, result.reshape(layout.shape)), out)
-    return dx, _result(x, grads["dgamma"]), _result(x, grads["dbeta"])
-
-
-def channel_stats(x, layout: ChannelLayout):
-    """Per-channel mean and M2, float64 host arrays."""
-    if layout.count == 0 or layout.channels == 0:
-        zeros = np.zeros(layout.channels)
-        return zeros, zeros.copy()
-    x = asarray(x)
-    dev = _Device()
-    out = plans.run_stats(dev, x.device().reshape(-1), layout, None, None, None, 0.0)
-    k, dmean, m2 = (dev.cp.asnumpy(out[n]).astype(np.float64) for n in ("k", "dmean", "m2"))
-    return k + dmean, m2
+_backend = GpuBackend(Arrays())
+# the interface.Backend members: asarray, statistics, finalize, ..., backward
+globals().update(_backend.members())

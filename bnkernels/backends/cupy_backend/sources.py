@@ -1,9 +1,9 @@
 """Where the CUDA C++ sources of the CuPy backend are, and which template
 instantiations the backend launches.
 
-The sources live in the top-level ``kernels/`` folder of the repository and
-ship inside the wheel as package data of ``bnkernels.kernels``; they are read
-through ``importlib.resources`` (so an installed wheel works).
+The sources live next to this module, in ``kernels/``, and ship inside the
+wheel as its package data; they are read through ``importlib.resources`` (so
+an installed wheel works).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ RUNNING = ("float", "double")  # running statistics dtypes
 
 def source_dir() -> pathlib.Path:
     """Folder of the .cu/.cuh files (inside the installed package)."""
-    return pathlib.Path(str(resources.files("bnkernels.kernels")))
+    return pathlib.Path(str(resources.files("bnkernels.backends.cupy_backend.kernels")))
 
 
 def read_source() -> str:

@@ -1,9 +1,10 @@
-"""Public functional API: ``bn_forward``, ``bn_backward``, ``channel_stats``,
+"""Batch normalization: ``bn_forward``, ``bn_backward``, ``channel_stats``,
 ``merge_stats``.
 
-Each function validates every argument (``bnkernels.validation``), picks a
-backend (``bnkernels.backends.resolve``) and only then runs it, so a call that
-fails leaves running statistics untouched.
+Each function picks a backend (``bnkernels.backends.resolve``), validates
+every argument (``bnkernels.validation``) and only then runs the backend's
+stages through ``bnkernels.engine``, so a call that fails leaves running
+statistics untouched. The float64 oracle is ``bnkernels.reference``.
 """
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import engine
 from . import validation as v
 from .backends import resolve, runs_on_gpu
+from .backends.interface import Moments
 
 
 @dataclass(frozen=True)
@@ -28,18 +31,13 @@ class SavedStats:
     invstd: np.ndarray
 
 
-@dataclass(frozen=True)
-class ChannelStats:
+class ChannelStats(Moments):
     """Per-channel reduction: ``count`` values per channel, their ``mean`` and
     ``m2`` (sum of squared deviations from the mean), shape (C,), float64.
 
     Partial results from disjoint parts of a batch (other processes, other
     chunks) combine exactly with :func:`merge_stats`.
     """
-
-    count: int
-    mean: np.ndarray
-    m2: np.ndarray
 
     @property
     def var(self) -> np.ndarray:
@@ -130,13 +128,13 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
     if training:
         v.check_training_count(layout)
         running = None if running_mean is None else (running_mean, running_var, factor)
-        y, mean, invstd = impl.forward_train(x, layout, gamma, beta, eps, relu, running, out_view)
+        y, mean, invstd = engine.forward_train(impl, x, layout, gamma, beta, eps, relu, running, out_view)
     else:
         if running_mean is None:
             raise ValueError("inference (training=False) normalizes with the running statistics: "
                              "pass running_mean and running_var")
-        y, mean, invstd = impl.forward_infer(x, layout, running_mean, running_var, gamma, beta, eps, relu,
-                                             out_view)
+        y, mean, invstd = engine.forward_infer(impl, x, layout, running_mean, running_var, gamma, beta, eps,
+                                               relu, out_view)
     if out is not None:
         y = out  # the caller's object (its memory holds the result)
     if return_saved:
@@ -180,7 +178,7 @@ def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, backend=
     arrays = {"dy": dy, "x": x, "saved_mean": saved_mean, "saved_invstd": saved_invstd, "gamma": gamma}
     v.check_aliasing({"out": out_view}, {name: v.memory_of(a, given[name]) for name, a in arrays.items()},
                      in_place=("dy", "x"))
-    dx, dgamma, dbeta = impl.backward(dy, x, layout, saved_mean, saved_invstd, gamma, out_view)
+    dx, dgamma, dbeta = engine.backward(impl, dy, x, layout, saved_mean, saved_invstd, gamma, out_view)
     return (dx if out is None else out), dgamma, dbeta
 
 
@@ -201,8 +199,8 @@ def channel_stats(x, *, axis=1, backend="auto") -> ChannelStats:
     impl = resolve(backend, x)
     x = v.check_input(v.convert(x, "x", impl.asarray))
     layout = v.channel_layout(x.shape, axis)
-    mean, m2 = impl.channel_stats(x, layout)
-    return ChannelStats(layout.count, mean, m2)
+    moments = impl.statistics(x, layout)
+    return ChannelStats(moments.count, moments.mean, moments.m2)
 
 
 def merge_stats(a: ChannelStats, b: ChannelStats) -> ChannelStats:
@@ -211,7 +209,8 @@ def merge_stats(a: ChannelStats, b: ChannelStats) -> ChannelStats:
     ``n = na + nb``, ``delta = mean_b - mean_a``,
     ``mean = mean_a + delta * nb / n``,
     ``m2 = m2_a + m2_b + delta**2 * na * nb / n``.
-    Either side may have count 0 (it then contributes nothing).
+    Either side may have count 0 (it then contributes nothing). The engine
+    merges partial moments with the same function (``engine.merge_pair``).
     """
     for name, s in (("a", a), ("b", b)):
         if not isinstance(s, ChannelStats):
@@ -219,11 +218,4 @@ def merge_stats(a: ChannelStats, b: ChannelStats) -> ChannelStats:
     if np.shape(a.mean) != np.shape(b.mean):
         raise ValueError(f"cannot merge statistics of {np.shape(a.mean)[0]} and "
                          f"{np.shape(b.mean)[0]} channels")
-    n = a.count + b.count
-    if a.count == 0 or b.count == 0:
-        return b if a.count == 0 else a
-    ma, mb = np.asarray(a.mean, np.float64), np.asarray(b.mean, np.float64)
-    delta = mb - ma
-    mean = ma + delta * (b.count / n)
-    m2 = np.asarray(a.m2, np.float64) + np.asarray(b.m2, np.float64) + delta**2 * (a.count * b.count / n)
-    return ChannelStats(n, mean, m2)
+    return engine.merge_pair(a, b)

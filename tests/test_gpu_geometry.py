@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from bnkernels.backends.launch import (DeviceLimits, Tuning, elementwise_plan,
+from bnkernels.backends.gpu.geometry import (DeviceLimits, Tuning, elementwise_plan,
                                                   reduce_plan)
 
 H100 = DeviceLimits(sm_count=132)

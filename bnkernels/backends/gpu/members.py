@@ -1,0 +1,204 @@
+"""The ``interface.Backend`` members of both GPU backends, written once on
+top of the launch sequences of ``plans`` and an *arrays* adapter, the one
+thing each backend writes itself (``cupy_backend``, ``numba_cuda``):
+
+- ``operand(x)``: the backend's wrapper of an argument (``Operand``), no copy;
+- ``device(x_op)``: the plans' device (allocation, counters, launches) on
+  the stream where work on x's kind of array belongs;
+- ``flat(op, dev, dtype=None)``: a C-contiguous device array of op's data,
+  flat (a copy only when needed); ``vector(op, dev, dtype)``: the same for
+  a (C,) vector, None for None;
+- ``result(x_op, a, dev)``: a device array as the kind of array the caller
+  gave for x; ``to_host(a, dev)``, ``to_device(host, dev)``;
+- ``write_back(op, a, dev)``: store ``a`` (a device or host array of op's
+  shape) into the caller's memory behind ``op``.
+
+Every member takes and returns what ``interface.Backend`` says.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ...validation import compute_dtype
+from ..coefficients import dx_coefficients, update_running
+from ..interface import ChannelLayout, GradSums, Moments, Normalization
+from ..outputs import deliver
+from . import plans
+
+
+class Operand:
+    """An argument as a GPU backend sees it: ``kind`` (``"numpy"`` for host
+    data, else the library of the device array: ``"cupy"``, ``"numba"``,
+    ``"torch"``, ``"cai"``), what the caller passed (``source``) and either
+    its ``host`` NumPy array or its ``device`` array (the backend's kind)."""
+
+    def __init__(self, kind: str, source, host=None, device=None):
+        self.kind, self.source, self.host, self.device = kind, source, host, device
+
+    @property
+    def is_host(self) -> bool:
+        return self.host is not None
+
+    @property
+    def array(self):
+        return self.host if self.host is not None else self.device
+
+    @property
+    def shape(self):
+        return self.array.shape
+
+    @property
+    def dtype(self):
+        return self.array.dtype
+
+
+class GpuBackend:
+    """The members, for one backend's arrays adapter."""
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+
+    def asarray(self, x):
+        """Wrap an argument without copying anything to or from the device."""
+        return self.arrays.operand(x)
+
+    def _start(self, x):
+        x = self.arrays.operand(x)
+        return x, self.arrays.device(x)
+
+    def _vectors(self, dev, dtype, *vectors):
+        A = self.arrays
+        return tuple(None if v is None else A.vector(A.operand(v), dev, dtype) for v in vectors)
+
+    def _host(self, v, dev):
+        return None if v is None else np.asarray(self.arrays.to_host(self.arrays.operand(v).array, dev),
+                                                 np.float64)
+
+    def _result(self, x, dev, *arrays):
+        return tuple(self.arrays.result(x, a, dev) for a in arrays)
+
+    def _running(self, running, dev):
+        """Device running statistics of one dtype (what the kernels take),
+        and the (operand, temporary) pairs to write back afterwards: host
+        or mixed-dtype running statistics are updated through temporaries."""
+        A = self.arrays
+        ops = [A.operand(running[0]), A.operand(running[1])]
+        dtype = np.float64 if np.float64 in (ops[0].dtype, ops[1].dtype) else np.float32
+        devs, back = [], []
+        for op in ops:
+            d = A.vector(op, dev, dtype)
+            if op.is_host or d is not op.device:
+                back.append((op, d))
+            devs.append(d)
+        return (devs[0], devs[1], running[2]), back
+
+    # --- stages ---------------------------------------------------------------
+
+    def statistics(self, x, layout: ChannelLayout) -> Moments:
+        """Kernel: stats (mean = k + (mean - k) formed in float64)."""
+        if layout.count == 0 or layout.channels == 0:
+            return Moments(layout.count, np.zeros(layout.channels), np.zeros(layout.channels))
+        x, dev = self._start(x)
+        out = plans.run_stats(dev, self.arrays.flat(x, dev), layout, None, None, None, 0.0)
+        k, dmean, m2 = (np.asarray(self.arrays.to_host(out[n], dev), np.float64) for n in ("k", "dmean", "m2"))
+        return Moments(layout.count, k + dmean, m2)
+
+    def _finalize(self, x, dev, mean, var, gamma, beta, eps: float) -> Normalization:
+        """Kernel: infer_coeffs from a (C,) mean and biased variance (device
+        arrays of one dtype)."""
+        acc = compute_dtype(x.dtype)
+        g, b = self._vectors(dev, acc, gamma, beta)
+        out = plans.run_finalize(dev, x.dtype, mean, var, g, b, eps)
+        mean_out, invstd = self._result(x, dev, out["k"], out["invstd"])
+        return Normalization(mean_out, invstd, out["k"], out["scale"], out["shift"])
+
+    def finalize(self, x, layout: ChannelLayout, moments: Moments, gamma, beta, eps: float,
+                 running) -> Normalization:
+        """The batch mean and variance go to the device in float64; running
+        statistics are updated on the host in float64 (a round trip of 2C
+        values: this staged path runs between processes' exchanges)."""
+        x, dev = self._start(x)
+        mean = np.asarray(moments.mean, np.float64)
+        m2 = np.asarray(moments.m2, np.float64)
+        n = moments.count
+        if running is not None:
+            A = self.arrays
+            ops = [A.operand(running[0]), A.operand(running[1])]
+            host = [np.array(A.to_host(op.array, dev)) if not op.is_host else op.host for op in ops]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                update_running(host[0], host[1], mean, m2 / (n - 1), running[2])
+            for op, h in zip(ops, host):
+                if not op.is_host:
+                    A.write_back(op, h, dev)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            var = m2 / n
+        to_dev = self.arrays.to_device
+        return self._finalize(x, dev, to_dev(mean, dev), to_dev(var, dev), gamma, beta, eps)
+
+    def finalize_running(self, x, layout: ChannelLayout, running_mean, running_var, gamma, beta,
+                         eps: float) -> Normalization:
+        x, dev = self._start(x)
+        A = self.arrays
+        rm, rv = A.operand(running_mean), A.operand(running_var)
+        rdt = np.float64 if np.float64 in (rm.dtype, rv.dtype) else np.float32
+        return self._finalize(x, dev, A.vector(rm, dev, rdt), A.vector(rv, dev, rdt), gamma, beta, eps)
+
+    def normalize(self, x, layout: ChannelLayout, norm: Normalization, relu: bool, out=None):
+        """Kernel: apply."""
+        x, dev = self._start(x)
+        coeffs = {"k": norm.k, "scale": norm.scale, "shift": norm.shift}
+        y = plans.run_apply(dev, self.arrays.flat(x, dev), layout, coeffs, relu)
+        return deliver(self.arrays.result(x, y.reshape(layout.shape), dev), out)
+
+    def backward_reduce(self, dy, x, layout: ChannelLayout, mean, invstd) -> GradSums:
+        """Kernel: bwd_reduce (its dx coefficients unused)."""
+        x, dev = self._start(x)
+        A = self.arrays
+        m, s = self._vectors(dev, np.float64, mean, invstd)
+        out = plans.run_bwd_reduce(dev, A.flat(A.operand(dy), dev), A.flat(x, dev), layout, None, m, s)
+        sum_dy, sum_dy_xhat = (np.asarray(A.to_host(out[n], dev), np.float64) for n in ("dbeta", "dgamma"))
+        return GradSums(sum_dy, sum_dy_xhat)
+
+    def backward_apply(self, dy, x, layout: ChannelLayout, mean, invstd, gamma, sums: GradSums, count: int,
+                       out=None):
+        """Kernel: dx, with coefficients from the host (float64)."""
+        x, dev = self._start(x)
+        A = self.arrays
+        acc = compute_dtype(x.dtype)
+        a, b, c = dx_coefficients(sums.sum_dy, sums.sum_dy_xhat, count, self._host(invstd, dev),
+                                  self._host(gamma, dev))
+        coeffs = {n: A.to_device(np.asarray(v, acc), dev)
+                  for n, v in zip(("k", "a", "b", "c"), (self._host(mean, dev), a, b, c))}
+        dx = plans.run_dx(dev, A.flat(A.operand(dy), dev), A.flat(x, dev), layout, coeffs)
+        grads = (A.to_device(np.asarray(s, acc), dev) for s in (sums.sum_dy_xhat, sums.sum_dy))
+        return (deliver(A.result(x, dx.reshape(layout.shape), dev), out), *self._result(x, dev, *grads))
+
+    # --- fused forms ----------------------------------------------------------
+
+    def forward_train(self, x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running, out=None):
+        """Kernels: stats (finalize fused) + apply: 2 reads and 1 write of x."""
+        x, dev = self._start(x)
+        A = self.arrays
+        g, b = self._vectors(dev, compute_dtype(x.dtype), gamma, beta)
+        run, back = self._running(running, dev) if running is not None else (None, [])
+        y, stats = plans.run_forward_train(dev, A.flat(x, dev), layout, g, b, run, eps, relu)
+        for op, d in back:
+            A.write_back(op, d, dev)
+        y = deliver(A.result(x, y.reshape(layout.shape), dev), out)
+        return (y, *self._result(x, dev, stats["mean"], stats["invstd"]))
+
+    def backward(self, dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None):
+        """Kernels: bwd_reduce (dx coefficients fused) + dx: 4 reads and 1 write."""
+        x, dev = self._start(x)
+        A = self.arrays
+        g, = self._vectors(dev, compute_dtype(x.dtype), gamma)
+        m, s = self._vectors(dev, np.float64, mean, invstd)
+        dx, grads = plans.run_backward(dev, A.flat(A.operand(dy), dev), A.flat(x, dev), layout, g, m, s)
+        dx = deliver(A.result(x, dx.reshape(layout.shape), dev), out)
+        return (dx, *self._result(x, dev, grads["dgamma"], grads["dbeta"]))
+
+    def members(self) -> dict:
+        """The module-level names of a backend module (``interface.Backend``)."""
+        names = ("asarray", "statistics", "finalize", "finalize_running", "normalize", "backward_reduce",
+                 "backward_apply", "forward_train", "backward")
+        return {name: getattr(self, name) for name in names}

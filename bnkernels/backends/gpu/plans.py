@@ -1,0 +1,235 @@
+"""The launch sequences of both GPU backends (cupy's CUDA C++, numba-cuda's
+Numba kernels), in plain Python: which kernel, grid, block and arguments
+each stage launches, the workspace and counters it needs, and the edge
+cases (no channels, no values).
+
+Nothing here imports a GPU package. A :class:`Launch` names its kernel by
+stage (``"stats"``, ``"apply"``, ``"infer_coeffs"``, ``"bwd_reduce"``,
+``"dx"``) and its arguments by name; each backend's ``bind`` maps it to its
+own kernel and argument order (cupy: ``cupy_backend/bind.py``;
+numba-cuda: ``numba_cuda/bind.py``). An absent optional array is None.
+
+The sequences run on any *device* object providing:
+
+- ``alloc(shape, dtype)``: a buffer (NaN-filled when ``BNKERNELS_POISON=1``);
+- ``zeros(shape, dtype)``: a zeroed buffer;
+- ``counters(n)``: zeroed integer counters the reductions leave zeroed;
+- ``run(launch)``: launch on the device's stream;
+- ``aligned(*arrays)``: whether all are 16-byte aligned;
+- ``limits``, ``tuning``: of ``geometry``.
+
+Both backends, and the tests (the host harness runs cupy's kernels on the
+CPU with NumPy arrays: ``tests/host_cuda``), run exactly these.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ...validation import compute_dtype
+from ..interface import ChannelLayout
+from . import geometry
+
+#: Threads per block of the per-channel coefficient kernel.
+COEFF_THREADS = 128
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch, independent of the backend.
+
+    ``storage``: the dtype of x (selects the kernel's instantiation);
+    ``rows``: the channel-fastest variant of a reduction; ``running``: the
+    dtype of the statistics read or updated per channel (stats,
+    infer_coeffs), None if there are none."""
+
+    kernel: str
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    args: dict = field(hash=False)
+    storage: np.dtype = np.dtype(np.float32)
+    rows: bool = False
+    running: np.dtype | None = None
+
+
+def _reduce_geometry(layout: ChannelLayout, limits, tuning):
+    plan = geometry.reduce_plan(layout.outer, layout.channels, layout.inner, limits, tuning)
+    return plan, (plan.splits, plan.grid_groups, 1), (plan.tx, plan.ty, 1)
+
+
+def _elementwise_geometry(total: int, limits, tuning):
+    plan = geometry.elementwise_plan(total, limits, tuning)
+    return (plan.grid, 1, 1), (plan.block, 1, 1)
+
+
+def counters_needed(layout: ChannelLayout, limits, tuning=geometry.Tuning()) -> int:
+    """Length of the zeroed counter array the reductions need."""
+    return geometry.reduce_plan(layout.outer, layout.channels, layout.inner, limits, tuning).groups
+
+
+def _view_args(layout: ChannelLayout) -> dict:
+    return {"outer": np.int64(layout.outer), "channels": np.int64(layout.channels),
+            "inner": np.int64(layout.inner), "inv_count": np.float64(1.0 / layout.count)}
+
+
+def stats(x, layout: ChannelLayout, gamma, beta, running, eps: float, alloc, counters, limits,
+          tuning=geometry.Tuning()):
+    """The statistics launch (with the finalize stage fused: coefficients
+    and the running-statistics update). ``x``: flat contiguous input;
+    ``gamma``, ``beta``: (C,) device arrays or None; ``running``:
+    ``(running_mean, running_var, factor)`` with both arrays of one dtype
+    (float32 or float64), or None; ``counters``: zeroed.
+
+    Returns ``(launch, out)`` with ``out`` the dict of (C,) compute-dtype
+    arrays ``k, scale, shift, mean, invstd, dmean, m2`` the kernel writes.
+    """
+    acc = compute_dtype(x.dtype)
+    C, n = layout.channels, layout.count
+    out = {name: alloc((C,), acc) for name in ("k", "scale", "shift", "mean", "invstd", "dmean", "m2")}
+    plan, grid, block = _reduce_geometry(layout, limits, tuning)
+    stages = {f"stage{i}": alloc((C, plan.splits), acc) for i in range(3)}  # count, mean, m2 per block
+    rm, rv, factor = running if running is not None else (None, None, 0.0)
+    args = {"x": x, **_view_args(layout), "unbias": np.float64(n / (n - 1) if n > 1 else 0.0),
+            "eps": np.float64(eps), "factor": np.float64(factor), "gamma": gamma, "beta": beta,
+            "running_mean": rm, "running_var": rv, **out, **stages, "counters": counters}
+    running_dtype = None if rm is None else np.dtype(rm.dtype)
+    return Launch("stats", grid, block, args, np.dtype(x.dtype), layout.inner == 1, running_dtype), out
+
+
+def apply(x, y, layout: ChannelLayout, k, scale, shift, relu: bool, vectorized: bool, limits,
+          tuning=geometry.Tuning()) -> Launch:
+    """``y = (x - k) * scale + shift`` [ReLU] over flat contiguous x, y.
+    ``vectorized``: both pointers are 16-byte aligned."""
+    grid, block = _elementwise_geometry(x.size, limits, tuning)
+    args = {"x": x, "y": y, "total": np.int64(x.size), "channels": np.int64(layout.channels),
+            "inner": np.int64(layout.inner), "k": k, "scale": scale, "shift": shift, "relu": np.int32(relu),
+            "vectorized": np.int32(vectorized)}
+    return Launch("apply", grid, block, args, np.dtype(x.dtype))
+
+
+def infer_coeffs(x_dtype, mean, var, gamma, beta, eps: float, alloc) -> tuple[Launch, dict]:
+    """Per-channel ``k, scale, shift, invstd`` (compute dtype) from a mean
+    and a biased variance (both of one dtype, float32 or float64): the
+    finalize stage on the device, from running statistics (inference) or
+    from merged batch statistics."""
+    acc = compute_dtype(x_dtype)
+    C = mean.shape[0]
+    out = {name: alloc((C,), acc) for name in ("k", "scale", "shift", "invstd")}
+    args = {"running_mean": mean, "running_var": var, "channels": np.int64(C), "eps": np.float64(eps),
+            "gamma": gamma, "beta": beta, **out}
+    grid = (max(1, math.ceil(C / COEFF_THREADS)), 1, 1)
+    return Launch("infer_coeffs", grid, (COEFF_THREADS, 1, 1), args, np.dtype(x_dtype),
+                  running=np.dtype(mean.dtype)), out
+
+
+def bwd_reduce(dy, x, layout: ChannelLayout, gamma, saved_mean, saved_invstd, alloc, counters, limits,
+               tuning=geometry.Tuning()):
+    """Backward sums (with the dx coefficients fused). ``saved_mean``,
+    ``saved_invstd``: (C,) float64; ``gamma``: (C,) or None. Returns
+    ``(launch, out)``, ``out``: ``dgamma, dbeta, k, a, b, c`` (C,) arrays."""
+    acc = compute_dtype(x.dtype)
+    C = layout.channels
+    out = {name: alloc((C,), acc) for name in ("dgamma", "dbeta", "k", "a", "b", "c")}
+    plan, grid, block = _reduce_geometry(layout, limits, tuning)
+    stages = {f"stage{i}": alloc((C, plan.splits), acc) for i in range(2)}  # sum(dy), sum(dy * (x - k))
+    args = {"dy": dy, "x": x, **_view_args(layout), "gamma": gamma, "saved_mean": saved_mean,
+            "saved_invstd": saved_invstd, **out, **stages, "counters": counters}
+    return Launch("bwd_reduce", grid, block, args, np.dtype(x.dtype), layout.inner == 1), out
+
+
+def dx(dy, x, out, layout: ChannelLayout, coeffs: dict, vectorized: bool, limits,
+       tuning=geometry.Tuning()) -> Launch:
+    """``dx = dy * a + (x - k) * b + c`` over flat contiguous arrays."""
+    grid, block = _elementwise_geometry(x.size, limits, tuning)
+    args = {"dy": dy, "x": x, "dx": out, "total": np.int64(x.size), "channels": np.int64(layout.channels),
+            "inner": np.int64(layout.inner), **{n: coeffs[n] for n in ("k", "a", "b", "c")},
+            "vectorized": np.int32(vectorized)}
+    return Launch("dx", grid, block, args, np.dtype(x.dtype))
+
+
+# --------------------------------------------------------------------------
+# The sequences of the stages and fused forms, with their edge cases.
+# Inputs are flat contiguous device arrays; per-channel vectors (C,).
+# --------------------------------------------------------------------------
+
+def run_stats(dev, x, layout: ChannelLayout, gamma, beta, running, eps: float) -> dict:
+    """Statistics (and coefficients, and the running-statistics update) of
+    flat ``x``: 1 read. Returns :func:`stats`' ``out``; with no values
+    (``count == 0``) it is all zeros and nothing is launched."""
+    if layout.count == 0 or layout.channels == 0:
+        acc = compute_dtype(x.dtype)
+        return {name: dev.zeros((layout.channels,), acc)
+                for name in ("k", "scale", "shift", "mean", "invstd", "dmean", "m2")}
+    counters = dev.counters(counters_needed(layout, dev.limits, dev.tuning))
+    launch_, out = stats(x, layout, gamma, beta, running, eps, dev.alloc, counters, dev.limits, dev.tuning)
+    dev.run(launch_)
+    return out
+
+
+def run_apply(dev, x, layout: ChannelLayout, coeffs: dict, relu: bool):
+    """The normalize stage: ``y`` (flat, like x) from ``coeffs['k']``,
+    ``['scale']``, ``['shift']``: 1 read + 1 write. With no channels, y is
+    an (empty) copy of x."""
+    y = dev.alloc(x.shape, x.dtype)
+    if x.size:
+        dev.run(apply(x, y, layout, coeffs["k"], coeffs["scale"], coeffs["shift"], relu, dev.aligned(x, y),
+                      dev.limits, dev.tuning))
+    return y
+
+
+def run_forward_train(dev, x, layout: ChannelLayout, gamma, beta, running, eps: float, relu: bool):
+    """Training forward: statistics, then apply (2 reads + 1 write of x).
+    Returns ``(y, out)`` with ``out`` from :func:`run_stats`."""
+    out = run_stats(dev, x, layout, gamma, beta, running, eps)
+    return run_apply(dev, x, layout, out, relu), out
+
+
+def run_finalize(dev, x_dtype, mean, var, gamma, beta, eps: float) -> dict:
+    """The finalize stage from a (C,) mean and biased variance: ``out``
+    with ``k``, ``scale``, ``shift``, ``invstd``."""
+    if mean.shape[0] == 0:
+        acc = compute_dtype(x_dtype)
+        return {name: dev.zeros((0,), acc) for name in ("k", "scale", "shift", "invstd")}
+    launch_, out = infer_coeffs(x_dtype, mean, var, gamma, beta, eps, dev.alloc)
+    dev.run(launch_)
+    return out
+
+
+def run_forward_infer(dev, x, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float,
+                      relu: bool):
+    """Inference: coefficients, then apply (1 read + 1 write). Returns
+    ``(y, out)`` with ``out`` holding ``k`` and ``invstd``."""
+    out = run_finalize(dev, x.dtype, running_mean, running_var, gamma, beta, eps)
+    return run_apply(dev, x, layout, out, relu), out
+
+
+def run_bwd_reduce(dev, dy, x, layout: ChannelLayout, gamma, saved_mean, saved_invstd) -> dict:
+    """Backward sums and dx coefficients (:func:`bwd_reduce`'s ``out``):
+    2 reads. With no values the sums are zeros and nothing is launched."""
+    if layout.count == 0 or layout.channels == 0:
+        acc = compute_dtype(x.dtype)
+        return {name: dev.zeros((layout.channels,), acc) for name in ("dgamma", "dbeta", "k", "a", "b", "c")}
+    counters = dev.counters(counters_needed(layout, dev.limits, dev.tuning))
+    launch_, out = bwd_reduce(dy, x, layout, gamma, saved_mean, saved_invstd, dev.alloc, counters, dev.limits,
+                              dev.tuning)
+    dev.run(launch_)
+    return out
+
+
+def run_dx(dev, dy, x, layout: ChannelLayout, coeffs: dict):
+    """The backward apply stage: flat dx from ``coeffs`` (``k, a, b, c``):
+    2 reads + 1 write; zeros when there are no values."""
+    if x.size == 0:
+        return dev.zeros(x.shape, x.dtype)
+    result = dev.alloc(x.shape, x.dtype)
+    dev.run(dx(dy, x, result, layout, coeffs, dev.aligned(dy, x, result), dev.limits, dev.tuning))
+    return result
+
+
+def run_backward(dev, dy, x, layout: ChannelLayout, gamma, saved_mean, saved_invstd):
+    """Backward: sums, then dx (4 reads + 1 write). ``saved_*``: (C,)
+    float64. Returns ``(dx, out)`` with ``out['dgamma']``, ``out['dbeta']``."""
+    out = run_bwd_reduce(dev, dy, x, layout, gamma, saved_mean, saved_invstd)
+    return run_dx(dev, dy, x, layout, out), out

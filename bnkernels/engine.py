@@ -1,0 +1,84 @@
+"""How the public functions run a backend's stages (``backends.interface``).
+
+Each function takes a resolved backend module and validated arguments. It
+calls the backend's fused form when nothing has to happen between two
+stages. Given an ``exchange``, it runs the stages one by one and lets the
+exchange combine the reductions with those of the other participants
+(other processes: synchronized batch norm) before the next stage:
+
+- forward: ``statistics -> exchange.moments -> finalize -> normalize``;
+- backward: ``backward_reduce -> exchange.grad_sums -> backward_apply``.
+
+An exchange is any object with ``moments(Moments) -> Moments`` (the merged
+moments of every participant: :func:`merge` is exact) and
+``grad_sums(GradSums, count) -> (GradSums, count)`` (the summed sums and the
+total count).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .backends.interface import ChannelLayout, GradSums, Moments, require_affine_per_group
+
+
+def merge_pair(a, b):
+    """Chan's formula for two partial moments of disjoint data (either may
+    have count 0 and then contributes nothing; it is returned as is).
+
+    ``n = na + nb``, ``delta = mean_b - mean_a``, ``mean = mean_a + delta *
+    nb / n``, ``m2 = m2_a + m2_b + delta**2 * na * nb / n``, in float64.
+    The result has the type of ``a`` (``Moments`` or ``ChannelStats``).
+    """
+    if a.count == 0 or b.count == 0:
+        return b if a.count == 0 else a
+    n = a.count + b.count
+    ma, mb = np.asarray(a.mean, np.float64), np.asarray(b.mean, np.float64)
+    delta = mb - ma
+    mean = ma + delta * (b.count / n)
+    m2 = np.asarray(a.m2, np.float64) + np.asarray(b.m2, np.float64) + delta**2 * (a.count * b.count / n)
+    return type(a)(n, mean, m2)
+
+
+def merge(parts: Sequence[Moments]) -> Moments:
+    """Merge any number of partial moments, pairwise as a balanced tree (the
+    rounding of m2 grows with the depth, log2 of the number of parts)."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("merge needs at least one set of moments")
+    while len(parts) > 1:
+        parts = [merge_pair(*parts[i:i + 2]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def forward_train(impl, x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running, out=None,
+                  exchange=None):
+    """Training forward: ``(y, mean, invstd)`` (see ``Backend.forward_train``)."""
+    require_affine_per_group(layout, gamma, beta)
+    if exchange is None:
+        return impl.forward_train(x, layout, gamma, beta, eps, relu, running, out)
+    moments = exchange.moments(impl.statistics(x, layout))
+    norm = impl.finalize(x, layout, moments, gamma, beta, eps, running)
+    return impl.normalize(x, layout, norm, relu, out), norm.mean, norm.invstd
+
+
+def forward_infer(impl, x, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float,
+                  relu: bool, out=None):
+    """Inference forward: ``finalize_running -> normalize``; returns ``(y,
+    mean, invstd)``."""
+    require_affine_per_group(layout, gamma, beta)
+    norm = impl.finalize_running(x, layout, running_mean, running_var, gamma, beta, eps)
+    return impl.normalize(x, layout, norm, relu, out), norm.mean, norm.invstd
+
+
+def backward(impl, dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None, exchange=None):
+    """Backward of the training forward: ``(dx, dgamma, dbeta)``."""
+    require_affine_per_group(layout, gamma, None)
+    if exchange is None:
+        return impl.backward(dy, x, layout, mean, invstd, gamma, out)
+    sums, count = exchange.grad_sums(impl.backward_reduce(dy, x, layout, mean, invstd), layout.count)
+    return impl.backward_apply(dy, x, layout, mean, invstd, gamma, sums, count, out)
+
+
+__all__ = ["GradSums", "Moments", "backward", "forward_infer", "forward_train", "merge", "merge_pair"]
