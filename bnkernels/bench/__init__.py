@@ -5,8 +5,9 @@ Only NumPy and the standard library are needed; PyTorch, CuPy and
 matplotlib are imported when asked for and their absence is reported,
 never fatal at import. One module per job:
 
-- :mod:`.ops`: the operations, the bytes each moves, shapes, inputs, the
-  correctness check against the float64 reference;
+- :mod:`.operations`: each operation described once (title, bytes moved,
+  float64 reference, how bnkernels, the textbook code and torch run it);
+- :mod:`.ops`: shapes, inputs, the correctness check against the reference;
 - :mod:`.implementations`: the candidates and peers (bnkernels backends,
   textbook NumPy/CuPy, torch) and the catalog of what runs here;
 - :mod:`.timing`: timers, repeats, the cache-cold rotation;
@@ -17,6 +18,7 @@ never fatal at import. One module per job:
 
 Everything is re-exported here (``from bnkernels import bench as bm``).
 """
+from .operations import *  # noqa: F401,F403
 from .ops import *  # noqa: F401,F403
 from .implementations import *  # noqa: F401,F403
 from .timing import *  # noqa: F401,F403

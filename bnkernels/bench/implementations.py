@@ -7,16 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib.util import find_spec
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
-from .ops import BASELINE, CANDIDATE, EPS, Inputs, TEXTBOOK, TORCH, Unsupported, _host
-
-
-Runner = Callable[[], Sequence[Any]]
-
-
+from .operations import OPERATIONS, Runner
+from .ops import BASELINE, CANDIDATE, Inputs, TEXTBOOK, TORCH, Unsupported, _host
 
 
 @dataclass(frozen=True)
@@ -44,74 +40,6 @@ class Implementation:
     checked: bool = True
 
 
-def _bshape(x, axis):
-    shape = [1] * x.ndim
-    shape[axis] = x.shape[axis]
-    return tuple(shape)
-
-
-def _axes(x, axis):
-    return tuple(i for i in range(x.ndim) if i != axis % x.ndim)
-
-
-def _xp(a):
-    """The array module of ``a``: cupy for CuPy arrays, else numpy."""
-    if type(a).__module__.partition(".")[0] == "cupy":
-        import cupy
-
-        return cupy
-    return np
-
-
-def textbook_forward_train(x, gamma, beta, axis=1, eps=EPS):
-    """Training forward as tutorials write it: ``x.mean``, ``x.var`` and
-    broadcasting (NumPy or CuPy arrays). Returns ``(y, mean, var)``
-    (statistics with kept dims)."""
-    xp = _xp(x)
-    axes = _axes(x, axis)
-    mean = x.mean(axis=axes, keepdims=True)
-    var = x.var(axis=axes, keepdims=True)
-    y = (x - mean) / xp.sqrt(var + eps) * gamma.reshape(_bshape(x, axis)) + beta.reshape(_bshape(x, axis))
-    return y, mean, var
-
-
-def textbook_forward_infer(x, running_mean, running_var, gamma, beta, axis=1, eps=EPS):
-    """Inference forward as tutorials write it, from running statistics."""
-    xp = _xp(x)
-    bs = _bshape(x, axis)
-    return ((x - running_mean.reshape(bs)) / xp.sqrt(running_var.reshape(bs) + eps)
-            * gamma.reshape(bs) + beta.reshape(bs))
-
-
-def textbook_backward(dy, x, mean, var, gamma, axis=1, eps=EPS):
-    """Backward as tutorials write it out, step by step through mean and var
-    (the staged computational-graph derivation). ``mean``, ``var``: the
-    forward's statistics with kept dims. Returns ``(dx, dgamma, dbeta)``."""
-    xp = _xp(x)
-    axes = _axes(x, axis)
-    n = x.size // x.shape[axis]
-    xmu = x - mean
-    std_inv = 1.0 / xp.sqrt(var + eps)
-    xhat = xmu * std_inv
-    dbeta = dy.sum(axis=axes)
-    dgamma = (dy * xhat).sum(axis=axes)
-    dxhat = dy * gamma.reshape(_bshape(x, axis))
-    dvar = (dxhat * xmu).sum(axis=axes, keepdims=True) * -0.5 * std_inv**3
-    dmean = (-dxhat * std_inv).sum(axis=axes, keepdims=True) + dvar * (-2.0 * xmu).mean(axis=axes,
-                                                                                      keepdims=True)
-    dx = dxhat * std_inv + dvar * 2.0 * xmu / n + dmean / n
-    return dx, dgamma, dbeta
-
-
-def _quiet(fn: Runner) -> Runner:
-    """``fn`` with NumPy floating-point warnings off (textbook float16 sums
-    overflow; that shows as a WRONG result, not as a warning)."""
-    def run():
-        with np.errstate(all="ignore"):
-            return fn()
-    return run
-
-
 def _cupy():
     import cupy
 
@@ -130,22 +58,15 @@ def _textbook_prepare(device: str):
     to_dev, _ = _converters(device)
 
     def prepare(op: str, inp: Inputs) -> Runner:
-        x, dy, axis, eps = to_dev(inp.x), to_dev(inp.dy), inp.axis, inp.eps
-        # Parameters in the activations' dtype, as a tutorial model holds them.
-        gamma, beta = to_dev(inp.gamma.astype(inp.x.dtype)), to_dev(inp.beta.astype(inp.x.dtype))
-        if op == "train":
-            return _quiet(lambda: (textbook_forward_train(x, gamma, beta, axis, eps)[0],))
-        if op == "infer":
-            rm = to_dev(inp.running_mean.astype(inp.x.dtype))
-            rv = to_dev(inp.running_var.astype(inp.x.dtype))
-            return _quiet(lambda: (textbook_forward_infer(x, rm, rv, gamma, beta, axis, eps),))
-        if op == "backward":
-            with np.errstate(all="ignore"):
-                _, mean, var = textbook_forward_train(x, gamma, beta, axis, eps)
-            return _quiet(lambda: textbook_backward(dy, x, mean, var, gamma, axis, eps))
-        raise Unsupported(op)
+        return _operation(op).textbook(inp, to_dev)
 
     return prepare
+
+
+def _operation(op: str):
+    if op not in OPERATIONS:
+        raise Unsupported(op)
+    return OPERATIONS[op]
 
 
 #: The tutorial-style NumPy implementation the CPU speed-ups are relative to.
@@ -171,25 +92,11 @@ def bnkernels_implementation(backend: str, device: str = "cpu", preallocated: bo
     (``out=``), named ``<backend>+out``: what a training loop that reuses
     its buffers sees, without the allocation (page faults for large arrays)
     that every other row includes."""
-    from ..batch_norm import bn_backward, bn_forward
-
     to_dev, to_host = _converters(device)
 
     def prepare(op: str, inp: Inputs) -> Runner:
-        x, dy, g, b = to_dev(inp.x), to_dev(inp.dy), to_dev(inp.gamma), to_dev(inp.beta)
-        axis, eps = inp.axis, inp.eps
         out = to_dev(np.zeros_like(inp.x)) if preallocated else None  # zeros: the pages are touched
-        if op == "train":
-            return lambda: (bn_forward(x, g, b, axis=axis, eps=eps, backend=backend, out=out),)
-        if op == "infer":
-            rm, rv = to_dev(inp.running_mean), to_dev(inp.running_var)
-            return lambda: (bn_forward(x, g, b, rm, rv, training=False, axis=axis, eps=eps,
-                                       backend=backend, out=out),)
-        if op == "backward":
-            _, saved = bn_forward(x, g, b, axis=axis, eps=eps, backend=backend, return_saved=True)
-            return lambda: bn_backward(dy, x, saved.mean, saved.invstd, g, axis=axis, backend=backend,
-                                       out=out)
-        raise Unsupported(op)
+        return _operation(op).bnkernels(inp, to_dev, backend, out)
 
     if preallocated:
         return Implementation(backend + OUT_SUFFIX, prepare,
@@ -232,27 +139,7 @@ def torch_implementation(threads: int | None = None, device: str = "cpu") -> Imp
         return torch.from_numpy(a).to(tdev)
 
     def prepare(op: str, inp: Inputs) -> Runner:
-        x, axis, eps = inp.x, inp.axis, inp.eps
-        # torch takes half input with float32 parameters (mixed precision);
-        # otherwise parameters must match the input dtype.
-        pdt = np.float32 if x.dtype == np.float16 else x.dtype
-        w, b = tensor(inp.gamma.astype(pdt)), tensor(inp.beta.astype(pdt))
-        xt = tensor(x)
-        if op == "train":
-            xv = xt.movedim(axis, 1)
-            return lambda: (F.batch_norm(xv, None, None, w, b, training=True, eps=eps).movedim(1, axis),)
-        if op == "infer":
-            xv = xt.movedim(axis, 1)
-            rm, rv = tensor(inp.running_mean.astype(pdt)), tensor(inp.running_var.astype(pdt))
-            return lambda: (F.batch_norm(xv, rm, rv, w, b, training=False, eps=eps).movedim(1, axis),)
-        if op == "backward":
-            xt.requires_grad_(True)
-            w.requires_grad_(True)
-            b.requires_grad_(True)
-            y = F.batch_norm(xt.movedim(axis, 1), None, None, w, b, training=True, eps=eps)
-            dyt = tensor(inp.dy).movedim(axis, 1)
-            return lambda: torch.autograd.grad(y, (xt, w, b), dyt, retain_graph=True)
-        raise Unsupported(op)
+        return _operation(op).torch(inp, tensor, F)
 
     where = "CUDA" if device == "gpu" else "CPU"
     return Implementation("torch-cuda" if device == "gpu" else "torch", prepare,
@@ -327,9 +214,7 @@ def implementation_catalog(torch_threads: int | None = None) -> dict[str, Catalo
 
 
 __all__ = [
-    'CatalogEntry', 'Implementation', 'OUT_SUFFIX', 'Runner', 'TEXTBOOK_NUMPY', '_axes', '_bshape',
-    '_converters', '_cupy', '_quiet', '_textbook_prepare', '_xp', 'bnkernels_implementation',
-    'gpu_problem', 'implementation_catalog', 'import_torch', 'textbook_backward',
-    'textbook_cupy_implementation', 'textbook_forward_infer', 'textbook_forward_train',
-    'torch_implementation',
+    'CatalogEntry', 'Implementation', 'OUT_SUFFIX', 'TEXTBOOK_NUMPY', '_converters', '_cupy',
+    '_textbook_prepare', 'bnkernels_implementation', 'gpu_problem', 'implementation_catalog', 'import_torch',
+    'textbook_cupy_implementation', 'torch_implementation',
 ]

@@ -1,5 +1,6 @@
-"""What ``bnkernels bench`` measures: the operations (:data:`OPS`, the
-bytes each must move, :func:`min_bytes`), the shapes (:class:`Case`,
+"""What ``bnkernels bench`` measures: the operations (:data:`OPS`, from
+``operations.OPERATIONS``; the bytes each must move, :func:`min_bytes`),
+the shapes (:class:`Case`,
 :data:`NAMED_CASES`), their inputs (:func:`make_inputs`) and the check of
 every output against the float64 reference before anything is timed
 (:func:`reference_outputs`, :func:`check_outputs`)."""
@@ -11,16 +12,15 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..reference import reference_backward, reference_forward
+from .operations import OPERATIONS
 
-
-#: Operations, in the order they are reported.
-OPS = ("train", "infer", "backward")
-OP_TITLES = {"train": "training forward", "infer": "inference forward", "backward": "backward"}
+#: Operations (``operations.OPERATIONS``), in the order they are reported.
+OPS = tuple(OPERATIONS)
+OP_TITLES = {op.name: op.title for op in OPERATIONS.values()}
 
 #: Minimum traffic of each operation in units of ``x.nbytes`` (see
 #: :func:`min_bytes`); ``"copy"`` is the same-size copy reference (:data:`COPY`).
-BYTES_FACTOR = {"train": 3, "infer": 2, "backward": 5, "copy": 2}
+BYTES_FACTOR = {**{op.name: op.bytes_factor for op in OPERATIONS.values()}, "copy": 2}
 
 BYTES_MODEL = (
     "minimum bytes an operation must move, in sizes of x (storage dtype), for a two-pass method: "
@@ -255,16 +255,9 @@ def _host(a) -> np.ndarray:
 def reference_outputs(op: str, inp: Inputs) -> tuple[np.ndarray, ...]:
     """Float64 outputs of ``op`` from :mod:`bnkernels.reference`, in the
     order implementations return them."""
-    kw = dict(axis=inp.axis, eps=inp.eps)
-    if op == "train":
-        return (reference_forward(inp.x, inp.gamma, inp.beta, **kw)[0],)
-    if op == "infer":
-        return (reference_forward(inp.x, inp.gamma, inp.beta, inp.running_mean, inp.running_var,
-                                  training=False, **kw)[0],)
-    if op == "backward":
-        _, mean, invstd, _, _ = reference_forward(inp.x, inp.gamma, inp.beta, **kw)
-        return reference_backward(inp.dy, inp.x, mean, invstd, inp.gamma, axis=inp.axis)
-    raise ValueError(f"unknown op {op!r}")
+    if op not in OPERATIONS:
+        raise ValueError(f"unknown op {op!r}")
+    return OPERATIONS[op].reference(inp)
 
 
 def check_outputs(outputs: Sequence[Any], expected: Sequence[np.ndarray],
