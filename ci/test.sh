@@ -18,7 +18,7 @@ PYTHON=${PYTHON:-python3}
 #   machine's CUDA 13.0 ptxas rejects PTX 9.5) to assemble for sm_80/sm_90
 #   and report resources, and cuobjdump/nvdisasm to read the SASS.
 # - tbb: Numba's TBB threading layer, so that calls from several threads are
-#   tested on every layer (tbb, omp, workqueue: tests/test_threads.py).
+#   tested on every layer (tbb, omp, workqueue: tests/backends/test_threads.py).
 TEST_EXTRAS=${BNKERNELS_TEST_EXTRAS-"matplotlib torch==2.13.0 cupy-cuda13x numba numba-cuda[cu13] cuda-toolkit[nvcc,cuobjdump,nvdisasm] tbb"}
 
 if [ ! -x .venv/bin/python ]; then

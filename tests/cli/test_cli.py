@@ -31,7 +31,7 @@ def patch_bench(monkeypatch, name, value):
         if hasattr(module, name):
             monkeypatch.setattr(module, name, value)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 #: the same-size copy the CPU device uses here
 CPU_COPY = "numba-copy" if HAVE_NUMBA else "np.copyto"
