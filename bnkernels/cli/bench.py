@@ -227,6 +227,10 @@ def _print_list() -> int:
 def run_bench(args, parser, implementations=None, argv=()) -> int:
     if args.list:
         return _print_list()
+    if args.host_overhead:
+        from ..bench import host_overhead
+
+        return host_overhead.run(args.json)
     ops = _split(args.ops)
     for op in ops:
         if op not in bm.OPS:
@@ -370,6 +374,10 @@ def add_bench_parser(sub) -> None:
     p_bench.add_argument("--plot", metavar="FILE.png", default=None,
                          help='bar chart of %% of the same-size copy per implementation (needs matplotlib: '
                               'pip install "bnkernels[plot]")')
+    p_bench.add_argument("--host-overhead", action="store_true",
+                         help="bnkernels' own host cost per call (µs, allocations, launches) on each GPU backend "
+                              "with stand-in devices whose kernels do nothing, against torch's tiny CPU "
+                              "F.batch_norm in the same run (no GPU needed), and exit")
     p_bench.add_argument("--list", action="store_true",
                          help="list the named shapes and the implementations usable here, and exit")
     p_bench.set_defaults(subparser=p_bench)

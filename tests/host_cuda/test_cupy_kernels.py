@@ -55,6 +55,16 @@ class HostGPU:
     def zeros(self, shape, dtype):
         return np.zeros(shape, dtype)
 
+    def __enter__(self):  # the members make the device current for a call
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def scratch(self, key, specs):
+        """No workspace kept: every buffer new, and poisoned."""
+        return {name: self.alloc(shape, dtype) for name, (shape, dtype) in specs.items()}
+
     def aligned(self, *arrays):
         return all(a.ctypes.data % 16 == 0 for a in arrays)
 

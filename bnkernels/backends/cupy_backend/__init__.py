@@ -11,8 +11,12 @@ device and results copied back (a convenience path; running statistics given
 as NumPy arrays are still updated in place). Non-contiguous inputs are made
 contiguous on the device first.
 
-Streams: everything runs on CuPy's current stream, without synchronizing
-(host results are synchronized by the copy back).
+Devices and streams: a call runs on the device of its input (CuPy's current
+device for host input) and on CuPy's current stream, or torch's current
+stream for torch tensors, without synchronizing (host results are
+synchronized by the copy back). Per (device, stream, host thread) the
+backend keeps the reductions' counters and each plan's workspace
+(``gpu/workspace.py``), so a call allocates only what it returns.
 
 Compilation: lazily, on first use, once per device (``functools.cache``);
 CuPy also caches the binaries on disk.
@@ -24,7 +28,7 @@ import functools
 import numpy as np
 
 from ..gpu import geometry
-from ..gpu.counters import CounterCache
+from ..gpu.workspace import CounterCache, ScratchCache
 from ..gpu.members import GpuBackend, Operand
 from . import bind, sources
 
@@ -49,26 +53,56 @@ def _module(device_id: int):
                             name_expressions=sources.name_expressions())
 
 
+@functools.cache
+def _function(device_id: int, name: str):
+    """A kernel of :func:`_module` (CuPy looks it up by name on every
+    ``get_function``)."""
+    return _module(device_id).get_function(name)
+
+
+@functools.cache
+def _limits(device_id: int) -> geometry.DeviceLimits:
+    attrs = _cupy().cuda.Device(device_id).attributes  # ~100 driver queries: once per device
+    return geometry.DeviceLimits(
+        sm_count=attrs["MultiProcessorCount"], max_threads_per_block=attrs["MaxThreadsPerBlock"],
+        max_threads_per_sm=attrs["MaxThreadsPerMultiProcessor"], max_grid_x=attrs["MaxGridDimX"],
+        max_grid_y=attrs["MaxGridDimY"])
+
+
 _counters = CounterCache()
+_scratch = ScratchCache()
 
 
 class _Device:
-    """What ``gpu.plans`` needs, on the current CuPy device and stream."""
+    """What ``gpu.plans`` needs, on x's device and stream: a context manager
+    that makes them current for the call (CuPy's current stream, or torch's
+    current stream for torch tensors)."""
 
-    def __init__(self):
+    def __init__(self, device_id, stream):
         cp = _cupy()
         self.cp = cp
-        self.device_id = cp.cuda.Device().id
-        attrs = cp.cuda.Device().attributes
-        self.limits = geometry.DeviceLimits(
-            sm_count=attrs["MultiProcessorCount"],
-            max_threads_per_block=attrs["MaxThreadsPerBlock"],
-            max_threads_per_sm=attrs["MaxThreadsPerMultiProcessor"],
-            max_grid_x=attrs["MaxGridDimX"], max_grid_y=attrs["MaxGridDimY"])
+        self.device_id = device_id
+        self.stream = stream  # None: CuPy's current stream
+        self.limits = _limits(device_id)
         self.tuning = TUNING
+        self.poison = geometry.poison_requested()
+        self._contexts = []
+
+    def __enter__(self):
+        contexts = [self.cp.cuda.Device(self.device_id)] + ([self.stream] if self.stream is not None else [])
+        for c in contexts:
+            c.__enter__()
+        self._contexts.append(contexts)
+        self.key = (self.device_id, self.cp.cuda.get_current_stream().ptr)
+        return self
+
+    def __exit__(self, *exc):
+        for c in reversed(self._contexts.pop()):
+            c.__exit__(*exc)
+        return False
 
     def alloc(self, shape, dtype):
-        if geometry.poison_requested():
+        if self.poison:
             return self.cp.full(shape, np.nan, dtype)
         return self.cp.empty(shape, dtype)
 
@@ -76,16 +110,25 @@ class _Device:
         return self.cp.zeros(shape, dtype)
 
     def counters(self, n):
-        key = (self.device_id, self.cp.cuda.get_current_stream().ptr)
-        return _counters.zeroed(key, n, lambda size: self.cp.zeros(size, self.cp.uint32))
+        return _counters.zeroed(self.key, n, lambda size: self.cp.zeros(size, self.cp.uint32))
+
+    def scratch(self, key, specs):
+        return _scratch.get((self.key, key), specs, self.alloc)
 
     def aligned(self, *arrays):
         return all(a.data.ptr % 16 == 0 for a in arrays)
 
     def run(self, launch):
         bound = bind.bind(launch)
-        kernel = _module(self.device_id).get_function(bound.kernel)
-        kernel(bound.grid, bound.block, bound.args, shared_mem=bound.shared_mem)
+        _function(self.device_id, bound.kernel)(bound.grid, bound.block, bound.args, shared_mem=bound.shared_mem)
+
+
+def _torch_stream(source):
+    """CuPy's view of torch's current stream on the tensor's device."""
+    import torch
+
+    stream = torch.cuda.current_stream(source.device)
+    return _cupy().cuda.ExternalStream(stream.cuda_stream, source.device.index)
 
 
 class Arrays:
@@ -96,10 +139,14 @@ class Arrays:
             return x
         if isinstance(x, np.ndarray) or not hasattr(x, "__cuda_array_interface__"):
             return Operand("numpy", x, host=np.asarray(x))
-        return Operand("cupy", x, device=_cupy().asarray(x))
+        kind = "torch" if type(x).__module__.split(".")[0] == "torch" else "cupy"
+        return Operand(kind, x, device=_cupy().asarray(x))
 
     def device(self, x_op):
-        return _Device()
+        """x's device (CuPy's current one for host data) and stream."""
+        cp = _cupy()
+        device_id = cp.cuda.Device().id if x_op.is_host else x_op.device.device.id
+        return _Device(device_id, _torch_stream(x_op.source) if x_op.kind == "torch" else None)
 
     def flat(self, op, dev, dtype=None):
         return dev.cp.ascontiguousarray(op.array, dtype=dtype).reshape(-1)

@@ -50,13 +50,13 @@ def kernel_name(launch) -> str:
     """The instantiation ``launch`` runs."""
     t = storage_name(launch.storage)
     if launch.kernel == "stats":
-        return sources.stats_name(t, _running_name(launch.running), launch.rows)
+        return sources.stats_name(t, _running_name(launch.stats_dtype), launch.rows)
     if launch.kernel == "apply":
         return sources.apply_name(t)
     if launch.kernel == "infer_coeffs":
-        return sources.infer_coeffs_name(sources.ACCUMULATOR[t], _running_name(launch.running))
+        return sources.infer_coeffs_name(sources.ACCUMULATOR[t], _running_name(launch.stats_dtype))
     if launch.kernel == "bwd_reduce":
-        return sources.bwd_reduce_name(t, launch.rows)
+        return sources.bwd_reduce_name(t, _running_name(launch.stats_dtype), launch.rows)
     return sources.dx_name(t)
 
 

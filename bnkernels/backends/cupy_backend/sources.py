@@ -16,7 +16,7 @@ MAIN_FILE = "bn_kernels.cu"
 #: C++ type of each storage dtype, and its accumulation type.
 STORAGE = {"float16": "__half", "float32": "float", "float64": "double"}
 ACCUMULATOR = {"__half": "float", "float": "float", "double": "double"}
-RUNNING = ("float", "double")  # running statistics dtypes
+RUNNING = ("float", "double")  # dtypes of per-channel statistics (running, saved)
 
 
 def source_dir() -> pathlib.Path:
@@ -47,8 +47,9 @@ def infer_coeffs_name(acc: str, r: str) -> str:
     return f"bn_infer_coeffs<{acc}, {r}>"
 
 
-def bwd_reduce_name(t: str, channels_last: bool) -> str:
-    return f"bn_bwd_reduce<{t}, {ACCUMULATOR[t]}, {'true' if channels_last else 'false'}>"
+def bwd_reduce_name(t: str, s: str, channels_last: bool) -> str:
+    """``s``: the C++ type of the saved statistics (float or double)."""
+    return f"bn_bwd_reduce<{t}, {ACCUMULATOR[t]}, {s}, {'true' if channels_last else 'false'}>"
 
 
 def dx_name(t: str) -> str:
@@ -61,6 +62,6 @@ def name_expressions() -> list[str]:
     for t in STORAGE.values():
         names += [stats_name(t, r, cl) for r, cl in itertools.product(RUNNING, (False, True))]
         names += [apply_name(t), dx_name(t)]
-        names += [bwd_reduce_name(t, cl) for cl in (False, True)]
+        names += [bwd_reduce_name(t, r, cl) for r, cl in itertools.product(RUNNING, (False, True))]
     names += [infer_coeffs_name(acc, r) for acc, r in itertools.product(("float", "double"), RUNNING)]
     return names

@@ -27,6 +27,7 @@ waves * sm_count * blocks_per_sm)``.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -112,6 +113,7 @@ def _blocks_per_sm(limits: DeviceLimits, threads: int) -> int:
     return max(1, limits.max_threads_per_sm // threads)
 
 
+@functools.lru_cache(maxsize=1024)  # every call of a training loop asks the same
 def reduce_plan(outer: int, channels: int, inner: int, limits: DeviceLimits,
                 tuning: Tuning = Tuning()) -> ReducePlan:
     """Plan a per-channel reduction over an ``(outer, C, inner)`` view."""
@@ -132,6 +134,7 @@ def reduce_plan(outer: int, channels: int, inner: int, limits: DeviceLimits,
     return ReducePlan(tx, ty, groups, splits, min(groups, limits.max_grid_y))
 
 
+@functools.lru_cache(maxsize=1024)
 def elementwise_plan(total: int, limits: DeviceLimits, tuning: Tuning = Tuning()) -> ElementwisePlan:
     """Plan a grid-stride elementwise pass over ``total`` values."""
     block = min(tuning.block_threads, limits.max_threads_per_block)

@@ -74,6 +74,16 @@ class GpuBackend:
         return None if v is None else np.asarray(self.arrays.to_host(self.arrays.operand(v).array, dev),
                                                  np.float64)
 
+    def _saved(self, dev, mean, invstd):
+        """The saved statistics as the kernels read them: in their own dtype
+        when both are float32 or both float64 (what the forward returns: no
+        cast), else both float64."""
+        A = self.arrays
+        ops = [A.operand(mean), A.operand(invstd)]
+        same = ops[0].dtype == ops[1].dtype and ops[0].dtype in (np.float32, np.float64)
+        dtype = ops[0].dtype if same else np.dtype(np.float64)
+        return tuple(A.vector(op, dev, dtype) for op in ops)
+
     def _result(self, x, dev, *arrays):
         return tuple(self.arrays.result(x, a, dev) for a in arrays)
 
@@ -99,9 +109,13 @@ class GpuBackend:
         if layout.count == 0 or layout.channels == 0:
             return Moments(layout.count, np.zeros(layout.channels), np.zeros(layout.channels))
         x, dev = self._start(x)
-        out = plans.run_stats(dev, self.arrays.flat(x, dev), layout, None, None, None, 0.0)
-        k, dmean, m2 = (np.asarray(self.arrays.to_host(out[n], dev), np.float64) for n in ("k", "dmean", "m2"))
-        return Moments(layout.count, k + dmean, m2)
+        with dev:
+            # eps does not matter (only k, dmean and m2 are read); 1, so that
+            # the kernel's invstd of a constant group is finite
+            out = plans.run_stats(dev, self.arrays.flat(x, dev), layout, None, None, None, 1.0)
+            k, dmean, m2 = (np.asarray(self.arrays.to_host(out[n], dev), np.float64)
+                            for n in ("k", "dmean", "m2"))
+            return Moments(layout.count, k + dmean, m2)
 
     def _finalize(self, x, dev, mean, var, gamma, beta, eps: float) -> Normalization:
         """Kernel: infer_coeffs from a (C,) mean and biased variance (device
@@ -118,84 +132,91 @@ class GpuBackend:
         statistics are updated on the host in float64 (a round trip of 2C
         values: this staged path runs between processes' exchanges)."""
         x, dev = self._start(x)
-        mean = np.asarray(moments.mean, np.float64)
-        m2 = np.asarray(moments.m2, np.float64)
-        n = moments.count
-        if running is not None:
-            A = self.arrays
-            ops = [A.operand(running[0]), A.operand(running[1])]
-            host = [np.array(A.to_host(op.array, dev)) if not op.is_host else op.host for op in ops]
+        with dev:
+            mean = np.asarray(moments.mean, np.float64)
+            m2 = np.asarray(moments.m2, np.float64)
+            n = moments.count
+            if running is not None:
+                A = self.arrays
+                ops = [A.operand(running[0]), A.operand(running[1])]
+                host = [np.array(A.to_host(op.array, dev)) if not op.is_host else op.host for op in ops]
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    update_running(host[0], host[1], mean, m2 / (n - 1), running[2])
+                for op, h in zip(ops, host):
+                    if not op.is_host:
+                        A.write_back(op, h, dev)
             with np.errstate(divide="ignore", invalid="ignore"):
-                update_running(host[0], host[1], mean, m2 / (n - 1), running[2])
-            for op, h in zip(ops, host):
-                if not op.is_host:
-                    A.write_back(op, h, dev)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            var = m2 / n
-        to_dev = self.arrays.to_device
-        return self._finalize(x, dev, to_dev(mean, dev), to_dev(var, dev), gamma, beta, eps)
+                var = m2 / n
+            to_dev = self.arrays.to_device
+            return self._finalize(x, dev, to_dev(mean, dev), to_dev(var, dev), gamma, beta, eps)
 
     def finalize_running(self, x, layout: ChannelLayout, running_mean, running_var, gamma, beta,
                          eps: float) -> Normalization:
         x, dev = self._start(x)
-        A = self.arrays
-        rm, rv = A.operand(running_mean), A.operand(running_var)
-        rdt = np.float64 if np.float64 in (rm.dtype, rv.dtype) else np.float32
-        return self._finalize(x, dev, A.vector(rm, dev, rdt), A.vector(rv, dev, rdt), gamma, beta, eps)
+        with dev:
+            A = self.arrays
+            rm, rv = A.operand(running_mean), A.operand(running_var)
+            rdt = np.float64 if np.float64 in (rm.dtype, rv.dtype) else np.float32
+            return self._finalize(x, dev, A.vector(rm, dev, rdt), A.vector(rv, dev, rdt), gamma, beta, eps)
 
     def normalize(self, x, layout: ChannelLayout, norm: Normalization, relu: bool, out=None):
         """Kernel: apply."""
         x, dev = self._start(x)
-        coeffs = {"k": norm.k, "scale": norm.scale, "shift": norm.shift}
-        y = plans.run_apply(dev, self.arrays.flat(x, dev), layout, coeffs, relu)
-        return deliver(self.arrays.result(x, y.reshape(layout.shape), dev), out)
+        with dev:
+            coeffs = {"k": norm.k, "scale": norm.scale, "shift": norm.shift}
+            y = plans.run_apply(dev, self.arrays.flat(x, dev), layout, coeffs, relu)
+            return deliver(self.arrays.result(x, y.reshape(layout.shape), dev), out)
 
     def backward_reduce(self, dy, x, layout: ChannelLayout, mean, invstd) -> GradSums:
         """Kernel: bwd_reduce (its dx coefficients unused)."""
         x, dev = self._start(x)
-        A = self.arrays
-        m, s = self._vectors(dev, np.float64, mean, invstd)
-        out = plans.run_bwd_reduce(dev, A.flat(A.operand(dy), dev), A.flat(x, dev), layout, None, m, s)
-        sum_dy, sum_dy_xhat = (np.asarray(A.to_host(out[n], dev), np.float64) for n in ("dbeta", "dgamma"))
-        return GradSums(sum_dy, sum_dy_xhat)
+        with dev:
+            A = self.arrays
+            m, s = self._saved(dev, mean, invstd)
+            out = plans.run_bwd_reduce(dev, A.flat(A.operand(dy), dev), A.flat(x, dev), layout, None, m, s)
+            sum_dy, sum_dy_xhat = (np.asarray(A.to_host(out[n], dev), np.float64) for n in ("dbeta", "dgamma"))
+            return GradSums(sum_dy, sum_dy_xhat)
 
     def backward_apply(self, dy, x, layout: ChannelLayout, mean, invstd, gamma, sums: GradSums, count: int,
                        out=None):
         """Kernel: dx, with coefficients from the host (float64)."""
         x, dev = self._start(x)
-        A = self.arrays
-        acc = compute_dtype(x.dtype)
-        a, b, c = dx_coefficients(sums.sum_dy, sums.sum_dy_xhat, count, self._host(invstd, dev),
-                                  self._host(gamma, dev))
-        coeffs = {n: A.to_device(np.asarray(v, acc), dev)
-                  for n, v in zip(("k", "a", "b", "c"), (self._host(mean, dev), a, b, c))}
-        dx = plans.run_dx(dev, A.flat(A.operand(dy), dev), A.flat(x, dev), layout, coeffs)
-        grads = (A.to_device(np.asarray(s, acc), dev) for s in (sums.sum_dy_xhat, sums.sum_dy))
-        return (deliver(A.result(x, dx.reshape(layout.shape), dev), out), *self._result(x, dev, *grads))
+        with dev:
+            A = self.arrays
+            acc = compute_dtype(x.dtype)
+            a, b, c = dx_coefficients(sums.sum_dy, sums.sum_dy_xhat, count, self._host(invstd, dev),
+                                      self._host(gamma, dev))
+            coeffs = {n: A.to_device(np.asarray(v, acc), dev)
+                      for n, v in zip(("k", "a", "b", "c"), (self._host(mean, dev), a, b, c))}
+            dx = plans.run_dx(dev, A.flat(A.operand(dy), dev), A.flat(x, dev), layout, coeffs)
+            grads = (A.to_device(np.asarray(s, acc), dev) for s in (sums.sum_dy_xhat, sums.sum_dy))
+            return (deliver(A.result(x, dx.reshape(layout.shape), dev), out), *self._result(x, dev, *grads))
 
     # --- fused forms ----------------------------------------------------------
 
     def forward_train(self, x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running, out=None):
         """Kernels: stats (finalize fused) + apply: 2 reads and 1 write of x."""
         x, dev = self._start(x)
-        A = self.arrays
-        g, b = self._vectors(dev, compute_dtype(x.dtype), gamma, beta)
-        run, back = self._running(running, dev) if running is not None else (None, [])
-        y, stats = plans.run_forward_train(dev, A.flat(x, dev), layout, g, b, run, eps, relu)
-        for op, d in back:
-            A.write_back(op, d, dev)
-        y = deliver(A.result(x, y.reshape(layout.shape), dev), out)
-        return (y, *self._result(x, dev, stats["mean"], stats["invstd"]))
+        with dev:
+            A = self.arrays
+            g, b = self._vectors(dev, compute_dtype(x.dtype), gamma, beta)
+            run, back = self._running(running, dev) if running is not None else (None, [])
+            y, stats = plans.run_forward_train(dev, A.flat(x, dev), layout, g, b, run, eps, relu)
+            for op, d in back:
+                A.write_back(op, d, dev)
+            y = deliver(A.result(x, y.reshape(layout.shape), dev), out)
+            return (y, *self._result(x, dev, stats["mean"], stats["invstd"]))
 
     def backward(self, dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None):
         """Kernels: bwd_reduce (dx coefficients fused) + dx: 4 reads and 1 write."""
         x, dev = self._start(x)
-        A = self.arrays
-        g, = self._vectors(dev, compute_dtype(x.dtype), gamma)
-        m, s = self._vectors(dev, np.float64, mean, invstd)
-        dx, grads = plans.run_backward(dev, A.flat(A.operand(dy), dev), A.flat(x, dev), layout, g, m, s)
-        dx = deliver(A.result(x, dx.reshape(layout.shape), dev), out)
-        return (dx, *self._result(x, dev, grads["dgamma"], grads["dbeta"]))
+        with dev:
+            A = self.arrays
+            g, = self._vectors(dev, compute_dtype(x.dtype), gamma)
+            m, s = self._saved(dev, mean, invstd)
+            dx, grads = plans.run_backward(dev, A.flat(A.operand(dy), dev), A.flat(x, dev), layout, g, m, s)
+            dx = deliver(A.result(x, dx.reshape(layout.shape), dev), out)
+            return (dx, *self._result(x, dev, grads["dgamma"], grads["dbeta"]))
 
     def members(self) -> dict:
         """The module-level names of a backend module (``interface.Backend``)."""

@@ -13,6 +13,9 @@ The sequences run on any *device* object providing:
 
 - ``alloc(shape, dtype)``: a buffer (NaN-filled when ``BNKERNELS_POISON=1``);
 - ``zeros(shape, dtype)``: a zeroed buffer;
+- ``scratch(key, specs)``: the workspace ``{name: buffer}`` for ``specs``
+  ``{name: (shape, dtype)}``, kept per key (and stream) and reused by the
+  next call of the same plan: only what a call returns is allocated;
 - ``counters(n)``: zeroed integer counters the reductions leave zeroed;
 - ``run(launch)``: launch on the device's stream;
 - ``aligned(*arrays)``: whether all are 16-byte aligned;
@@ -41,9 +44,10 @@ class Launch:
     """One kernel launch, independent of the backend.
 
     ``storage``: the dtype of x (selects the kernel's instantiation);
-    ``rows``: the channel-fastest variant of a reduction; ``running``: the
-    dtype of the statistics read or updated per channel (stats,
-    infer_coeffs), None if there are none."""
+    ``rows``: the channel-fastest variant of a reduction; ``stats_dtype``:
+    the dtype of the per-channel statistics it reads or updates (stats: the
+    running statistics; infer_coeffs: mean and variance; bwd_reduce: the
+    saved mean and invstd), None if there are none."""
 
     kernel: str
     grid: tuple[int, int, int]
@@ -51,7 +55,7 @@ class Launch:
     args: dict = field(hash=False)
     storage: np.dtype = np.dtype(np.float32)
     rows: bool = False
-    running: np.dtype | None = None
+    stats_dtype: np.dtype | None = None
 
 
 def _reduce_geometry(layout: ChannelLayout, limits, tuning):
@@ -74,28 +78,44 @@ def _view_args(layout: ChannelLayout) -> dict:
             "inner": np.int64(layout.inner), "inv_count": np.float64(1.0 / layout.count)}
 
 
+def _scratch_key(kind: str, layout: ChannelLayout, dtype, plan) -> tuple:
+    return (kind, layout.channels, plan.splits, np.dtype(dtype).str)
+
+
 def stats(x, layout: ChannelLayout, gamma, beta, running, eps: float, alloc, counters, limits,
-          tuning=geometry.Tuning()):
+          tuning=geometry.Tuning(), scratch=None):
     """The statistics launch (with the finalize stage fused: coefficients
     and the running-statistics update). ``x``: flat contiguous input;
     ``gamma``, ``beta``: (C,) device arrays or None; ``running``:
     ``(running_mean, running_var, factor)`` with both arrays of one dtype
-    (float32 or float64), or None; ``counters``: zeroed.
+    (float32 or float64), or None; ``counters``: zeroed; ``scratch``: the
+    device's ``scratch`` (None: every buffer from ``alloc``).
 
     Returns ``(launch, out)`` with ``out`` the dict of (C,) compute-dtype
-    arrays ``k, scale, shift, mean, invstd, dmean, m2`` the kernel writes.
+    arrays ``k, scale, shift, mean, invstd, dmean, m2`` the kernel writes;
+    ``mean`` and ``invstd`` are new, the others workspace.
     """
     acc = compute_dtype(x.dtype)
     C, n = layout.channels, layout.count
-    out = {name: alloc((C,), acc) for name in ("k", "scale", "shift", "mean", "invstd", "dmean", "m2")}
     plan, grid, block = _reduce_geometry(layout, limits, tuning)
-    stages = {f"stage{i}": alloc((C, plan.splits), acc) for i in range(3)}  # count, mean, m2 per block
+    specs = {**{name: ((C,), acc) for name in ("k", "scale", "shift", "dmean", "m2")},
+             **{f"stage{i}": ((C, plan.splits), acc) for i in range(3)}}  # count, mean, m2 per block
+    work = _workspace(specs, alloc, scratch, _scratch_key("stats", layout, acc, plan))
+    out = {"mean": alloc((C,), acc), "invstd": alloc((C,), acc), **work}
     rm, rv, factor = running if running is not None else (None, None, 0.0)
     args = {"x": x, **_view_args(layout), "unbias": np.float64(n / (n - 1) if n > 1 else 0.0),
             "eps": np.float64(eps), "factor": np.float64(factor), "gamma": gamma, "beta": beta,
-            "running_mean": rm, "running_var": rv, **out, **stages, "counters": counters}
-    running_dtype = None if rm is None else np.dtype(rm.dtype)
-    return Launch("stats", grid, block, args, np.dtype(x.dtype), layout.inner == 1, running_dtype), out
+            "running_mean": rm, "running_var": rv, **out, "counters": counters}
+    stats_dtype = None if rm is None else np.dtype(rm.dtype)
+    return Launch("stats", grid, block, args, np.dtype(x.dtype), layout.inner == 1, stats_dtype), out
+
+
+def _workspace(specs: dict, alloc, scratch, key) -> dict:
+    """Buffers for ``specs`` ``{name: (shape, dtype)}``: the device's cached
+    workspace when it has one, else new ones."""
+    if scratch is not None:
+        return scratch(key, specs)
+    return {name: alloc(shape, dtype) for name, (shape, dtype) in specs.items()}
 
 
 def apply(x, y, layout: ChannelLayout, k, scale, shift, relu: bool, vectorized: bool, limits,
@@ -109,34 +129,41 @@ def apply(x, y, layout: ChannelLayout, k, scale, shift, relu: bool, vectorized: 
     return Launch("apply", grid, block, args, np.dtype(x.dtype))
 
 
-def infer_coeffs(x_dtype, mean, var, gamma, beta, eps: float, alloc) -> tuple[Launch, dict]:
+def infer_coeffs(x_dtype, mean, var, gamma, beta, eps: float, alloc, scratch=None) -> tuple[Launch, dict]:
     """Per-channel ``k, scale, shift, invstd`` (compute dtype) from a mean
     and a biased variance (both of one dtype, float32 or float64): the
     finalize stage on the device, from running statistics (inference) or
-    from merged batch statistics."""
+    from merged batch statistics. ``k`` (the mean) and ``invstd`` are new,
+    ``scale`` and ``shift`` workspace."""
     acc = compute_dtype(x_dtype)
     C = mean.shape[0]
-    out = {name: alloc((C,), acc) for name in ("k", "scale", "shift", "invstd")}
+    specs = {name: ((C,), acc) for name in ("scale", "shift")}
+    out = {"k": alloc((C,), acc), "invstd": alloc((C,), acc),
+           **_workspace(specs, alloc, scratch, ("infer_coeffs", C, np.dtype(acc).str))}
     args = {"running_mean": mean, "running_var": var, "channels": np.int64(C), "eps": np.float64(eps),
             "gamma": gamma, "beta": beta, **out}
     grid = (max(1, math.ceil(C / COEFF_THREADS)), 1, 1)
     return Launch("infer_coeffs", grid, (COEFF_THREADS, 1, 1), args, np.dtype(x_dtype),
-                  running=np.dtype(mean.dtype)), out
+                  stats_dtype=np.dtype(mean.dtype)), out
 
 
 def bwd_reduce(dy, x, layout: ChannelLayout, gamma, saved_mean, saved_invstd, alloc, counters, limits,
-               tuning=geometry.Tuning()):
+               tuning=geometry.Tuning(), scratch=None):
     """Backward sums (with the dx coefficients fused). ``saved_mean``,
-    ``saved_invstd``: (C,) float64; ``gamma``: (C,) or None. Returns
-    ``(launch, out)``, ``out``: ``dgamma, dbeta, k, a, b, c`` (C,) arrays."""
+    ``saved_invstd``: (C,) of one dtype, float32 or float64, read as they
+    are; ``gamma``: (C,) or None. Returns ``(launch, out)``, ``out``:
+    ``dgamma, dbeta`` (new) and ``k, a, b, c`` (workspace), (C,) arrays."""
     acc = compute_dtype(x.dtype)
     C = layout.channels
-    out = {name: alloc((C,), acc) for name in ("dgamma", "dbeta", "k", "a", "b", "c")}
     plan, grid, block = _reduce_geometry(layout, limits, tuning)
-    stages = {f"stage{i}": alloc((C, plan.splits), acc) for i in range(2)}  # sum(dy), sum(dy * (x - k))
+    specs = {**{name: ((C,), acc) for name in ("k", "a", "b", "c")},
+             **{f"stage{i}": ((C, plan.splits), acc) for i in range(2)}}  # sum(dy), sum(dy * (x - k))
+    work = _workspace(specs, alloc, scratch, _scratch_key("bwd_reduce", layout, acc, plan))
+    out = {"dgamma": alloc((C,), acc), "dbeta": alloc((C,), acc), **work}
     args = {"dy": dy, "x": x, **_view_args(layout), "gamma": gamma, "saved_mean": saved_mean,
-            "saved_invstd": saved_invstd, **out, **stages, "counters": counters}
-    return Launch("bwd_reduce", grid, block, args, np.dtype(x.dtype), layout.inner == 1), out
+            "saved_invstd": saved_invstd, **out, "counters": counters}
+    return (Launch("bwd_reduce", grid, block, args, np.dtype(x.dtype), layout.inner == 1,
+                   np.dtype(saved_mean.dtype)), out)
 
 
 def dx(dy, x, out, layout: ChannelLayout, coeffs: dict, vectorized: bool, limits,
@@ -163,7 +190,8 @@ def run_stats(dev, x, layout: ChannelLayout, gamma, beta, running, eps: float) -
         return {name: dev.zeros((layout.channels,), acc)
                 for name in ("k", "scale", "shift", "mean", "invstd", "dmean", "m2")}
     counters = dev.counters(counters_needed(layout, dev.limits, dev.tuning))
-    launch_, out = stats(x, layout, gamma, beta, running, eps, dev.alloc, counters, dev.limits, dev.tuning)
+    launch_, out = stats(x, layout, gamma, beta, running, eps, dev.alloc, counters, dev.limits, dev.tuning,
+                         dev.scratch)
     dev.run(launch_)
     return out
 
@@ -192,6 +220,7 @@ def run_finalize(dev, x_dtype, mean, var, gamma, beta, eps: float) -> dict:
     if mean.shape[0] == 0:
         acc = compute_dtype(x_dtype)
         return {name: dev.zeros((0,), acc) for name in ("k", "scale", "shift", "invstd")}
+    # no workspace: the staged path returns these coefficients to the engine
     launch_, out = infer_coeffs(x_dtype, mean, var, gamma, beta, eps, dev.alloc)
     dev.run(launch_)
     return out
@@ -213,7 +242,7 @@ def run_bwd_reduce(dev, dy, x, layout: ChannelLayout, gamma, saved_mean, saved_i
         return {name: dev.zeros((layout.channels,), acc) for name in ("dgamma", "dbeta", "k", "a", "b", "c")}
     counters = dev.counters(counters_needed(layout, dev.limits, dev.tuning))
     launch_, out = bwd_reduce(dy, x, layout, gamma, saved_mean, saved_invstd, dev.alloc, counters, dev.limits,
-                              dev.tuning)
+                              dev.tuning, dev.scratch)
     dev.run(launch_)
     return out
 
@@ -230,6 +259,6 @@ def run_dx(dev, dy, x, layout: ChannelLayout, coeffs: dict):
 
 def run_backward(dev, dy, x, layout: ChannelLayout, gamma, saved_mean, saved_invstd):
     """Backward: sums, then dx (4 reads + 1 write). ``saved_*``: (C,)
-    float64. Returns ``(dx, out)`` with ``out['dgamma']``, ``out['dbeta']``."""
+    float32 or float64. Returns ``(dx, out)`` with ``out['dgamma']``, ``out['dbeta']``."""
     out = run_bwd_reduce(dev, dy, x, layout, gamma, saved_mean, saved_invstd)
     return run_dx(dev, dy, x, layout, out), out

@@ -28,7 +28,7 @@ import numpy as np
 from numba import cuda
 
 from ..gpu import geometry
-from ..gpu.counters import CounterCache
+from ..gpu.workspace import CounterCache, ScratchCache
 from ..gpu.members import GpuBackend, Operand
 from . import bind
 
@@ -64,27 +64,46 @@ def _stream(x: Operand):
     return cuda.default_stream()
 
 
+_device_limits: dict = {}
+
+
 def _limits():
-    return geometry.DeviceLimits.from_device(cuda.get_current_device())
+    """The current device's limits (asked of the driver once per context)."""
+    key = id(cuda.current_context())
+    if key not in _device_limits:
+        _device_limits[key] = geometry.DeviceLimits.from_device(cuda.get_current_device())
+    return _device_limits[key]
 
 
 _counters = CounterCache()
+_scratch = ScratchCache()
+_dummies: dict = {}  # per context
 
 
 class _Device:
-    """What ``gpu.plans`` needs, on one stream of the current context."""
+    """What ``gpu.plans`` needs, on one stream of the current context (a
+    context manager, as the cupy backend's; Numba launches on the current
+    context)."""
 
     def __init__(self, stream):
         self.stream = stream
         self.limits = _limits()
         self.tuning = TUNING
-        self._dummy = None
+        self.poison = geometry.poison_requested()
+        handle = getattr(stream, "handle", None)
+        self.key = (id(cuda.current_context()), getattr(handle, "value", handle) or 0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
     def alloc(self, shape, dtype):
         """An uninitialized buffer; with ``BNKERNELS_POISON=1`` it is filled
         with NaN instead, so an element no kernel writes shows up (the tests
         run this way)."""
-        if geometry.poison_requested():
+        if self.poison:
             return cuda.to_device(np.full(shape, np.nan, dtype), stream=self.stream)
         return cuda.device_array(shape, dtype=dtype, stream=self.stream)
 
@@ -92,18 +111,20 @@ class _Device:
         return cuda.to_device(np.zeros(shape, dtype), stream=self.stream)
 
     def counters(self, n):
-        handle = getattr(self.stream, "handle", None)
-        key = (id(cuda.current_context()), getattr(handle, "value", handle) or 0)
-        return _counters.zeroed(key, n, lambda size: self.zeros(size, np.int32))
+        return _counters.zeroed(self.key, n, lambda size: self.zeros(size, np.int32))
+
+    def scratch(self, key, specs):
+        return _scratch.get((self.key, key), specs, self.alloc)
 
     def aligned(self, *arrays):
         return False  # the Numba kernels take no vectorized path
 
     def run(self, launch):
-        if self._dummy is None:  # what an absent optional array is passed as
-            self._dummy = self.zeros(1, np.float32)
+        dummy = _dummies.get(self.key[0])  # what an absent optional array is passed as (never written)
+        if dummy is None:
+            dummy = _dummies[self.key[0]] = self.zeros(1, np.float32)
         kernel = bind.kernel_for(launch)
-        kernel[launch.grid, launch.block, self.stream](*bind.arguments(launch, self._dummy))
+        kernel[launch.grid, launch.block, self.stream](*bind.arguments(launch, dummy))
 
 
 class Arrays:

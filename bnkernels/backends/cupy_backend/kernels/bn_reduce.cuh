@@ -121,15 +121,17 @@ __global__ void bn_stats(const T* __restrict__ x,              // (outer, C, inn
 
 // Backward sums: sum(dy) and sum(dy * (x - k)) per channel with k the saved
 // mean in ACC; the last block writes dgamma, dbeta and the dx coefficients
-// dx = dy * a + (x - k) * b + c.
-template <typename T, typename ACC, bool CHANNELS_LAST>
+// dx = dy * a + (x - k) * b + c. S: the dtype of the saved statistics as the
+// forward returned them (float, or double for double input, or double from
+// a caller), read in place: no cast before the launch.
+template <typename T, typename ACC, typename S, bool CHANNELS_LAST>
 __global__ void bn_bwd_reduce(const T* __restrict__ dy,              // (outer, C, inner) contiguous
                               const T* __restrict__ x,               // (outer, C, inner) contiguous
                               long long outer, long long C, long long inner,
                               double inv_n,                          // 1 / (outer * inner)
                               const ACC* __restrict__ gamma,         // (C,) or null: 1
-                              const double* __restrict__ saved_mean,   // (C,)
-                              const double* __restrict__ saved_invstd, // (C,)
+                              const S* __restrict__ saved_mean,      // (C,)
+                              const S* __restrict__ saved_invstd,    // (C,)
                               ACC* __restrict__ dgamma,              // (C,) sum(dy * xhat)
                               ACC* __restrict__ dbeta,               // (C,) sum(dy)
                               ACC* __restrict__ k_out,               // (C,) dx coefficients
@@ -194,8 +196,8 @@ __global__ void bn_bwd_reduce(const T* __restrict__ dy,              // (outer, 
             }
             bn::block_reduce<bn::SumOp>(ss, tt, unused, sh);
             if (ty == 0 && active) {
-                const double invstd = saved_invstd[c];
-                const double delta = saved_mean[c] - static_cast<double>(k);  // saved mean beyond ACC
+                const double invstd = static_cast<double>(saved_invstd[c]);
+                const double delta = static_cast<double>(saved_mean[c]) - static_cast<double>(k);  // beyond ACC
                 const double sum_dy = ss;
                 const double sum_dy_xhat = (static_cast<double>(tt) - delta * sum_dy) * invstd;
                 const double gm = gamma ? static_cast<double>(gamma[c]) : 1.0;

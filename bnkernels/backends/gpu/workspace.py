@@ -1,0 +1,67 @@
+"""What the GPU backends keep between calls, per (device, stream, host
+thread): the zeroed counters of the reductions' last-block merge, and the
+workspace of each plan (coefficients and the reductions' staging buffers),
+so that a call allocates only what it returns.
+
+Reuse is safe because everything on one stream runs in order: a call's
+kernels finish reading its workspace before the next call's kernels write
+it. The host thread is part of the key because the per-thread default
+stream has the same handle in every thread while being a different stream
+in each. Only results that a call returns leave it; nothing that escapes a
+call (``Normalization`` of the staged path) refers to a workspace.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+#: Workspaces kept per backend (least recently used ones are dropped).
+MAX_WORKSPACES = 64
+
+
+def _thread() -> int:
+    return threading.get_ident()
+
+
+class CounterCache(dict):
+    """``{key: counters}``; :meth:`zeroed` grows an entry when needed."""
+
+    def zeroed(self, key, n: int, make):
+        """At least ``n`` zeroed counters for ``key`` (and this thread);
+        ``make(size)`` allocates zeroed ones (at least 64, so small launches
+        share one). The kernels leave them zero again after each launch."""
+        key = (key, _thread())
+        cur = self.get(key)
+        if cur is None or cur.size < n:
+            cur = make(max(n, 64))
+            self[key] = cur
+        return cur
+
+
+class ScratchCache:
+    """Workspaces ``{name: buffer}`` by (device/stream key, plan key, this
+    thread), least recently used dropped beyond :data:`MAX_WORKSPACES`."""
+
+    def __init__(self):
+        self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key, specs: dict, alloc) -> dict:
+        """The workspace for ``specs`` ``{name: (shape, dtype)}``, made with
+        ``alloc(shape, dtype)`` the first time."""
+        key = (key, _thread())
+        with self._lock:
+            work = self._entries.get(key)
+            if work is not None:
+                self._entries.move_to_end(key)
+                return work
+        work = {name: alloc(shape, dtype) for name, (shape, dtype) in specs.items()}
+        with self._lock:
+            self._entries[key] = work
+            while len(self._entries) > MAX_WORKSPACES:
+                self._entries.popitem(last=False)
+        return work
+
+    def clear(self):
+        with self._lock:
+            self._entries.clear()

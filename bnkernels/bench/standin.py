@@ -1,0 +1,198 @@
+"""Stand-ins for CuPy and ``numba.cuda`` whose kernels do nothing: with
+them, the time of a call is bnkernels' own host cost (validation, planning,
+wrapping, allocation, launching), which a real GPU adds to every kernel.
+Used by ``bnkernels bench --host-overhead`` (``host_overhead.py``), in a
+process of its own: :func:`install` replaces the real modules there.
+
+Device arrays hold NumPy memory (never touched by the no-op kernels);
+:data:`COUNTS` counts the allocations and the launches. Nothing here checks
+what a real device would (it measures cost, not correctness: the kernels'
+correctness is proven by the simulator and the host harness).
+"""
+from __future__ import annotations
+
+import sys
+import types
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+
+#: ``allocations``: device buffers made; ``launches``: kernels launched.
+COUNTS: Counter = Counter()
+
+
+class DeviceArray:
+    """A device array of either stand-in: NumPy memory behind the attributes
+    the backends read (shape, dtype, ``data.ptr``,
+    ``__cuda_array_interface__``, Numba's ``copy_to_host`` /
+    ``copy_to_device`` / ``is_c_contiguous``). Not an ``ndarray``, so the
+    backends see it as a GPU array."""
+
+    __module__ = "cupy"  # what the backends' kind detection reads
+
+    def __init__(self, a):
+        self._a = a
+
+    shape = property(lambda self: self._a.shape)
+    dtype = property(lambda self: self._a.dtype)
+    size = property(lambda self: self._a.size)
+    ndim = property(lambda self: self._a.ndim)
+    strides = property(lambda self: self._a.strides)
+    flags = property(lambda self: self._a.flags)
+    data = property(lambda self: types.SimpleNamespace(ptr=self._a.ctypes.data))
+    device = property(lambda self: types.SimpleNamespace(id=0))
+
+    @property
+    def __cuda_array_interface__(self):
+        a = self._a
+        return {"shape": a.shape, "typestr": a.dtype.str, "data": (a.ctypes.data, False),
+                "strides": None if a.flags.c_contiguous else a.strides, "version": 3}
+
+    def reshape(self, *shape):
+        return type(self)(self._a.reshape(*shape))
+
+    def astype(self, dtype):
+        return _device(type(self), self._a, dtype)
+
+    def __getitem__(self, key):
+        return type(self)(self._a[key])
+
+    def __setitem__(self, key, value):
+        self._a[key] = value._a if isinstance(value, DeviceArray) else value
+
+    def copy_to_host(self, ary=None, stream=None):
+        host = np.array(self._a)
+        if ary is not None:
+            ary[...] = host
+            return ary
+        return host
+
+    def copy_to_device(self, ary, stream=None):
+        self._a[...] = ary._a if isinstance(ary, DeviceArray) else ary
+
+    def is_c_contiguous(self):
+        return self._a.flags.c_contiguous
+
+
+class NumbaDeviceArray(DeviceArray):
+    __module__ = "numba.cuda.cudadrv.devicearray"
+
+
+def _host(a):
+    return a._a if isinstance(a, DeviceArray) else np.asarray(a)
+
+
+#: Device memory: a ring of 256 MiB handed out in order, as a caching
+#: allocator hands out blocks (no system call per buffer; the no-op kernels
+#: never write it, and a call needs far less than the ring).
+_ARENA = np.empty(256 << 20, np.uint8)
+_next = [0]
+
+
+def _new(cls, shape, dtype, fill=None):
+    COUNTS["allocations"] += 1
+    dtype = np.dtype(dtype)
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    start = _next[0] if _next[0] + nbytes <= _ARENA.size else 0
+    _next[0] = start + (nbytes + 255) // 256 * 256
+    a = _ARENA[start:start + nbytes].view(dtype).reshape(shape)
+    if fill is not None:
+        a[...] = fill
+    return cls(a)
+
+
+def _device(cls, a, dtype=None):
+    """``a`` as a device array of ``cls`` (a copy, counted, unless it is one
+    already of that dtype and contiguous)."""
+    if isinstance(a, cls) and (dtype is None or a.dtype == dtype) and a.flags.c_contiguous:
+        return a
+    host = np.ascontiguousarray(_host(a), dtype=dtype)
+    out = _new(cls, host.shape, host.dtype)
+    out._a[...] = host
+    return out
+
+
+class _Kernel:
+    """A launch that does nothing but count."""
+
+    def __call__(self, *args, **kwargs):
+        COUNTS["launches"] += 1
+
+    def __getitem__(self, config):
+        return self
+
+
+def _fake_cupy():
+    cp = types.ModuleType("cupy")
+    cp.__version__ = "stand-in"
+    cp.ndarray = DeviceArray
+    cp.uint32 = np.uint32
+    cp.asarray = lambda a, dtype=None: _device(DeviceArray, a, dtype)
+    cp.ascontiguousarray = lambda a, dtype=None: _device(DeviceArray, a, dtype)
+    cp.empty = lambda shape, dtype=np.float64: _new(DeviceArray, shape, dtype)
+    cp.zeros = lambda shape, dtype=np.float64: _new(DeviceArray, shape, dtype, 0)
+    cp.full = lambda shape, value, dtype=None: _new(DeviceArray, shape, dtype, value)
+    cp.asnumpy = lambda a: np.array(_host(a))
+
+    class Device:
+        id = 0
+        attributes = {"MultiProcessorCount": 132, "MaxThreadsPerBlock": 1024, "MaxThreadsPerMultiProcessor": 2048,
+                      "MaxGridDimX": 2**31 - 1, "MaxGridDimY": 65535}
+
+        def __init__(self, device_id=0):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    class RawModule:
+        def __init__(self, **kwargs):
+            pass
+
+        def get_function(self, name):
+            return _Kernel()
+
+    stream = types.SimpleNamespace(ptr=0)
+    cp.cuda = types.SimpleNamespace(Device=Device, get_current_stream=lambda: stream,
+                                    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
+    cp.RawModule = RawModule
+    return cp
+
+
+def _fake_numba_cuda():
+    cuda = types.ModuleType("numba.cuda")
+    context = object()
+    stream = types.SimpleNamespace(handle=None)
+    cuda.devicearray = types.SimpleNamespace(is_cuda_ndarray=lambda x: isinstance(x, NumbaDeviceArray))
+    cuda.as_cuda_array = lambda a: _device(NumbaDeviceArray, a) if not isinstance(a, NumbaDeviceArray) else a
+    cuda.to_device = lambda a, stream=None: _device(NumbaDeviceArray, np.array(_host(a)))
+    cuda.device_array = lambda shape, dtype=np.float64, stream=None: _new(NumbaDeviceArray, shape, dtype)
+    cuda.default_stream = lambda: stream
+    cuda.external_stream = lambda ptr: stream
+    cuda.current_context = lambda: context
+    cuda.get_current_device = lambda: types.SimpleNamespace(MULTIPROCESSOR_COUNT=132)
+    cuda.is_available = lambda: True
+    cuda.jit = lambda *args, **kwargs: (lambda fn: _Kernel()) if not args or not callable(args[0]) else _Kernel()
+    return cuda
+
+
+def install():
+    """Replace ``cupy`` and ``numba.cuda`` in this process (before any
+    bnkernels GPU backend is imported) and declare both backends usable."""
+    sys.modules["cupy"] = _fake_cupy()
+    try:
+        import numba
+    except ImportError:  # then only the cupy backend is measured
+        pass
+    else:
+        numba.cuda = sys.modules["numba.cuda"] = _fake_numba_cuda()
+    from .. import backends
+
+    backends.BACKENDS = tuple(replace(s, requirement=lambda: None) if s.device == "gpu" else s
+                              for s in backends.BACKENDS)
+    backends._BY_NAME = {s.name: s for s in backends.BACKENDS}
