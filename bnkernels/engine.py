@@ -65,9 +65,13 @@ def forward_train(impl, x, layout: ChannelLayout, gamma, beta, eps: float, relu:
 
 def forward_infer(impl, x, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float,
                   relu: bool, out=None):
-    """Inference forward: ``finalize_running -> normalize``; returns ``(y,
-    mean, invstd)``."""
+    """Inference forward: the backend's optional fused ``forward_infer``
+    (the GPU backends: one device context, workspace reused), else
+    ``finalize_running -> normalize``; returns ``(y, mean, invstd)``."""
     require_affine_per_group(layout, gamma, beta)
+    fused = getattr(impl, "forward_infer", None)
+    if fused is not None:
+        return fused(x, layout, running_mean, running_var, gamma, beta, eps, relu, out)
     norm = impl.finalize_running(x, layout, running_mean, running_var, gamma, beta, eps)
     return impl.normalize(x, layout, norm, relu, out), norm.mean, norm.invstd
 

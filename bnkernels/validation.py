@@ -267,9 +267,10 @@ def _same_view(ia, ib) -> bool:
         ib["data"][0], tuple(ib["shape"]), _strides(ib), ib["typestr"])
 
 
-def _overlap(a, b, ia, ib) -> bool:
+def _overlap(a, b, extent_a, extent_b) -> bool:
     """Whether two arrays share a byte: exactly for NumPy arrays (interleaved
-    views do not overlap), by their address ranges otherwise."""
+    views do not overlap), by their address ranges otherwise
+    (``extent_*()``: :func:`_byte_extent`, computed once per array)."""
     if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
         if not np.may_share_memory(a, b):  # the common case, decided in C
             return False
@@ -277,8 +278,8 @@ def _overlap(a, b, ia, ib) -> bool:
             return bool(np.shares_memory(a, b, max_work=10_000))
         except np.exceptions.TooHardError:
             return True
-    lo_a, hi_a = _byte_extent(ia)
-    lo_b, hi_b = _byte_extent(ib)
+    lo_a, hi_a = extent_a()
+    lo_b, hi_b = extent_b()
     return lo_a < hi_b and lo_b < hi_a and hi_a > lo_a and hi_b > lo_b
 
 
@@ -318,6 +319,11 @@ def check_aliasing(written: dict, read: dict, in_place=()) -> None:
     host copy) cannot alias and are skipped."""
     every = {name: a for name, a in {**read, **written}.items() if a is not None}
     faces = {name: _interface(a) for name, a in every.items()}
+    extents: dict = {}
+
+    def extent(name):
+        return lambda: extents[name] if name in extents else extents.setdefault(name, _byte_extent(faces[name]))
+
     checked = set()
     for wname, w in written.items():
         iw = faces.get(wname)
@@ -329,7 +335,7 @@ def check_aliasing(written: dict, read: dict, in_place=()) -> None:
                              f"np.broadcast_to): bnkernels writes into {wname}, so pass an array of its own")
         for aname, a in every.items():
             ia = faces[aname]
-            if aname in checked or ia is None or not _overlap(w, a, iw, ia):
+            if aname in checked or ia is None or not _overlap(w, a, extent(wname), extent(aname)):
                 continue
             if wname == "out" and aname in in_place:
                 if _same_view(iw, ia):

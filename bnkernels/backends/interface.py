@@ -219,6 +219,13 @@ class Backend(Protocol):
         as :meth:`backward_apply` would, over this input's count."""
 
 
+#: Fused forms a backend may have besides (the engine uses them when present):
+#: ``forward_infer(x, layout, running_mean, running_var, gamma, beta, eps,
+#: relu, out=None) -> (y, mean, invstd)``, finalize_running and normalize in
+#: one (the GPU backends: one device context, their workspace reused).
+OPTIONAL_MEMBERS = ("forward_infer",)
+
+
 def missing_members(module) -> list[str]:
     """The :class:`Backend` members ``module`` lacks (empty when it is one)."""
     members = list(Backend.__annotations__) + [n for n, v in vars(Backend).items()

@@ -7,11 +7,13 @@ layers (a training forward on an H100 moves resnet-56's 38 MB in ~12 µs).
 
 It runs in a process of its own (:func:`run`), since the stand-ins replace
 CuPy and ``numba.cuda`` in the process that imports them. Figures per call:
-the median of :data:`ROUNDS` rounds of ``calls`` calls (µs), device
-allocations and kernel launches.
+the best of :data:`ROUNDS` rounds of ``calls`` calls (µs; as ``timeit``
+reports, since what varies between rounds is the machine, not the code),
+device allocations and kernel launches.
 """
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -24,15 +26,19 @@ SHAPE = (32, 64, 56, 56)
 OPS = ("train", "infer", "backward")
 
 
-def _median_us(fn, calls: int) -> float:
+def _best_us(fn, calls: int) -> float:
     fn()
     rounds = []
-    for _ in range(ROUNDS):
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        rounds.append((time.perf_counter() - t) / calls * 1e6)
-    return float(np.median(rounds))
+    gc.disable()  # as timeit does: a collection in a round is the machine's cost, not the call's
+    try:
+        for _ in range(ROUNDS):
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            rounds.append((time.perf_counter() - t) / calls * 1e6)
+    finally:
+        gc.enable()
+    return min(rounds)
 
 
 def _calls(backend: str, to_device, shape, dtype):
@@ -59,7 +65,7 @@ def _torch_us(calls: int) -> float | None:
     except (ImportError, OSError):
         return None
     x = torch.randn(2, 4, 1, 1)
-    return _median_us(lambda: F.batch_norm(x, None, None, training=True), calls)
+    return _best_us(lambda: F.batch_norm(x, None, None, training=True), calls)
 
 
 def measure(shape=SHAPE, dtype="float16", calls: int = 200) -> dict:
@@ -76,7 +82,7 @@ def measure(shape=SHAPE, dtype="float16", calls: int = 200) -> dict:
     rows = []
     for backend, to_device in backends:
         for op, fn in _calls(backend, to_device, shape, np.dtype(dtype)).items():
-            us = _median_us(fn, calls)
+            us = _best_us(fn, calls)
             standin.COUNTS.clear()
             fn()
             rows.append({"backend": backend, "op": op, "us_per_call": us,
@@ -88,7 +94,7 @@ def measure(shape=SHAPE, dtype="float16", calls: int = 200) -> dict:
 def format_table(doc: dict) -> str:
     torch_us = doc["torch_cpu_tiny_us"]
     head = (f"host cost per call with stand-in devices (kernels do nothing), {doc['dtype']} "
-            f"{'x'.join(map(str, doc['shape']))}, median of {doc['rounds']} rounds of {doc['calls']} calls;\n"
+            f"{'x'.join(map(str, doc['shape']))}, best of {doc['rounds']} rounds of {doc['calls']} calls;\n"
             f"torch's tiny CPU F.batch_norm dispatch in the same run: "
             + ("not measured (torch missing)" if torch_us is None else f"{torch_us:.1f} µs"))
     lines = [head, f"{'backend':11} {'op':9} {'µs/call':>8} {'x torch':>8} {'allocations':>11} {'launches':>8}"]

@@ -217,3 +217,18 @@ def test_staged_path_of_a_split_batch(shape, axis, cuts, dtype, rng):
     backward reduce, exchange, backward apply) on parts of a batch give
     the whole batch's result (``tests/engine_checks.py``)."""
     check_split_batch(BACKEND, shape, axis, dtype, cuts, rng)
+
+
+def test_workspace_reuse_across_calls_and_shapes(rng):
+    """The workspace of a plan is kept between calls: calls with new data,
+    other shapes in between and back, each give their own right result."""
+    for shape in [(6, 3, 5), (4, 5, 3), (6, 3, 5), (6, 3, 5)]:
+        x = make_input(shape, np.float32, rng)
+        dy = make_input(shape, np.float32, rng, mean=0.5)
+        y, saved = bn_forward(x, axis=1, backend=BACKEND, return_saved=True)
+        ref = reference_forward(x)
+        assert_close(y, ref[0], np.float32, "y")
+        dx, dg, db = bn_backward(dy, x, saved.mean, saved.invstd, axis=1, backend=BACKEND)
+        rdx, rdg, rdb = reference_backward(dy, x, saved.mean, saved.invstd)
+        assert_close(dx, rdx, np.float32, "dx", scale=10)
+        assert_close(db, rdb, np.float32, "dbeta", scale=np.abs(rdb).max() + 1)

@@ -278,3 +278,22 @@ def test_members_fused_forms(shape, axis, gpu, rng):
     assert_close(dx, rdx, np.float32, "dx", scale=10)
     assert_close(dbeta, rdb, np.float32, "dbeta", scale=np.abs(rdb).max() + 1)
     assert_close(dgamma, rdg, np.float32, "dgamma", scale=np.abs(rdg).max() + 1)
+
+
+@pytest.mark.parametrize("saved_dtype", [np.float32, np.float64])
+def test_backward_reads_the_saved_statistics_as_they_are(saved_dtype, gpu, rng):
+    """The forward's float32 statistics go to bn_bwd_reduce without a cast
+    (the instantiation for float), float64 ones with the one for double."""
+    shape = (6, 3, 5)
+    x, dy = make_input(shape, np.float32, rng), make_input(shape, np.float32, rng, mean=0.5)
+    lay = channel_layout(shape, 1)
+    _, out = plans.run_forward_train(gpu, _flat(x), lay, None, None, None, 1e-5, False)
+    mean, invstd = out["mean"].astype(saved_dtype), out["invstd"].astype(saved_dtype)
+    gpu.launches.clear()
+    dx, bout = plans.run_backward(gpu, _flat(dy), _flat(x), lay, None, mean, invstd)
+    s = "double" if saved_dtype == np.float64 else "float"
+    assert gpu.launches[0].kernel == f"bn_bwd_reduce<float, float, {s}, false>"
+    assert gpu.launches[0].args[7] is mean  # the caller's array itself
+    rdx, _, rdb = reference_backward(dy, x, mean, invstd)
+    assert_close(dx.reshape(shape), rdx, np.float32, "dx", scale=10)
+    assert_close(bout["dbeta"], rdb, np.float32, "dbeta", scale=np.abs(rdb).max() + 1)

@@ -207,6 +207,22 @@ class GpuBackend:
             y = deliver(A.result(x, y.reshape(layout.shape), dev), out)
             return (y, *self._result(x, dev, stats["mean"], stats["invstd"]))
 
+    def forward_infer(self, x, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float,
+                      relu: bool, out=None):
+        """Kernels: infer_coeffs (scale and shift in the workspace) + apply:
+        1 read and 1 write of x."""
+        x, dev = self._start(x)
+        with dev:
+            A = self.arrays
+            acc = compute_dtype(x.dtype)
+            rm, rv = A.operand(running_mean), A.operand(running_var)
+            rdt = np.float64 if np.float64 in (rm.dtype, rv.dtype) else np.float32
+            g, b = self._vectors(dev, acc, gamma, beta)
+            y, out_ = plans.run_forward_infer(dev, A.flat(x, dev), layout, A.vector(rm, dev, rdt),
+                                              A.vector(rv, dev, rdt), g, b, eps, relu)
+            y = deliver(A.result(x, y.reshape(layout.shape), dev), out)
+            return (y, *self._result(x, dev, out_["k"], out_["invstd"]))
+
     def backward(self, dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None):
         """Kernels: bwd_reduce (dx coefficients fused) + dx: 4 reads and 1 write."""
         x, dev = self._start(x)
@@ -221,5 +237,5 @@ class GpuBackend:
     def members(self) -> dict:
         """The module-level names of a backend module (``interface.Backend``)."""
         names = ("asarray", "statistics", "finalize", "finalize_running", "normalize", "backward_reduce",
-                 "backward_apply", "forward_train", "backward")
+                 "backward_apply", "forward_train", "backward", "forward_infer")
         return {name: getattr(self, name) for name in names}

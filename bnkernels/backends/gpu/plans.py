@@ -214,14 +214,15 @@ def run_forward_train(dev, x, layout: ChannelLayout, gamma, beta, running, eps: 
     return run_apply(dev, x, layout, out, relu), out
 
 
-def run_finalize(dev, x_dtype, mean, var, gamma, beta, eps: float) -> dict:
+def run_finalize(dev, x_dtype, mean, var, gamma, beta, eps: float, scratch=None) -> dict:
     """The finalize stage from a (C,) mean and biased variance: ``out``
-    with ``k``, ``scale``, ``shift``, ``invstd``."""
+    with ``k``, ``scale``, ``shift``, ``invstd``. ``scratch``: the device's,
+    for scale and shift, only where they are used within the same call
+    (the staged path returns them to the engine)."""
     if mean.shape[0] == 0:
         acc = compute_dtype(x_dtype)
         return {name: dev.zeros((0,), acc) for name in ("k", "scale", "shift", "invstd")}
-    # no workspace: the staged path returns these coefficients to the engine
-    launch_, out = infer_coeffs(x_dtype, mean, var, gamma, beta, eps, dev.alloc)
+    launch_, out = infer_coeffs(x_dtype, mean, var, gamma, beta, eps, dev.alloc, scratch)
     dev.run(launch_)
     return out
 
@@ -230,7 +231,7 @@ def run_forward_infer(dev, x, layout: ChannelLayout, running_mean, running_var, 
                       relu: bool):
     """Inference: coefficients, then apply (1 read + 1 write). Returns
     ``(y, out)`` with ``out`` holding ``k`` and ``invstd``."""
-    out = run_finalize(dev, x.dtype, running_mean, running_var, gamma, beta, eps)
+    out = run_finalize(dev, x.dtype, running_mean, running_var, gamma, beta, eps, dev.scratch)
     return run_apply(dev, x, layout, out, relu), out
 
 

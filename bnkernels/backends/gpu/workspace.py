@@ -12,6 +12,7 @@ call (``Normalization`` of the staged path) refers to a workspace.
 """
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
 
@@ -19,8 +20,17 @@ from collections import OrderedDict
 MAX_WORKSPACES = 64
 
 
+_local = threading.local()
+_numbers = itertools.count()
+
+
 def _thread() -> int:
-    return threading.get_ident()
+    """A number of this host thread, never reused (``threading.get_ident``
+    is reused once a thread ends, while its last kernels may still run)."""
+    number = getattr(_local, "number", None)
+    if number is None:
+        number = _local.number = next(_numbers)
+    return number
 
 
 class CounterCache(dict):
