@@ -16,6 +16,7 @@ from .batch_norm import ChannelStats, SavedStats, bn_backward, bn_forward, chann
 from .backends import BackendStatus, available_backends
 from .errors import BackendFallbackWarning, BackendUnavailableError
 from .layer import BatchNorm
+from .prepared import PreparedBackward, PreparedForward, prepare_backward, prepare_forward
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,8 @@ __all__ = [
     "BackendStatus",
     "BackendUnavailableError",
     "BatchNorm",
+    "PreparedBackward",
+    "PreparedForward",
     "ChannelStats",
     "SavedStats",
     "available_backends",
@@ -31,5 +34,7 @@ __all__ = [
     "bn_forward",
     "channel_stats",
     "merge_stats",
+    "prepare_backward",
+    "prepare_forward",
     "__version__",
 ]

@@ -93,6 +93,55 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
         TypeError, ValueError: bad arguments (message names the argument).
         BackendUnavailableError: a named backend cannot run here.
     """
+    c = _check_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, activation,
+                       backend, num_batches_tracked, out)
+    return_saved = v.check_flag(return_saved, "return_saved")
+    impl, x, layout, gamma, beta, relu, eps = c.impl, c.x, c.layout, c.gamma, c.beta, c.relu, c.eps
+    training, running_mean, running_var, factor, out, out_view = (c.training, c.running_mean, c.running_var,
+                                                                  c.factor, c.out, c.out_view)
+    if training:
+        v.check_training_count(layout)
+        running = None if running_mean is None else (running_mean, running_var, factor)
+        y, mean, invstd = engine.forward_train(impl, x, layout, gamma, beta, eps, relu, running, out_view)
+    else:
+        if running_mean is None:
+            raise ValueError("inference (training=False) normalizes with the running statistics: "
+                             "pass running_mean and running_var")
+        y, mean, invstd = engine.forward_infer(impl, x, layout, running_mean, running_var, gamma, beta, eps,
+                                               relu, out_view)
+    if out is not None:
+        y = out  # the caller's object (its memory holds the result)
+    if return_saved:
+        return y, SavedStats(mean, invstd)
+    return y
+
+
+@dataclass(frozen=True)
+class _Forward:
+    """The checked arguments of a forward call (:func:`_check_forward`)."""
+
+    impl: object
+    x: object
+    out: object
+    out_view: object
+    layout: object
+    training: bool
+    gamma: object
+    beta: object
+    running_mean: object
+    running_var: object
+    eps: float
+    relu: bool
+    momentum: float | None
+    factor: float
+    memory: dict
+    given: dict
+
+
+def _check_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, activation, backend,
+                   num_batches_tracked, out) -> _Forward:
+    """Every check of :func:`bn_forward` (also what ``prepare_forward``
+    checks once): resolve the backend, validate, check aliasing."""
     impl = resolve(backend, x)
     gpu_backend = runs_on_gpu(impl)  # GPU running statistics are fine there, whatever x is
     given = {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean, "running_var": running_var}
@@ -100,7 +149,6 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
     out, out_view = v.check_out(out, x, given["x"])
     layout = v.channel_layout(x.shape, axis)
     training = v.check_flag(training, "training")
-    return_saved = v.check_flag(return_saved, "return_saved")
     C = layout.channels
     gamma = v.check_per_channel(gamma, "gamma", C, asarray=impl.asarray)
     beta = v.check_per_channel(beta, "beta", C, asarray=impl.asarray)
@@ -124,22 +172,8 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
     written = {name: memory[name] for name in stats} if training else {}
     v.check_aliasing({"out": out_view, **written},
                      {name: m for name, m in memory.items() if name not in written}, in_place=("x",))
-
-    if training:
-        v.check_training_count(layout)
-        running = None if running_mean is None else (running_mean, running_var, factor)
-        y, mean, invstd = engine.forward_train(impl, x, layout, gamma, beta, eps, relu, running, out_view)
-    else:
-        if running_mean is None:
-            raise ValueError("inference (training=False) normalizes with the running statistics: "
-                             "pass running_mean and running_var")
-        y, mean, invstd = engine.forward_infer(impl, x, layout, running_mean, running_var, gamma, beta, eps,
-                                               relu, out_view)
-    if out is not None:
-        y = out  # the caller's object (its memory holds the result)
-    if return_saved:
-        return y, SavedStats(mean, invstd)
-    return y
+    return _Forward(impl, x, out, out_view, layout, training, gamma, beta, running_mean, running_var, eps, relu,
+                    momentum, factor, memory, given)
 
 
 def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, backend="auto", out=None):
@@ -162,23 +196,10 @@ def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, backend=
         and ``dbeta = sum(dy)`` per channel, shape (C,), float32 (float64 for
         float64 input). They are returned even when ``gamma`` is None.
     """
-    impl = resolve(backend, x)
-    given = {"dy": dy, "x": x, "saved_mean": saved_mean, "saved_invstd": saved_invstd, "gamma": gamma}
-    x = v.check_input(v.convert(x, "x", impl.asarray))
-    dy = v.check_input(v.convert(dy, "dy", impl.asarray), "dy")
-    v.check_same_shape(dy, x)
-    out, out_view = v.check_out(out, x, given["x"])
-    layout = v.channel_layout(x.shape, axis)
-    C = layout.channels
-    need = "pass saved.mean and saved.invstd from bn_forward(..., return_saved=True)"
-    saved_mean = v.check_per_channel(saved_mean, "saved_mean", C, asarray=impl.asarray, required=need)
-    saved_invstd = v.check_per_channel(saved_invstd, "saved_invstd", C, asarray=impl.asarray,
-                                       required=need)
-    gamma = v.check_per_channel(gamma, "gamma", C, asarray=impl.asarray)
-    arrays = {"dy": dy, "x": x, "saved_mean": saved_mean, "saved_invstd": saved_invstd, "gamma": gamma}
-    v.check_aliasing({"out": out_view}, {name: v.memory_of(a, given[name]) for name, a in arrays.items()},
-                     in_place=("dy", "x"))
-    dx, dgamma, dbeta = engine.backward(impl, dy, x, layout, saved_mean, saved_invstd, gamma, out_view)
+    c = _check_backward(dy, x, saved_mean, saved_invstd, gamma, axis, backend, out)
+    out, out_view = c.out, c.out_view
+    dx, dgamma, dbeta = engine.backward(c.impl, c.dy, c.x, c.layout, c.saved_mean, c.saved_invstd, c.gamma,
+                                        out_view)
     return (dx if out is None else out), dgamma, dbeta
 
 
@@ -219,3 +240,41 @@ def merge_stats(a: ChannelStats, b: ChannelStats) -> ChannelStats:
         raise ValueError(f"cannot merge statistics of {np.shape(a.mean)[0]} and "
                          f"{np.shape(b.mean)[0]} channels")
     return engine.merge_pair(a, b)
+
+
+@dataclass(frozen=True)
+class _Backward:
+    """The checked arguments of a backward call (:func:`_check_backward`)."""
+
+    impl: object
+    dy: object
+    x: object
+    out: object
+    out_view: object
+    layout: object
+    saved_mean: object
+    saved_invstd: object
+    gamma: object
+    memory: dict
+
+
+def _check_backward(dy, x, saved_mean, saved_invstd, gamma, axis, backend, out) -> _Backward:
+    """Every check of :func:`bn_backward` (also what ``prepare_backward``
+    checks once)."""
+    impl = resolve(backend, x)
+    given = {"dy": dy, "x": x, "saved_mean": saved_mean, "saved_invstd": saved_invstd, "gamma": gamma}
+    x = v.check_input(v.convert(x, "x", impl.asarray))
+    dy = v.check_input(v.convert(dy, "dy", impl.asarray), "dy")
+    v.check_same_shape(dy, x)
+    out, out_view = v.check_out(out, x, given["x"])
+    layout = v.channel_layout(x.shape, axis)
+    C = layout.channels
+    need = "pass saved.mean and saved.invstd from bn_forward(..., return_saved=True)"
+    saved_mean = v.check_per_channel(saved_mean, "saved_mean", C, asarray=impl.asarray, required=need)
+    saved_invstd = v.check_per_channel(saved_invstd, "saved_invstd", C, asarray=impl.asarray,
+                                       required=need)
+    gamma = v.check_per_channel(gamma, "gamma", C, asarray=impl.asarray)
+    arrays = {"dy": dy, "x": x, "saved_mean": saved_mean, "saved_invstd": saved_invstd, "gamma": gamma}
+    memory = {name: v.memory_of(a, given[name]) for name, a in arrays.items()}
+    v.check_aliasing({"out": out_view}, memory, in_place=("dy", "x"))
+    return _Backward(impl, dy, x, out, out_view, layout, saved_mean, saved_invstd, gamma, memory)

@@ -76,6 +76,27 @@ def forward_infer(impl, x, layout: ChannelLayout, running_mean, running_var, gam
     return impl.normalize(x, layout, norm, relu, out), norm.mean, norm.invstd
 
 
+def prepare_forward_train(impl, x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running):
+    """``call(x, gamma, beta, running) -> (y, mean, invstd)`` for arrays like
+    these: the backend's own prepared form when it has one (the GPU
+    backends: launches bound once), else its fused training forward."""
+    require_affine_per_group(layout, gamma, beta)
+    prepare = getattr(impl, "prepare_forward_train", None)
+    if prepare is not None:
+        return prepare(x, layout, gamma, beta, eps, relu, running)
+    return lambda x, gamma, beta, running: impl.forward_train(x, layout, gamma, beta, eps, relu, running)
+
+
+def prepare_backward(impl, dy, x, layout: ChannelLayout, mean, invstd, gamma):
+    """``call(dy, x, mean, invstd, gamma) -> (dx, dgamma, dbeta)``, as
+    :func:`prepare_forward_train`."""
+    require_affine_per_group(layout, gamma, None)
+    prepare = getattr(impl, "prepare_backward", None)
+    if prepare is not None:
+        return prepare(dy, x, layout, mean, invstd, gamma)
+    return lambda dy, x, mean, invstd, gamma: impl.backward(dy, x, layout, mean, invstd, gamma)
+
+
 def backward(impl, dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None, exchange=None):
     """Backward of the training forward: ``(dx, dgamma, dbeta)``."""
     require_affine_per_group(layout, gamma, None)
@@ -85,4 +106,5 @@ def backward(impl, dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None, 
     return impl.backward_apply(dy, x, layout, mean, invstd, gamma, sums, count, out)
 
 
-__all__ = ["GradSums", "Moments", "backward", "forward_infer", "forward_train", "merge", "merge_pair"]
+__all__ = ["GradSums", "Moments", "backward", "forward_infer", "forward_train", "merge", "merge_pair",
+           "prepare_backward", "prepare_forward_train"]

@@ -223,7 +223,11 @@ class Backend(Protocol):
 #: ``forward_infer(x, layout, running_mean, running_var, gamma, beta, eps,
 #: relu, out=None) -> (y, mean, invstd)``, finalize_running and normalize in
 #: one (the GPU backends: one device context, their workspace reused).
-OPTIONAL_MEMBERS = ("forward_infer",)
+#: ``prepare_forward_train(x, layout, gamma, beta, eps, relu, running)`` and
+#: ``prepare_backward(dy, x, layout, mean, invstd, gamma)``: the fused forms
+#: planned once for arrays like these, returning a call that skips re-deriving
+#: anything (the GPU backends: launches bound once, see ``gpu/plans.Program``).
+OPTIONAL_MEMBERS = ("forward_infer", "prepare_forward_train", "prepare_backward")
 
 
 def missing_members(module) -> list[str]:

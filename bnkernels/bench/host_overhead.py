@@ -23,7 +23,7 @@ import numpy as np
 
 ROUNDS = 7
 SHAPE = (32, 64, 56, 56)
-OPS = ("train", "infer", "backward")
+OPS = ("train", "infer", "backward", "train (prepared)", "backward (prepared)")
 
 
 def _best_us(fn, calls: int) -> float:
@@ -45,16 +45,21 @@ def _calls(backend: str, to_device, shape, dtype):
     """The timed calls of each op through the public functions, on device
     arrays made by ``to_device``."""
     from ..batch_norm import bn_backward, bn_forward
+    from ..prepared import prepare_backward, prepare_forward
 
     C = shape[1]
     x = to_device(np.random.default_rng(0).standard_normal(shape).astype(dtype))
     g, b = to_device(np.ones(C, np.float32)), to_device(np.zeros(C, np.float32))
     rm, rv = to_device(np.zeros(C, np.float32)), to_device(np.ones(C, np.float32))
     _, saved = bn_forward(x, g, b, backend=backend, return_saved=True)
+    forward = prepare_forward(x, g, b, rm, rv, backend=backend)
+    backward = prepare_backward(x, x, saved.mean, saved.invstd, g, backend=backend)
     return {
         "train": lambda: bn_forward(x, g, b, rm, rv, backend=backend, return_saved=True),
         "infer": lambda: bn_forward(x, g, b, rm, rv, training=False, backend=backend),
         "backward": lambda: bn_backward(x, x, saved.mean, saved.invstd, g, backend=backend),
+        "train (prepared)": lambda: forward(x, g, b, rm, rv),
+        "backward (prepared)": lambda: backward(x, x, saved.mean, saved.invstd, g),
     }
 
 
@@ -97,10 +102,10 @@ def format_table(doc: dict) -> str:
             f"{'x'.join(map(str, doc['shape']))}, best of {doc['rounds']} rounds of {doc['calls']} calls;\n"
             f"torch's tiny CPU F.batch_norm dispatch in the same run: "
             + ("not measured (torch missing)" if torch_us is None else f"{torch_us:.1f} µs"))
-    lines = [head, f"{'backend':11} {'op':9} {'µs/call':>8} {'x torch':>8} {'allocations':>11} {'launches':>8}"]
+    lines = [head, f"{'backend':11} {'op':19} {'µs/call':>8} {'x torch':>8} {'allocations':>11} {'launches':>8}"]
     for r in doc["rows"]:
         ratio = "-" if torch_us is None else f"{r['us_per_call'] / torch_us:.1f}x"
-        lines.append(f"{r['backend']:11} {r['op']:9} {r['us_per_call']:8.1f} {ratio:>8} {r['allocations']:11d} "
+        lines.append(f"{r['backend']:11} {r['op']:19} {r['us_per_call']:8.1f} {ratio:>8} {r['allocations']:11d} "
                      f"{r['launches']:8d}")
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ correctness is proven by the simulator and the host harness).
 """
 from __future__ import annotations
 
+import math
 import sys
 import types
 from collections import Counter
@@ -95,7 +96,7 @@ def _new(cls, shape, dtype, fill=None):
     COUNTS["allocations"] += 1
     dtype = np.dtype(dtype)
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     start = _next[0] if _next[0] + nbytes <= _ARENA.size else 0
     _next[0] = start + (nbytes + 255) // 256 * 256
     a = _ARENA[start:start + nbytes].view(dtype).reshape(shape)

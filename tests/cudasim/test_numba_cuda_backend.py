@@ -232,3 +232,38 @@ def test_workspace_reuse_across_calls_and_shapes(rng):
         rdx, rdg, rdb = reference_backward(dy, x, saved.mean, saved.invstd)
         assert_close(dx, rdx, np.float32, "dx", scale=10)
         assert_close(db, rdb, np.float32, "dbeta", scale=np.abs(rdb).max() + 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prepared_calls_on_device_arrays(dtype, rng, monkeypatch):
+    """``prepare_forward`` / ``prepare_backward`` on Numba device arrays:
+    the bound launches (``gpu.plans.Program``) give the reference's results
+    call after call (float64 input with float32 gamma is unlike the
+    kernels' dtype: those calls take the plain path)."""
+    from bnkernels import prepare_backward, prepare_forward
+    from bnkernels.backends.gpu import plans
+
+    programs = []
+    run = plans.Program.__call__
+    monkeypatch.setattr(plans.Program, "__call__", lambda self, *a: programs.append(self) or run(self, *a))
+
+    shape, C = (6, 3, 5), 3
+    gamma, beta = make_params(C, rng)
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    d_g, d_b, d_rm, d_rv = (cuda.to_device(a) for a in (gamma, beta, rm, rv))
+    forward = prepare_forward(cuda.to_device(make_input(shape, dtype, rng)), d_g, d_b, d_rm, d_rv,
+                              backend=BACKEND)
+    for _ in range(2):
+        x = make_input(shape, dtype, rng)
+        ref = reference_forward(x, gamma, beta, d_rm.copy_to_host(), d_rv.copy_to_host())
+        y, saved = forward(cuda.to_device(x), d_g, d_b, d_rm, d_rv)
+        assert_close(y.copy_to_host(), ref[0], dtype, "y")
+        assert_close(d_rm.copy_to_host(), ref[3], np.float32, "running_mean", scale=np.abs(ref[3]).max() + 1)
+    dy = make_input(shape, dtype, rng, mean=0.5)
+    backward = prepare_backward(cuda.to_device(dy), cuda.to_device(x), saved.mean, saved.invstd, d_g,
+                                backend=BACKEND)
+    dx, dg, db = backward(cuda.to_device(dy), cuda.to_device(x), saved.mean, saved.invstd, d_g)
+    rdx, _, rdb = reference_backward(dy, x, saved.mean.copy_to_host(), saved.invstd.copy_to_host(), gamma)
+    assert_close(dx.copy_to_host(), rdx, dtype, "dx", scale=10)
+    assert_close(db.copy_to_host(), rdb, dtype, "dbeta", scale=np.abs(rdb).max() + 1)
+    assert len(programs) == (0 if dtype == np.float64 else 3)

@@ -68,10 +68,19 @@ class HostGPU:
     def aligned(self, *arrays):
         return all(a.ctypes.data % 16 == 0 for a in arrays)
 
-    def run(self, plan):
+    def bind(self, plan):
         bound = bind.bind(plan)  # as the cupy backend launches it
-        self.launches.append(bound)
-        self.host.run(self.so, bound)
+
+        def launch(args):
+            b = bind.BoundLaunch(bound.kernel, bound.grid, bound.block, args, bound.shared_mem)
+            self.launches.append(b)
+            self.host.run(self.so, b)
+
+        return launch, bound.args
+
+    def run(self, plan):
+        fn, args = self.bind(plan)
+        fn(args)
 
 
 @pytest.fixture(params=list(TUNINGS))
@@ -235,6 +244,9 @@ class HostArrays:
     def vector(self, op, dev, dtype):
         return np.ascontiguousarray(op.array, dtype=dtype)
 
+    def contiguous(self, op):
+        return op.device.flags.c_contiguous
+
     def result(self, x_op, a, dev):
         return a
 
@@ -297,3 +309,43 @@ def test_backward_reads_the_saved_statistics_as_they_are(saved_dtype, gpu, rng):
     rdx, _, rdb = reference_backward(dy, x, mean, invstd)
     assert_close(dx.reshape(shape), rdx, np.float32, "dx", scale=10)
     assert_close(bout["dbeta"], rdb, np.float32, "dbeta", scale=np.abs(rdb).max() + 1)
+
+
+@pytest.mark.parametrize("shape,axis", [((6, 3, 5), 1), ((9, 17), 1)])
+def test_prepared_calls_launch_the_bound_kernels(shape, axis, gpu, rng):
+    """``prepare_forward_train`` / ``prepare_backward`` of ``gpu.members``:
+    launches bound once (``plans.Program``), then per call only the
+    outputs are allocated and the two kernels launched, with right results
+    on new data each call; arrays unlike the prepared ones take the
+    unprepared path, with the same results."""
+    C = shape[axis]
+    gamma, beta = make_params(C, rng)
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    impl = GpuBackend(HostArrays(gpu))
+    lay = channel_layout(shape, axis)
+    x = make_input(shape, np.float32, rng)
+    forward = impl.prepare_forward_train(x, lay, gamma, beta, 1e-5, False, (rm, rv, 0.1))
+    assert not gpu.launches  # preparing launches nothing
+    for _ in range(2):
+        x = make_input(shape, np.float32, rng)
+        ref = reference_forward(x, gamma, beta, rm, rv, axis=axis)
+        gpu.launches.clear()
+        y, mean, invstd = forward(x, gamma, beta, (rm, rv, 0.1))
+        assert [b.kernel.split("<")[0] for b in gpu.launches] == ["bn_stats", "bn_apply"]
+        assert_close(y, ref[0], np.float32, "y")
+        assert_close(rm, ref[3], np.float32, "running_mean", scale=np.abs(ref[3]).max() + 1)
+        assert_close(rv, ref[4], np.float32, "running_var", scale=np.abs(ref[4]).max() + 1)
+    y2, _, _ = forward(x, gamma.astype(np.float64), beta, None)  # unlike the plan: the plain path
+    assert_close(y2, reference_forward(x, gamma, beta, axis=axis)[0], np.float32, "y")
+
+    dy = make_input(shape, np.float32, rng, mean=0.5)
+    backward = impl.prepare_backward(dy, x, lay, mean, invstd, gamma)
+    for _ in range(2):
+        dy = make_input(shape, np.float32, rng, mean=0.5)
+        gpu.launches.clear()
+        dx, dgamma, dbeta = backward(dy, x, mean, invstd, gamma)
+        assert [b.kernel.split("<")[0] for b in gpu.launches] == ["bn_bwd_reduce", "bn_dx"]
+        rdx, rdg, rdb = reference_backward(dy, x, mean, invstd, gamma, axis=axis)
+        assert_close(dx, rdx, np.float32, "dx", scale=10)
+        assert_close(dgamma, rdg, np.float32, "dgamma", scale=np.abs(rdg).max() + 1)
+        assert_close(dbeta, rdb, np.float32, "dbeta", scale=np.abs(rdb).max() + 1)

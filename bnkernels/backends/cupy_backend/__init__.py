@@ -118,9 +118,14 @@ class _Device:
     def aligned(self, *arrays):
         return all(a.data.ptr % 16 == 0 for a in arrays)
 
-    def run(self, launch):
+    def bind(self, launch):
         bound = bind.bind(launch)
-        _function(self.device_id, bound.kernel)(bound.grid, bound.block, bound.args, shared_mem=bound.shared_mem)
+        kernel, grid, block, shared = _function(self.device_id, bound.kernel), bound.grid, bound.block, bound.shared_mem
+        return (lambda args: kernel(grid, block, args, shared_mem=shared)), bound.args
+
+    def run(self, launch):
+        fn, args = self.bind(launch)
+        fn(args)
 
 
 def _torch_stream(source):
@@ -153,6 +158,9 @@ class Arrays:
 
     def vector(self, op, dev, dtype):
         return dev.cp.ascontiguousarray(op.array, dtype=dtype)
+
+    def contiguous(self, op):
+        return op.device.flags.c_contiguous
 
     def result(self, x_op, a, dev):
         return dev.cp.asnumpy(a) if x_op.is_host else a

@@ -11,7 +11,9 @@ thing each backend writes itself (``cupy_backend``, ``numba_cuda``):
 - ``result(x_op, a, dev)``: a device array as the kind of array the caller
   gave for x; ``to_host(a, dev)``, ``to_device(host, dev)``;
 - ``write_back(op, a, dev)``: store ``a`` (a device or host array of op's
-  shape) into the caller's memory behind ``op``.
+  shape) into the caller's memory behind ``op``;
+- ``contiguous(op)``: whether op's device array is C-contiguous (a flat
+  view of it is its memory, no copy).
 
 Every member takes and returns what ``interface.Backend`` says.
 """
@@ -234,8 +236,99 @@ class GpuBackend:
             dx = deliver(A.result(x, dx.reshape(layout.shape), dev), out)
             return (dx, *self._result(x, dev, grads["dgamma"], grads["dbeta"]))
 
+    # --- prepared forms (plan once, execute many times) -------------------------
+
+    def prepare_forward_train(self, x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running):
+        """:meth:`forward_train` for arrays like these, planned once: returns
+        ``call(x, gamma, beta, running) -> (y, mean, invstd)``. The call runs
+        on the device and stream current now; arrays of another kind, dtype
+        or layout than these go through :meth:`forward_train` instead."""
+        x, dev = self._start(x)
+        A = self.arrays
+        acc = compute_dtype(x.dtype)
+        with dev:
+            slots = {"x": plans.Slot("x", (layout.count * layout.channels,), x.dtype)}
+            for name, v in (("gamma", gamma), ("beta", beta)):
+                slots[name] = None if v is None else plans.Slot(name, (layout.channels,), acc)
+            run = None
+            if running is not None:
+                rdt = np.dtype(np.float64 if np.float64 in (A.operand(running[0]).dtype,
+                                                         A.operand(running[1]).dtype) else np.float32)
+                slots["running_mean"], slots["running_var"] = (plans.Slot(n, (layout.channels,), rdt)
+                                                               for n in ("running_mean", "running_var"))
+                run = (slots["running_mean"], slots["running_var"], running[2])
+            rec = plans.Recorder(dev)
+            y, out = plans.run_forward_train(rec, slots["x"], layout, slots["gamma"], slots["beta"], run, eps, relu)
+            program = plans.Program(rec)
+
+        def call(x, gamma, beta, running):
+            same_running = (running is None) == (run is None) and (running is None or running[2] == run[2])
+            xo = A.operand(x)
+            inputs = {slots["x"]: xo, slots["gamma"]: gamma, slots["beta"]: beta}
+            if running is not None and run is not None:
+                inputs[slots["running_mean"]], inputs[slots["running_var"]] = running[0], running[1]
+            arrays = self._bind_inputs(dev, inputs) if same_running else None
+            if arrays is None:
+                return self.forward_train(x, layout, gamma, beta, eps, relu, running)
+            with dev:
+                got = program(dev, arrays)
+            return (A.result(xo, got[y].reshape(layout.shape), dev),
+                    *self._result(xo, dev, got[out["mean"]], got[out["invstd"]]))
+
+        return call
+
+    def prepare_backward(self, dy, x, layout: ChannelLayout, mean, invstd, gamma):
+        """:meth:`backward` planned once, as :meth:`prepare_forward_train`:
+        returns ``call(dy, x, mean, invstd, gamma) -> (dx, dgamma, dbeta)``."""
+        x, dev = self._start(x)
+        A = self.arrays
+        acc = compute_dtype(x.dtype)
+        with dev:
+            n = layout.count * layout.channels
+            m, s = self._saved(dev, mean, invstd)
+            slots = {"dy": plans.Slot("dy", (n,), x.dtype), "x": plans.Slot("x", (n,), x.dtype),
+                     "mean": plans.Slot("mean", (layout.channels,), m.dtype),
+                     "invstd": plans.Slot("invstd", (layout.channels,), s.dtype),
+                     "gamma": None if gamma is None else plans.Slot("gamma", (layout.channels,), acc)}
+            rec = plans.Recorder(dev)
+            dx, out = plans.run_backward(rec, slots["dy"], slots["x"], layout, slots["gamma"], slots["mean"],
+                                         slots["invstd"])
+            program = plans.Program(rec)
+
+        def call(dy, x, mean, invstd, gamma):
+            xo = A.operand(x)
+            arrays = self._bind_inputs(dev, {slots["dy"]: A.operand(dy), slots["x"]: xo, slots["mean"]: mean,
+                                             slots["invstd"]: invstd, slots["gamma"]: gamma})
+            if arrays is None:
+                return self.backward(dy, x, layout, mean, invstd, gamma)
+            with dev:
+                got = program(dev, arrays)
+            return (A.result(xo, got[dx].reshape(layout.shape), dev),
+                    *self._result(xo, dev, got[out["dgamma"]], got[out["dbeta"]]))
+
+        return call
+
+    def _bind_inputs(self, dev, inputs: dict):
+        """``{slot: device array}`` for a prepared call's arguments, each the
+        caller's own memory in the slot's dtype, flat; None when one would
+        need a copy or is given where the plan has none (or the other way
+        round): then the call takes the unprepared path."""
+        A = self.arrays
+        arrays = {}
+        for slot, value in inputs.items():
+            if (slot is None) != (value is None):
+                return None
+            if slot is None:
+                continue
+            op = A.operand(value)
+            if op.is_host or op.dtype != slot.dtype or op.array.size != slot.size or not A.contiguous(op):
+                return None
+            arrays[slot] = A.flat(op, dev)  # a view: the caller's memory
+        return arrays
+
     def members(self) -> dict:
         """The module-level names of a backend module (``interface.Backend``)."""
         names = ("asarray", "statistics", "finalize", "finalize_running", "normalize", "backward_reduce",
-                 "backward_apply", "forward_train", "backward", "forward_infer")
+                 "backward_apply", "forward_train", "backward", "forward_infer", "prepare_forward_train",
+                 "prepare_backward")
         return {name: getattr(self, name) for name in names}

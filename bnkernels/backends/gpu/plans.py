@@ -19,7 +19,9 @@ The sequences run on any *device* object providing:
 - ``counters(n)``: zeroed integer counters the reductions leave zeroed;
 - ``run(launch)``: launch on the device's stream;
 - ``aligned(*arrays)``: whether all are 16-byte aligned;
-- ``limits``, ``tuning``: of ``geometry``.
+- ``limits``, ``tuning``: of ``geometry``;
+- for :class:`Program`: ``bind(launch) -> (fn, args)``, the launch bound to
+  the backend's kernel (``fn(args)`` launches it with positional ``args``).
 
 Both backends, and the tests (the host harness runs cupy's kernels on the
 CPU with NumPy arrays: ``tests/host_cuda``), run exactly these.
@@ -71,6 +73,12 @@ def _elementwise_geometry(total: int, limits, tuning):
 def counters_needed(layout: ChannelLayout, limits, tuning=geometry.Tuning()) -> int:
     """Length of the zeroed counter array the reductions need."""
     return geometry.reduce_plan(layout.outer, layout.channels, layout.inner, limits, tuning).groups
+
+
+def _flag(value):
+    """An int flag argument; a prepared sequence's per-call decision
+    (:class:`_Aligned`) stays as it is until the call."""
+    return value if isinstance(value, _Aligned) else np.int32(value)
 
 
 def _view_args(layout: ChannelLayout) -> dict:
@@ -125,7 +133,7 @@ def apply(x, y, layout: ChannelLayout, k, scale, shift, relu: bool, vectorized: 
     grid, block = _elementwise_geometry(x.size, limits, tuning)
     args = {"x": x, "y": y, "total": np.int64(x.size), "channels": np.int64(layout.channels),
             "inner": np.int64(layout.inner), "k": k, "scale": scale, "shift": shift, "relu": np.int32(relu),
-            "vectorized": np.int32(vectorized)}
+            "vectorized": _flag(vectorized)}
     return Launch("apply", grid, block, args, np.dtype(x.dtype))
 
 
@@ -172,7 +180,7 @@ def dx(dy, x, out, layout: ChannelLayout, coeffs: dict, vectorized: bool, limits
     grid, block = _elementwise_geometry(x.size, limits, tuning)
     args = {"dy": dy, "x": x, "dx": out, "total": np.int64(x.size), "channels": np.int64(layout.channels),
             "inner": np.int64(layout.inner), **{n: coeffs[n] for n in ("k", "a", "b", "c")},
-            "vectorized": np.int32(vectorized)}
+            "vectorized": _flag(vectorized)}
     return Launch("dx", grid, block, args, np.dtype(x.dtype))
 
 
@@ -263,3 +271,94 @@ def run_backward(dev, dy, x, layout: ChannelLayout, gamma, saved_mean, saved_inv
     float32 or float64. Returns ``(dx, out)`` with ``out['dgamma']``, ``out['dbeta']``."""
     out = run_bwd_reduce(dev, dy, x, layout, gamma, saved_mean, saved_invstd)
     return run_dx(dev, dy, x, layout, out), out
+
+
+# --------------------------------------------------------------------------
+# Prepared sequences (plan once, execute many times): a sequence above is
+# run once on a Recorder, with Slot placeholders for the arrays that change
+# from call to call; what it launches is bound to the backend's kernels
+# once, and a call only allocates its outputs, fills the slots and launches.
+# --------------------------------------------------------------------------
+
+class Slot:
+    """A placeholder for an array given or allocated at each call: what the
+    sequences read of an array (shape, dtype, size)."""
+
+    def __init__(self, name: str, shape, dtype, fill=None):
+        self.name, self.shape, self.dtype, self.fill = name, tuple(shape), np.dtype(dtype), fill
+        self.size = math.prod(self.shape)
+
+    def reshape(self, *shape):  # what the sequences may ask of an output; a call reshapes it
+        return self
+
+    def __repr__(self):
+        return f"Slot({self.name!r}, {self.shape}, {self.dtype})"
+
+
+class _Aligned:
+    """The ``vectorized`` argument of a launch, decided per call from the
+    alignment of the arrays in its slots."""
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+
+
+class Recorder:
+    """A device for the sequences above that records instead of launching:
+    ``alloc``/``zeros`` make output :class:`Slot` s, ``counters`` and
+    ``scratch`` are the real device's (bound once), ``run`` binds each
+    launch with ``dev.bind``."""
+
+    def __init__(self, dev):
+        self.dev, self.limits, self.tuning = dev, dev.limits, dev.tuning
+        self.outputs: list[Slot] = []
+        self.steps: list = []
+
+    def alloc(self, shape, dtype):
+        slot = Slot(f"out{len(self.outputs)}", shape, dtype)
+        self.outputs.append(slot)
+        return slot
+
+    def zeros(self, shape, dtype):
+        slot = Slot(f"out{len(self.outputs)}", shape, dtype, fill=0)
+        self.outputs.append(slot)
+        return slot
+
+    def counters(self, n):
+        return self.dev.counters(n)
+
+    def scratch(self, key, specs):
+        return self.dev.scratch(key, specs)
+
+    def aligned(self, *arrays):
+        return _Aligned(arrays)
+
+    def run(self, launch):
+        self.steps.append(self.dev.bind(launch))
+
+
+class Program:
+    """The recorded launches of one sequence. ``program(dev, inputs)``
+    with ``inputs`` ``{slot: device array}`` allocates the output slots on
+    ``dev``, launches, and returns ``{slot: array}`` for every slot."""
+
+    def __init__(self, recorder: Recorder):
+        self.outputs = recorder.outputs
+        self.steps = []
+        for fn, args in recorder.steps:
+            where = tuple(i for i, a in enumerate(args) if isinstance(a, (Slot, _Aligned)))
+            self.steps.append((fn, tuple(args), where))
+
+    def __call__(self, dev, inputs: dict) -> dict:
+        arrays = dict(inputs)
+        for slot in self.outputs:
+            arrays[slot] = (dev.alloc(slot.shape, slot.dtype) if slot.fill is None
+                            else dev.zeros(slot.shape, slot.dtype))
+        for fn, template, where in self.steps:
+            args = list(template)
+            for i in where:
+                a = template[i]
+                args[i] = (np.int32(dev.aligned(*(arrays[s] for s in a.arrays))) if isinstance(a, _Aligned)
+                           else arrays[a])
+            fn(tuple(args))
+        return arrays

@@ -119,12 +119,16 @@ class _Device:
     def aligned(self, *arrays):
         return False  # the Numba kernels take no vectorized path
 
-    def run(self, launch):
+    def bind(self, launch):
         dummy = _dummies.get(self.key[0])  # what an absent optional array is passed as (never written)
         if dummy is None:
             dummy = _dummies[self.key[0]] = self.zeros(1, np.float32)
-        kernel = bind.kernel_for(launch)
-        kernel[launch.grid, launch.block, self.stream](*bind.arguments(launch, dummy))
+        configured = bind.kernel_for(launch)[launch.grid, launch.block, self.stream]
+        return (lambda args: configured(*args)), bind.arguments(launch, dummy)
+
+    def run(self, launch):
+        fn, args = self.bind(launch)
+        fn(args)
 
 
 class Arrays:
@@ -160,6 +164,9 @@ class Arrays:
         """As :meth:`flat`: host vectors are converted to ``dtype``, device
         ones are used as they are."""
         return self.flat(op, dev, dtype) if op.is_host or not op.device.is_c_contiguous() else op.device
+
+    def contiguous(self, op):
+        return op.device.is_c_contiguous()
 
     def result(self, x_op, a, dev):
         if x_op.kind == "numpy":
