@@ -577,6 +577,13 @@ def inspect(arch: str | int = "sm_90", source: str | os.PathLike | None = None,
     bnkernels' own CuPy kernels (:func:`bnkernels_sources`). Raises
     :class:`KernelCompileError` or :class:`KernelToolError`.
     """
+    return inspect_with_sass(arch, source, name_expressions, options, mirror_cupy=mirror_cupy)[0]
+
+
+def inspect_with_sass(arch: str | int = "sm_90", source: str | os.PathLike | None = None,
+                      name_expressions: Iterable[str] | None = None, options: Sequence[str] | None = None, *,
+                      mirror_cupy: bool = True) -> tuple[list[KernelReport], str]:
+    """:func:`inspect`, and the SASS text it read (for ``sass_loops``)."""
     if source is None:
         src = bnkernels_sources()
         source = src.source
@@ -584,4 +591,5 @@ def inspect(arch: str | int = "sm_90", source: str | os.PathLike | None = None,
         options = src.options if options is None else options
     compiled = compile_cubin(source, name_expressions or (), options or (), arch,
                              mirror_cupy=mirror_cupy, resource_report=True)
-    return build_reports(compiled, disassemble(compiled.cubin), arch)
+    sass = disassemble(compiled.cubin)
+    return build_reports(compiled, sass, arch), sass

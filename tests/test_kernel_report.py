@@ -405,3 +405,25 @@ def test_cli_kernels_json_on_the_real_kernels(monkeypatch, capsys):
     names = list(sources.name_expressions())
     assert [k["name_expression"] for k in data["kernels"]][:len(names)] == names
     assert all(k["spill_bytes"] == 0 and k["local_memory_ops"] == 0 for k in data["kernels"])
+
+
+def test_cli_kernels_sass_hot_loops_and_geometry_on_the_real_kernels(tmp_path, capsys):
+    """``--sass DIR`` writes one file per kernel; the JSON gives each
+    kernel's hot loops (``sass_loops``), its blocks per SM, and the launch
+    geometry on an H100 for every named bench shape."""
+    sources = pytest.importorskip("bnkernels.backends.cupy_backend.sources")
+    if MISSING:
+        pytest.skip(MISSING)
+    from bnkernels.bench.ops import NAMED_CASES
+
+    assert main(["kernels", "--arch", "sm_90", "--json", "--sass", str(tmp_path)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    files = sorted(p.name for p in (tmp_path / "sm_90").iterdir())
+    assert len(files) == len(sources.name_expressions())
+    assert all((tmp_path / "sm_90" / f).read_text().lstrip().startswith("Function :") for f in files)
+    k = {d["name_expression"]: d for d in data["kernels"]}
+    stats = k["bn_stats<float, float, float, false>"]
+    assert stats["hot_loops"] and all(lp["load_bytes"] > 0 and lp["instructions"] > 0 for lp in stats["hot_loops"])
+    assert k["bn_infer_coeffs<float, float>"]["hot_loops"] == []  # no loop: one channel per thread
+    assert all(1 <= d["blocks_per_sm"] <= 8 for d in data["kernels"])
+    assert [g["shape"] for g in data["h100_geometry"]] == list(NAMED_CASES)

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_kernels.add_argument("--arch", action="append", metavar="SM",
                            help="real architecture, repeatable (default: sm_80 and sm_90)")
     p_kernels.add_argument("--json", action="store_true", help="print as JSON")
+    p_kernels.add_argument("--sass", metavar="DIR", default=None,
+                           help="also write the SASS of every kernel, one file per kernel and arch, into DIR")
     p_kernels.set_defaults(subparser=p_kernels)
     return parser
 

@@ -1,8 +1,13 @@
-"""``bnkernels kernels``: the NVRTC compile and SASS resource report of the CUDA C++ kernels."""
+"""``bnkernels kernels``: the NVRTC compile and SASS resource report of the
+CUDA C++ kernels: resources, memory instructions, the hot loops'
+instructions per byte (``sass_loops``), blocks per SM, and the launch
+geometry the plans choose for the named bench shapes on an H100."""
 from __future__ import annotations
 
 import json
+import re
 import sys
+from pathlib import Path
 
 from .exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from .tables import format_table
@@ -15,10 +20,12 @@ def run_kernels(args) -> int:
     Exit 1 when a tool is missing or the sources do not compile."""
     from .. import kernel_report as kr
 
+    from .. import sass_loops
+
     archs = list(dict.fromkeys(args.arch or kr.DEFAULT_ARCHS))
     try:
         archs = [kr.normalize_arch(a) for a in archs]
-        reports = [r for arch in archs for r in kr.inspect(arch)]
+        inspected = [(arch, *kr.inspect_with_sass(arch)) for arch in archs]
         version = "%d.%d" % kr.nvrtc_version()
     except ValueError as exc:
         print(f"bnkernels kernels: --arch: {exc}", file=sys.stderr)
@@ -26,19 +33,100 @@ def run_kernels(args) -> int:
     except (kr.KernelToolError, kr.KernelCompileError) as exc:
         print(f"bnkernels kernels: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    reports, loops = [], {}
+    for arch, arch_reports, sass in inspected:
+        fns = sass_loops.functions(sass)
+        for r in arch_reports:
+            reports.append(r)
+            loops[(arch, r.lowered_name)] = sass_loops.hot_loops(fns.get(r.lowered_name, []))
+        if args.sass:
+            _write_sass(Path(args.sass) / arch, arch_reports, sass_loops.function_texts(sass))
     if args.json:
         options = kr.bnkernels_sources().options
+        kernels = [{**r.to_dict(), "hot_loops": [lp.to_dict() for lp in loops[(r.arch, r.lowered_name)]],
+                    "blocks_per_sm": blocks_per_sm(r)} for r in reports]
         print(json.dumps({"nvrtc_version": version, "archs": archs,
                           "nvrtc_options": {a: list(kr.compile_options(options, a)) for a in archs},
-                          "kernels": [r.to_dict() for r in reports]}, indent=2))
+                          "kernels": kernels, "h100_geometry": h100_geometry()}, indent=2))
         return EXIT_OK
     print(f"NVRTC {version}, options as cupy.RawModule passes them; resources from ptxas, "
           "memory instructions from cuobjdump -sass")
-    rows = [[r.name_expression, r.arch, str(r.registers), str(r.shared_bytes), str(r.stack_bytes),
-             str(r.spill_bytes), str(r.local_memory_ops), f"{r.vector_loads}/{r.vector_stores}",
-             f"{r.scalar_global_loads}/{r.scalar_global_stores}", "yes" if r.vectorized else "no"]
-            for r in reports]
-    print(format_table(["kernel", "arch", "regs", "smem B", "stack B", "spill B", "LDL/STL",
-                         "128-bit ld/st", "narrower ld/st", "vectorized"],
-                        rows, [False, False] + [True] * 7 + [False]))
+    rows = []
+    for r in reports:
+        w = sass_loops.worst(loops[(r.arch, r.lowered_name)])
+        hot = "-" if w is None else f"{w.instructions}/{w.load_bytes}={w.per_byte:.1f}"
+        rows.append([r.name_expression, r.arch, str(r.registers), str(r.shared_bytes), str(r.stack_bytes),
+                     str(r.spill_bytes), str(r.local_memory_ops), str(blocks_per_sm(r)), hot,
+                     f"{r.vector_loads}/{r.vector_stores}", f"{r.scalar_global_loads}/{r.scalar_global_stores}",
+                     "yes" if r.vectorized else "no"])
+    print(format_table(["kernel", "arch", "regs", "smem B", "stack B", "spill B", "LDL/STL", "blocks/SM",
+                         "hot loop instr/B", "128-bit ld/st", "narrower ld/st", "vectorized"],
+                        rows, [False, False] + [True] * 9 + [False]))
+    print("hot loop instr/B: the innermost loop with global loads that spends the most instructions per byte "
+          "(instructions per iteration / bytes loaded per iteration; budget about 10 on an H100, 7 on an H200). "
+          f"blocks/SM: resident blocks of {BLOCK_THREADS} threads by registers, shared memory and threads.")
+    print()
+    print(f"launch geometry on an H100 ({H100_SMS} SMs), default tuning:")
+    geo = h100_geometry()
+    print(format_table(["shape", "layout", "reduce grid", "reduce block", "elementwise grid", "elementwise block"],
+                       [[g["shape"], g["layout"], str(tuple(g["reduce_grid"])), str(tuple(g["reduce_block"])),
+                         str(g["elementwise_grid"]), str(g["elementwise_block"])] for g in geo],
+                       [False, False, True, True, True, True]))
+    if args.sass:
+        print(f"\nSASS written to {args.sass}/<arch>/")
     return EXIT_OK
+
+
+#: What the plans launch (``gpu.geometry.Tuning().block_threads``) and the
+#: per-SM limits of sm_80 / sm_90 (registers, shared memory usable by blocks,
+#: threads, blocks).
+BLOCK_THREADS = 256
+H100_SMS = 132
+_SM_LIMITS = {"sm_80": (65536, 164 * 1024, 2048, 32), "sm_90": (65536, 228 * 1024, 2048, 32)}
+
+
+def blocks_per_sm(report) -> int | None:
+    """Resident blocks of :data:`BLOCK_THREADS` threads per SM for a kernel,
+    from its registers (allocated per warp in units of 256) and static
+    shared memory (plus the 1 KiB the system reserves per block); None for
+    an architecture without limits here."""
+    limits = _SM_LIMITS.get(report.arch)
+    if limits is None:
+        return None
+    regs_per_sm, smem_per_sm, threads_per_sm, max_blocks = limits
+    warps = BLOCK_THREADS // 32
+    regs_per_warp = -(-max(report.registers, 1) * 32 // 256) * 256
+    by_regs = regs_per_sm // (regs_per_warp * warps)
+    by_smem = smem_per_sm // (report.shared_bytes + 1024) if report.shared_bytes else max_blocks
+    return min(by_regs, by_smem, threads_per_sm // BLOCK_THREADS, max_blocks)
+
+
+def h100_geometry() -> list[dict]:
+    """The reduction and elementwise launches the plans choose for each
+    named bench shape on an H100 (132 SMs)."""
+    from ..backends.gpu import geometry
+    from ..bench.ops import NAMED_CASES
+
+    limits = geometry.DeviceLimits(sm_count=H100_SMS)
+    out = []
+    for name, case in NAMED_CASES.items():
+        shape, axis = case.shape, case.axis % len(case.shape)
+        outer = 1
+        for n in shape[:axis]:
+            outer *= n
+        inner = 1
+        for n in shape[axis + 1:]:
+            inner *= n
+        r = geometry.reduce_plan(outer, shape[axis], inner, limits)
+        e = geometry.elementwise_plan(outer * shape[axis] * inner, limits)
+        out.append({"shape": name, "layout": case.layout, "reduce_grid": list(r.grid), "reduce_block": list(r.block),
+                    "elementwise_grid": e.grid, "elementwise_block": e.block})
+    return out
+
+
+def _write_sass(folder: Path, reports, texts: dict) -> None:
+    """One ``.sass`` file per kernel, named after its name expression."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for r in reports:
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", r.name_expression).strip("_")
+        (folder / f"{name}.sass").write_text(texts.get(r.lowered_name, ""))
