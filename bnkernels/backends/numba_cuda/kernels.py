@@ -55,12 +55,14 @@ def welford_combine(n_a, m_a, q_a, n_b, m_b, q_b):
 
 
 @cuda.jit(device=True, inline=True)
-def welford_add(n, m, q, v, one):
+def welford_add(n, m, q, v, one, inv_count):
     """One value into a Welford accumulator (``one``: 1 in the accumulator
-    type, so that float32 stays float32)."""
+    type, so that float32 stays float32), given the reciprocal of the new
+    count: the unrolled accumulators of a thread count alike and share one
+    division per step."""
     n += one
     d = v - m
-    m += d / n
+    m += d * inv_count
     q += d * (v - m)
     return n, m, q
 
@@ -244,13 +246,14 @@ def _make_stats_kernel(acc, channels_last):
                     if o3 < outer:
                         base = o3 * C + c
                         v3 = acc(x[base if channels_last else base * inner + i3]) - k0
-                    n0, m0, q0 = welford_add(n0, m0, q0, v0, one)
+                    r = one / (n0 + one)  # the 4 count alike until the last step
+                    n0, m0, q0 = welford_add(n0, m0, q0, v0, one, r)
                     if o1 < outer:
-                        n1, m1, q1 = welford_add(n1, m1, q1, v1, one)
+                        n1, m1, q1 = welford_add(n1, m1, q1, v1, one, r)
                     if o2 < outer:
-                        n2, m2, q2 = welford_add(n2, m2, q2, v2, one)
+                        n2, m2, q2 = welford_add(n2, m2, q2, v2, one, r)
                     if o3 < outer:
-                        n3, m3, q3 = welford_add(n3, m3, q3, v3, one)
+                        n3, m3, q3 = welford_add(n3, m3, q3, v3, one, r)
                     o, i = step(o3, i3, so, si, inner)
                 n0, m0, q0 = welford_combine(n0, m0, q0, n1, m1, q1)
                 n2, m2, q2 = welford_combine(n2, m2, q2, n3, m3, q3)

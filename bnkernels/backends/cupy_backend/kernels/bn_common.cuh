@@ -33,11 +33,14 @@ template <> struct Vec16<double> { using type = double2; static constexpr int n 
 template <> struct Vec16<__half> { using type = uint4; static constexpr int n = 8; };
 
 // ---- Welford / Chan ---------------------------------------------------------
+// Welford's update of (n, m, q) with value v, given the reciprocal of the
+// new count: accumulators that count alike (the unrolled ones of one
+// thread) share one division per step instead of one per value.
 template <typename ACC>
-__device__ __forceinline__ void welford_add(ACC& n, ACC& m, ACC& q, ACC v) {
+__device__ __forceinline__ void welford_add_r(ACC& n, ACC& m, ACC& q, ACC v, ACC inv_count) {
     n += ACC(1);
     const ACC d = v - m;
-    m += d / n;
+    m += d * inv_count;
     q += d * (v - m);
 }
 

@@ -6,8 +6,8 @@
 #pragma once
 #include "bn_common.cuh"
 
-// Training statistics: Welford per thread (4 independent accumulators)
-// around k0, the channel's first value, then Chan merges across warp, block
+// Training statistics: Welford per thread (4 independent accumulators, one
+// shared reciprocal of the count per step) around k0, the channel's first value, then Chan merges across warp, block
 // and grid. The last block writes the apply coefficients
 // (y = (x - k) * scale + shift), the saved mean/invstd, mean - k and M2,
 // and updates the running statistics.
@@ -65,9 +65,12 @@ __global__ void bn_stats(const T* __restrict__ x,              // (outer, C, inn
                     v[u] = oo[u] < outer ? bn::to_acc<ACC>(x[CHANNELS_LAST ? row : row * inner + ii[u]]) - k0
                                          : ACC(0);
                 }
+                // the 4 accumulators count alike until the last step (where
+                // the later ones may be past the end): one division per step
+                const ACC r = ACC(1) / (n[0] + ACC(1));
 #pragma unroll
                 for (int u = 0; u < 4; ++u)
-                    if (oo[u] < outer) bn::welford_add(n[u], m[u], q[u], v[u]);
+                    if (oo[u] < outer) bn::welford_add_r(n[u], m[u], q[u], v[u], r);
                 o = oo[3];
                 i = ii[3];
                 bn::walk_step(o, i, walk, inner);
