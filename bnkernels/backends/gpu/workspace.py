@@ -16,8 +16,10 @@ import itertools
 import threading
 from collections import OrderedDict
 
-#: Workspaces kept per backend (least recently used ones are dropped).
+#: Workspaces and counter arrays kept per backend (least recently used
+#: ones are dropped).
 MAX_WORKSPACES = 64
+MAX_COUNTERS = 256
 
 
 _local = threading.local()
@@ -33,8 +35,10 @@ def _thread() -> int:
     return number
 
 
-class CounterCache(dict):
-    """``{key: counters}``; :meth:`zeroed` grows an entry when needed."""
+class CounterCache(OrderedDict):
+    """``{key: counters}``; :meth:`zeroed` grows an entry when needed. At
+    most :data:`MAX_COUNTERS` entries (least recently used dropped), so a
+    program that keeps starting threads does not keep adding arrays."""
 
     def zeroed(self, key, n: int, make):
         """At least ``n`` zeroed counters for ``key`` (and this thread);
@@ -45,6 +49,10 @@ class CounterCache(dict):
         if cur is None or cur.size < n:
             cur = make(max(n, 64))
             self[key] = cur
+            while len(self) > MAX_COUNTERS:
+                self.popitem(last=False)
+        else:
+            self.move_to_end(key)
         return cur
 
 

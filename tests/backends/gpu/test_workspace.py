@@ -73,3 +73,13 @@ def test_least_recently_used_workspaces_are_dropped(monkeypatch):
     cache.get(3, SPECS, _alloc)  # evicts 1
     assert cache.get(0, SPECS, _alloc) is first
     assert len(cache._entries) == 3
+
+
+def test_counters_are_bounded(monkeypatch):
+    monkeypatch.setattr(workspace, "MAX_COUNTERS", 2)
+    counters = CounterCache()
+    first = counters.zeroed("a", 1, lambda n: np.zeros(n, np.uint32))
+    counters.zeroed("b", 1, lambda n: np.zeros(n, np.uint32))
+    assert counters.zeroed("a", 1, lambda n: np.zeros(n, np.uint32)) is first  # now the most recent
+    counters.zeroed("c", 1, lambda n: np.zeros(n, np.uint32))  # drops "b"
+    assert len(counters) == 2 and counters.zeroed("a", 1, lambda n: np.zeros(n, np.uint32)) is first
