@@ -134,8 +134,6 @@ class _Forward:
     relu: bool
     momentum: float | None
     factor: float
-    memory: dict
-    given: dict
 
 
 def _check_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, activation, backend,
@@ -167,13 +165,22 @@ def _check_forward(x, gamma, beta, running_mean, running_var, training, momentum
     relu = v.check_activation(activation)
     factor = v.running_factor(momentum, num_batches_tracked, used=training and running_mean is not None)
     arrays = {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean, "running_var": running_var}
+    check_forward_aliasing(arrays, given, training, out_view)
+    return _Forward(impl, x, out, out_view, layout, training, gamma, beta, running_mean, running_var, eps, relu,
+                    momentum, factor)
+
+
+def check_forward_aliasing(arrays: dict, given: dict, training: bool, out_view=None) -> None:
+    """A forward's aliasing rule: in training the running statistics are
+    written, and so is ``out``; nothing written may share memory with
+    anything else (``out`` may be x itself). ``arrays``: the arguments as
+    the backend converted them, ``given``: as the caller passed them (by
+    name: x, gamma, beta, running_mean, running_var)."""
     memory = {name: v.memory_of(a, given[name]) for name, a in arrays.items()}
     stats = ("running_mean", "running_var")
     written = {name: memory[name] for name in stats} if training else {}
     v.check_aliasing({"out": out_view, **written},
                      {name: m for name, m in memory.items() if name not in written}, in_place=("x",))
-    return _Forward(impl, x, out, out_view, layout, training, gamma, beta, running_mean, running_var, eps, relu,
-                    momentum, factor, memory, given)
 
 
 def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, backend="auto", out=None):
@@ -255,7 +262,6 @@ class _Backward:
     saved_mean: object
     saved_invstd: object
     gamma: object
-    memory: dict
 
 
 def _check_backward(dy, x, saved_mean, saved_invstd, gamma, axis, backend, out) -> _Backward:
@@ -275,6 +281,6 @@ def _check_backward(dy, x, saved_mean, saved_invstd, gamma, axis, backend, out) 
                                        required=need)
     gamma = v.check_per_channel(gamma, "gamma", C, asarray=impl.asarray)
     arrays = {"dy": dy, "x": x, "saved_mean": saved_mean, "saved_invstd": saved_invstd, "gamma": gamma}
-    memory = {name: v.memory_of(a, given[name]) for name, a in arrays.items()}
-    v.check_aliasing({"out": out_view}, memory, in_place=("dy", "x"))
-    return _Backward(impl, dy, x, out, out_view, layout, saved_mean, saved_invstd, gamma, memory)
+    v.check_aliasing({"out": out_view}, {name: v.memory_of(a, given[name]) for name, a in arrays.items()},
+                     in_place=("dy", "x"))
+    return _Backward(impl, dy, x, out, out_view, layout, saved_mean, saved_invstd, gamma)

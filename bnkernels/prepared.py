@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from . import engine
 from . import validation as v
-from .batch_norm import SavedStats, _check_backward, _check_forward
+from .batch_norm import SavedStats, _check_backward, _check_forward, check_forward_aliasing
 
 
 def _signature(a):
@@ -71,7 +71,7 @@ class PreparedForward(_Prepared):
     def __init__(self, checked, given):
         super().__init__(self._NAMES, given)
         c = checked
-        self._impl, self._layout, self._eps, self._relu, self._momentum = c.impl, c.layout, c.eps, c.relu, c.momentum
+        self._impl, self._momentum = c.impl, c.momentum
         running = None if c.running_mean is None else (c.running_mean, c.running_var, c.factor)
         self._call = engine.prepare_forward_train(c.impl, c.x, c.layout, c.gamma, c.beta, c.eps, c.relu, running)
 
@@ -88,9 +88,8 @@ class PreparedForward(_Prepared):
         return y, SavedStats(mean, invstd)
 
     def _check_aliasing(self, given):
-        memory = {n: v.memory_of(self._impl.asarray(a) if a is not None else None, a) for n, a in given.items()}
-        written = {n: memory[n] for n in ("running_mean", "running_var")}
-        v.check_aliasing(written, {n: m for n, m in memory.items() if n not in written})
+        arrays = {n: None if a is None else self._impl.asarray(a) for n, a in given.items()}
+        check_forward_aliasing(arrays, given, training=True)
 
 
 class PreparedBackward(_Prepared):
