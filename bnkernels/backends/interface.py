@@ -230,8 +230,12 @@ class Backend(Protocol):
 OPTIONAL_MEMBERS = ("forward_infer", "prepare_forward_train", "prepare_backward")
 
 
+def member_names() -> list[str]:
+    """Every :class:`Backend` member, attributes first."""
+    return list(Backend.__annotations__) + [n for n, v in vars(Backend).items()
+                                            if callable(v) and not n.startswith("_")]
+
+
 def missing_members(module) -> list[str]:
     """The :class:`Backend` members ``module`` lacks (empty when it is one)."""
-    members = list(Backend.__annotations__) + [n for n, v in vars(Backend).items()
-                                               if callable(v) and not n.startswith("_")]
-    return [n for n in members if not hasattr(module, n)]
+    return [n for n in member_names() if not hasattr(module, n)]

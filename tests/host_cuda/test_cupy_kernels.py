@@ -349,3 +349,17 @@ def test_prepared_calls_launch_the_bound_kernels(shape, axis, gpu, rng):
         assert_close(dx, rdx, np.float32, "dx", scale=10)
         assert_close(dgamma, rdg, np.float32, "dgamma", scale=np.abs(rdg).max() + 1)
         assert_close(dbeta, rdb, np.float32, "dbeta", scale=np.abs(rdb).max() + 1)
+
+
+def test_prepared_call_given_what_the_plan_lacks_takes_the_plain_path(gpu, rng):
+    """Planned without gamma and beta, called with gamma only: the plain
+    path runs, and gamma is applied (absent slots are all None; a call's
+    arguments must not be matched to them by that key)."""
+    shape = (6, 3, 5)
+    impl = GpuBackend(HostArrays(gpu))
+    lay = channel_layout(shape, 1)
+    x = make_input(shape, np.float32, rng)
+    forward = impl.prepare_forward_train(x, lay, None, None, 1e-5, False, None)
+    gamma, _ = make_params(3, rng)
+    y, _, _ = forward(x, gamma, None, None)
+    assert_close(y, reference_forward(x, gamma, None)[0], np.float32, "y")

@@ -23,7 +23,7 @@ import numpy as np
 
 from ...validation import compute_dtype
 from ..coefficients import dx_coefficients, update_running
-from ..interface import ChannelLayout, GradSums, Moments, Normalization
+from ..interface import OPTIONAL_MEMBERS, ChannelLayout, GradSums, Moments, Normalization, member_names
 from ..outputs import deliver
 from . import plans
 
@@ -52,6 +52,12 @@ class Operand:
     @property
     def dtype(self):
         return self.array.dtype
+
+
+def _stats_dtype(*ops) -> np.dtype:
+    """The one dtype the kernels take for a pair of per-channel statistics
+    (running, or mean and variance): float64 if either is, else float32."""
+    return np.dtype(np.float64 if any(op.dtype == np.float64 for op in ops) else np.float32)
 
 
 class GpuBackend:
@@ -86,6 +92,13 @@ class GpuBackend:
         dtype = ops[0].dtype if same else np.dtype(np.float64)
         return tuple(A.vector(op, dev, dtype) for op in ops)
 
+    def _stats_pair(self, dev, mean, var):
+        """Read-only per-channel statistics (running mean and variance) on
+        the device, in :func:`_stats_dtype`."""
+        ops = [self.arrays.operand(mean), self.arrays.operand(var)]
+        dtype = _stats_dtype(*ops)
+        return tuple(self.arrays.vector(op, dev, dtype) for op in ops)
+
     def _result(self, x, dev, *arrays):
         return tuple(self.arrays.result(x, a, dev) for a in arrays)
 
@@ -95,7 +108,7 @@ class GpuBackend:
         or mixed-dtype running statistics are updated through temporaries."""
         A = self.arrays
         ops = [A.operand(running[0]), A.operand(running[1])]
-        dtype = np.float64 if np.float64 in (ops[0].dtype, ops[1].dtype) else np.float32
+        dtype = _stats_dtype(*ops)
         devs, back = [], []
         for op in ops:
             d = A.vector(op, dev, dtype)
@@ -156,10 +169,7 @@ class GpuBackend:
                          eps: float) -> Normalization:
         x, dev = self._start(x)
         with dev:
-            A = self.arrays
-            rm, rv = A.operand(running_mean), A.operand(running_var)
-            rdt = np.float64 if np.float64 in (rm.dtype, rv.dtype) else np.float32
-            return self._finalize(x, dev, A.vector(rm, dev, rdt), A.vector(rv, dev, rdt), gamma, beta, eps)
+            return self._finalize(x, dev, *self._stats_pair(dev, running_mean, running_var), gamma, beta, eps)
 
     def normalize(self, x, layout: ChannelLayout, norm: Normalization, relu: bool, out=None):
         """Kernel: apply."""
@@ -216,12 +226,9 @@ class GpuBackend:
         x, dev = self._start(x)
         with dev:
             A = self.arrays
-            acc = compute_dtype(x.dtype)
-            rm, rv = A.operand(running_mean), A.operand(running_var)
-            rdt = np.float64 if np.float64 in (rm.dtype, rv.dtype) else np.float32
-            g, b = self._vectors(dev, acc, gamma, beta)
-            y, out_ = plans.run_forward_infer(dev, A.flat(x, dev), layout, A.vector(rm, dev, rdt),
-                                              A.vector(rv, dev, rdt), g, b, eps, relu)
+            g, b = self._vectors(dev, compute_dtype(x.dtype), gamma, beta)
+            rm, rv = self._stats_pair(dev, running_mean, running_var)
+            y, out_ = plans.run_forward_infer(dev, A.flat(x, dev), layout, rm, rv, g, b, eps, relu)
             y = deliver(A.result(x, y.reshape(layout.shape), dev), out)
             return (y, *self._result(x, dev, out_["k"], out_["invstd"]))
 
@@ -252,8 +259,7 @@ class GpuBackend:
                 slots[name] = None if v is None else plans.Slot(name, (layout.channels,), acc)
             run = None
             if running is not None:
-                rdt = np.dtype(np.float64 if np.float64 in (A.operand(running[0]).dtype,
-                                                         A.operand(running[1]).dtype) else np.float32)
+                rdt = _stats_dtype(A.operand(running[0]), A.operand(running[1]))
                 slots["running_mean"], slots["running_var"] = (plans.Slot(n, (layout.channels,), rdt)
                                                                for n in ("running_mean", "running_var"))
                 run = (slots["running_mean"], slots["running_var"], running[2])
@@ -264,9 +270,9 @@ class GpuBackend:
         def call(x, gamma, beta, running):
             same_running = (running is None) == (run is None) and (running is None or running[2] == run[2])
             xo = A.operand(x)
-            inputs = {slots["x"]: xo, slots["gamma"]: gamma, slots["beta"]: beta}
+            inputs = [(slots["x"], xo), (slots["gamma"], gamma), (slots["beta"], beta)]
             if running is not None and run is not None:
-                inputs[slots["running_mean"]], inputs[slots["running_var"]] = running[0], running[1]
+                inputs += [(slots["running_mean"], running[0]), (slots["running_var"], running[1])]
             arrays = self._bind_inputs(dev, inputs) if same_running else None
             if arrays is None:
                 return self.forward_train(x, layout, gamma, beta, eps, relu, running)
@@ -297,8 +303,8 @@ class GpuBackend:
 
         def call(dy, x, mean, invstd, gamma):
             xo = A.operand(x)
-            arrays = self._bind_inputs(dev, {slots["dy"]: A.operand(dy), slots["x"]: xo, slots["mean"]: mean,
-                                             slots["invstd"]: invstd, slots["gamma"]: gamma})
+            arrays = self._bind_inputs(dev, [(slots["dy"], dy), (slots["x"], xo), (slots["mean"], mean),
+                                             (slots["invstd"], invstd), (slots["gamma"], gamma)])
             if arrays is None:
                 return self.backward(dy, x, layout, mean, invstd, gamma)
             with dev:
@@ -308,14 +314,15 @@ class GpuBackend:
 
         return call
 
-    def _bind_inputs(self, dev, inputs: dict):
-        """``{slot: device array}`` for a prepared call's arguments, each the
+    def _bind_inputs(self, dev, inputs):
+        """``{slot: device array}`` for a prepared call's ``(slot, argument)``
+        pairs (a slot is None where the plan has no such array), each the
         caller's own memory in the slot's dtype, flat; None when one would
         need a copy or is given where the plan has none (or the other way
         round): then the call takes the unprepared path."""
         A = self.arrays
         arrays = {}
-        for slot, value in inputs.items():
+        for slot, value in inputs:
             if (slot is None) != (value is None):
                 return None
             if slot is None:
@@ -327,8 +334,8 @@ class GpuBackend:
         return arrays
 
     def members(self) -> dict:
-        """The module-level names of a backend module (``interface.Backend``)."""
-        names = ("asarray", "statistics", "finalize", "finalize_running", "normalize", "backward_reduce",
-                 "backward_apply", "forward_train", "backward", "forward_infer", "prepare_forward_train",
-                 "prepare_backward")
+        """The module-level names of a backend module: every
+        ``interface.Backend`` member but ``name`` (the module's own), and the
+        optional ones."""
+        names = [n for n in member_names() if n != "name"] + list(OPTIONAL_MEMBERS)
         return {name: getattr(self, name) for name in names}
