@@ -199,7 +199,7 @@ class GpuBackend:
             a, b, c = dx_coefficients(sums.sum_dy, sums.sum_dy_xhat, count, self._host(invstd, dev),
                                       self._host(gamma, dev))
             coeffs = {n: A.to_device(np.asarray(v, acc), dev)
-                      for n, v in zip(("k", "a", "b", "c"), (self._host(mean, dev), a, b, c))}
+                      for n, v in zip(plans.BWD_OUTPUTS[1], (self._host(mean, dev), a, b, c))}
             dx = plans.run_dx(dev, A.flat(A.operand(dy), dev), A.flat(x, dev), layout, coeffs)
             grads = (A.to_device(np.asarray(s, acc), dev) for s in (sums.sum_dy_xhat, sums.sum_dy))
             return (deliver(A.result(x, dx.reshape(layout.shape), dev), out), *self._result(x, dev, *grads))

@@ -86,8 +86,31 @@ def _view_args(layout: ChannelLayout) -> dict:
             "inner": np.int64(layout.inner), "inv_count": np.float64(1.0 / layout.count)}
 
 
-def _scratch_key(kind: str, layout: ChannelLayout, dtype, plan) -> tuple:
-    return (kind, layout.channels, plan.splits, np.dtype(dtype).str)
+#: What each per-channel kernel writes: (new arrays, returned by the call;
+#: workspace, reused by the next call of the plan).
+STATS_OUTPUTS = (("mean", "invstd"), ("k", "scale", "shift", "dmean", "m2"))
+COEFF_OUTPUTS = (("k", "invstd"), ("scale", "shift"))
+BWD_OUTPUTS = (("dgamma", "dbeta"), ("k", "a", "b", "c"))
+
+
+def _outputs(kind: str, names, C: int, acc, alloc, scratch, stages: int = 0, splits: int = 1) -> dict:
+    """A kernel's (C,) compute-dtype outputs ``names`` (:data:`STATS_OUTPUTS`
+    ...), with ``stages`` staging buffers (C, splits) among the workspace:
+    the new ones from ``alloc``, the workspace from the device's ``scratch``
+    (keyed by kind and sizes), or from ``alloc`` without one."""
+    new, work = names
+    specs = {**{name: ((C,), acc) for name in work}, **{f"stage{i}": ((C, splits), acc) for i in range(stages)}}
+    if scratch is not None:
+        workspace = scratch((kind, C, splits, np.dtype(acc).str), specs)
+    else:
+        workspace = {name: alloc(shape, dtype) for name, (shape, dtype) in specs.items()}
+    return {**{name: alloc((C,), acc) for name in new}, **workspace}
+
+
+def _zeros(dev, names, C: int, acc) -> dict:
+    """Every output of ``names`` zeroed: what a sequence returns when
+    there is nothing to launch."""
+    return {name: dev.zeros((C,), acc) for group in names for name in group}
 
 
 def stats(x, layout: ChannelLayout, gamma, beta, running, eps: float, alloc, counters, limits,
@@ -106,24 +129,14 @@ def stats(x, layout: ChannelLayout, gamma, beta, running, eps: float, alloc, cou
     acc = compute_dtype(x.dtype)
     C, n = layout.channels, layout.count
     plan, grid, block = _reduce_geometry(layout, limits, tuning)
-    specs = {**{name: ((C,), acc) for name in ("k", "scale", "shift", "dmean", "m2")},
-             **{f"stage{i}": ((C, plan.splits), acc) for i in range(3)}}  # count, mean, m2 per block
-    work = _workspace(specs, alloc, scratch, _scratch_key("stats", layout, acc, plan))
-    out = {"mean": alloc((C,), acc), "invstd": alloc((C,), acc), **work}
+    # stages: count, mean and M2 per block
+    out = _outputs("stats", STATS_OUTPUTS, C, acc, alloc, scratch, stages=3, splits=plan.splits)
     rm, rv, factor = running if running is not None else (None, None, 0.0)
     args = {"x": x, **_view_args(layout), "unbias": np.float64(n / (n - 1) if n > 1 else 0.0),
             "eps": np.float64(eps), "factor": np.float64(factor), "gamma": gamma, "beta": beta,
             "running_mean": rm, "running_var": rv, **out, "counters": counters}
     stats_dtype = None if rm is None else np.dtype(rm.dtype)
     return Launch("stats", grid, block, args, np.dtype(x.dtype), layout.inner == 1, stats_dtype), out
-
-
-def _workspace(specs: dict, alloc, scratch, key) -> dict:
-    """Buffers for ``specs`` ``{name: (shape, dtype)}``: the device's cached
-    workspace when it has one, else new ones."""
-    if scratch is not None:
-        return scratch(key, specs)
-    return {name: alloc(shape, dtype) for name, (shape, dtype) in specs.items()}
 
 
 def apply(x, y, layout: ChannelLayout, k, scale, shift, relu: bool, vectorized: bool, limits,
@@ -145,9 +158,7 @@ def infer_coeffs(x_dtype, mean, var, gamma, beta, eps: float, alloc, scratch=Non
     ``scale`` and ``shift`` workspace."""
     acc = compute_dtype(x_dtype)
     C = mean.shape[0]
-    specs = {name: ((C,), acc) for name in ("scale", "shift")}
-    out = {"k": alloc((C,), acc), "invstd": alloc((C,), acc),
-           **_workspace(specs, alloc, scratch, ("infer_coeffs", C, np.dtype(acc).str))}
+    out = _outputs("infer_coeffs", COEFF_OUTPUTS, C, acc, alloc, scratch)
     args = {"running_mean": mean, "running_var": var, "channels": np.int64(C), "eps": np.float64(eps),
             "gamma": gamma, "beta": beta, **out}
     grid = (max(1, math.ceil(C / COEFF_THREADS)), 1, 1)
@@ -164,10 +175,8 @@ def bwd_reduce(dy, x, layout: ChannelLayout, gamma, saved_mean, saved_invstd, al
     acc = compute_dtype(x.dtype)
     C = layout.channels
     plan, grid, block = _reduce_geometry(layout, limits, tuning)
-    specs = {**{name: ((C,), acc) for name in ("k", "a", "b", "c")},
-             **{f"stage{i}": ((C, plan.splits), acc) for i in range(2)}}  # sum(dy), sum(dy * (x - k))
-    work = _workspace(specs, alloc, scratch, _scratch_key("bwd_reduce", layout, acc, plan))
-    out = {"dgamma": alloc((C,), acc), "dbeta": alloc((C,), acc), **work}
+    # stages: sum(dy) and sum(dy * (x - k)) per block
+    out = _outputs("bwd_reduce", BWD_OUTPUTS, C, acc, alloc, scratch, stages=2, splits=plan.splits)
     args = {"dy": dy, "x": x, **_view_args(layout), "gamma": gamma, "saved_mean": saved_mean,
             "saved_invstd": saved_invstd, **out, "counters": counters}
     return (Launch("bwd_reduce", grid, block, args, np.dtype(x.dtype), layout.inner == 1,
@@ -179,7 +188,7 @@ def dx(dy, x, out, layout: ChannelLayout, coeffs: dict, vectorized: bool, limits
     """``dx = dy * a + (x - k) * b + c`` over flat contiguous arrays."""
     grid, block = _elementwise_geometry(x.size, limits, tuning)
     args = {"dy": dy, "x": x, "dx": out, "total": np.int64(x.size), "channels": np.int64(layout.channels),
-            "inner": np.int64(layout.inner), **{n: coeffs[n] for n in ("k", "a", "b", "c")},
+            "inner": np.int64(layout.inner), **{n: coeffs[n] for n in BWD_OUTPUTS[1]},
             "vectorized": _flag(vectorized)}
     return Launch("dx", grid, block, args, np.dtype(x.dtype))
 
@@ -194,9 +203,7 @@ def run_stats(dev, x, layout: ChannelLayout, gamma, beta, running, eps: float) -
     flat ``x``: 1 read. Returns :func:`stats`' ``out``; with no values
     (``count == 0``) it is all zeros and nothing is launched."""
     if layout.count == 0 or layout.channels == 0:
-        acc = compute_dtype(x.dtype)
-        return {name: dev.zeros((layout.channels,), acc)
-                for name in ("k", "scale", "shift", "mean", "invstd", "dmean", "m2")}
+        return _zeros(dev, STATS_OUTPUTS, layout.channels, compute_dtype(x.dtype))
     counters = dev.counters(counters_needed(layout, dev.limits, dev.tuning))
     launch_, out = stats(x, layout, gamma, beta, running, eps, dev.alloc, counters, dev.limits, dev.tuning,
                          dev.scratch)
@@ -228,8 +235,7 @@ def run_finalize(dev, x_dtype, mean, var, gamma, beta, eps: float, scratch=None)
     for scale and shift, only where they are used within the same call
     (the staged path returns them to the engine)."""
     if mean.shape[0] == 0:
-        acc = compute_dtype(x_dtype)
-        return {name: dev.zeros((0,), acc) for name in ("k", "scale", "shift", "invstd")}
+        return _zeros(dev, COEFF_OUTPUTS, 0, compute_dtype(x_dtype))
     launch_, out = infer_coeffs(x_dtype, mean, var, gamma, beta, eps, dev.alloc, scratch)
     dev.run(launch_)
     return out
@@ -247,8 +253,7 @@ def run_bwd_reduce(dev, dy, x, layout: ChannelLayout, gamma, saved_mean, saved_i
     """Backward sums and dx coefficients (:func:`bwd_reduce`'s ``out``):
     2 reads. With no values the sums are zeros and nothing is launched."""
     if layout.count == 0 or layout.channels == 0:
-        acc = compute_dtype(x.dtype)
-        return {name: dev.zeros((layout.channels,), acc) for name in ("dgamma", "dbeta", "k", "a", "b", "c")}
+        return _zeros(dev, BWD_OUTPUTS, layout.channels, compute_dtype(x.dtype))
     counters = dev.counters(counters_needed(layout, dev.limits, dev.tuning))
     launch_, out = bwd_reduce(dy, x, layout, gamma, saved_mean, saved_invstd, dev.alloc, counters, dev.limits,
                               dev.tuning, dev.scratch)
