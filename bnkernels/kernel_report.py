@@ -16,7 +16,9 @@ No GPU is needed. For each architecture (``sm_80``, ``sm_90``, ...) this
    local-memory instructions (``LDL`` / ``STL``).
 
 :func:`inspect` does all three and returns one :class:`KernelReport` per
-kernel; ``bnkernels kernels --arch sm_90 [--json]`` prints them.
+kernel; ``bnkernels kernels --arch sm_90 [--json]`` prints them, with those
+of the numba-cuda kernels (:mod:`bnkernels.numba_report`: PTX from Numba,
+assembled by ptxas, the same SASS counts).
 
 What is needed (imported lazily, so importing this module needs nothing):
 
@@ -459,6 +461,9 @@ class KernelReport:
     generic_memory_ops: int
     global_load_widths: dict[int, int]
     global_store_widths: dict[int, int]
+    #: whose kernel: ``"cupy"`` (CUDA C++ through NVRTC) or ``"numba-cuda"``
+    #: (:mod:`bnkernels.numba_report`)
+    backend: str = "cupy"
 
     @property
     def registers(self) -> int:
@@ -491,6 +496,7 @@ class KernelReport:
         """Flat JSON-ready dict (what ``bnkernels kernels --json`` prints)."""
         r = self.resources
         return {
+            "backend": self.backend,
             "name_expression": self.name_expression,
             "lowered_name": self.lowered_name,
             "arch": self.arch,
@@ -514,11 +520,11 @@ class KernelReport:
         }
 
 
-def build_reports(compiled: CompiledModule, sass: str, arch: str) -> list[KernelReport]:
+def build_reports(compiled: CompiledModule, sass: str, arch: str, backend: str = "cupy") -> list[KernelReport]:
     """Join ptxas' report (from ``compiled.log``) and the SASS counts into one
     :class:`KernelReport` per kernel (entry function), in name-expression
     order; kernels that are not name expressions (``extern "C"`` ones) follow,
-    named by their symbol."""
+    named by their symbol. ``backend`` names whose kernels they are."""
     arch = normalize_arch(arch)
     resources = {r.kernel: r for r in parse_report(compiled.log)}
     if not resources:
@@ -543,6 +549,7 @@ def build_reports(compiled: CompiledModule, sass: str, arch: str) -> list[Kernel
             local_loads=c.local_loads, local_stores=c.local_stores,
             generic_memory_ops=c.generic_loads + c.generic_stores,
             global_load_widths=dict(c.global_loads), global_store_widths=dict(c.global_stores),
+            backend=backend,
         ))
     return reports
 

@@ -11,6 +11,10 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
+from typing import NamedTuple
+
+#: pip requirement specifier of the ptxas wheel, as printed in error messages.
+PTXAS_INSTALL = 'pip install "cuda-toolkit[nvcc]"'
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,12 @@ def find_ptxas() -> str | None:
     return max(versions)[1] if versions else None
 
 
+def release(tool: str | None = None) -> tuple[int, int] | None:
+    """(major, minor) CUDA release of ``tool`` (default: :func:`find_ptxas`'s)."""
+    tool = tool or find_ptxas()
+    return _version(tool) if tool else None
+
+
 _FUNC = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
 _USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 _STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -78,19 +88,38 @@ def parse_report(text: str) -> list[Resources]:
     return out
 
 
+class Assembled(NamedTuple):
+    """What :func:`assemble_cubin` returns: the cubin (an ELF image), ptxas'
+    ``-v`` report as printed and as parsed (one entry per entry function)."""
+
+    cubin: bytes
+    log: str
+    resources: list[Resources]
+
+
+def assemble_cubin(ptx: str, arch: str, ptxas: str | None = None) -> Assembled:
+    """Assemble ``ptx`` for the real architecture ``arch`` (e.g. ``"sm_90"``)
+    with ``ptxas -v`` at its default optimization level (-O3; the driver,
+    which JIT-compiles the PTX that Numba loads, also defaults to its
+    highest level, but its ptxas may be of another CUDA release). Raises ``RuntimeError``
+    with ptxas' message on failure, or when no ptxas is found."""
+    tool = ptxas or find_ptxas()
+    if tool is None:
+        raise RuntimeError(f"ptxas not found: {PTXAS_INSTALL}")
+    with tempfile.TemporaryDirectory(prefix="bnkernels-ptxas-") as tmp:
+        src, out = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([tool, f"-arch={arch}", "-v", src, "-o", out], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ptxas failed for {arch}: {proc.stderr.strip()}")
+        with open(out, "rb") as f:
+            cubin = f.read()
+    return Assembled(cubin, proc.stderr, parse_report(proc.stderr))
+
+
 def assemble(ptx: str, arch: str, ptxas: str | None = None) -> list[Resources]:
     """Assemble ``ptx`` for ``arch`` (e.g. ``"sm_90"``) and return the
     resource report of every entry function. Raises ``RuntimeError`` with
     ptxas' message on failure."""
-    tool = ptxas or find_ptxas()
-    if tool is None:
-        raise RuntimeError('ptxas not found: pip install "cuda-toolkit[nvcc]"')
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        proc = subprocess.run([tool, f"-arch={arch}", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
-                              capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ptxas failed for {arch}: {proc.stderr.strip()}")
-    return parse_report(proc.stderr)
+    return assemble_cubin(ptx, arch, ptxas).resources

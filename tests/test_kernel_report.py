@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from bnkernels import kernel_report as kr
+from bnkernels import numba_report as nr
 from bnkernels.ptxas import parse_report
 from bnkernels.cli import main
 
@@ -282,8 +283,11 @@ def test_missing_nvrtc_binding_says_what_to_install(monkeypatch):
 
 @pytest.fixture
 def test_sources(monkeypatch):
+    """The CLI on the test kernels only: the numba-cuda kernels are left out
+    as when numba-cuda is not installed (they are tested below)."""
     monkeypatch.setattr(kr, "bnkernels_sources",
                         lambda: kr.KernelSources(TEST_SOURCE, TEST_NAMES, TEST_OPTIONS))
+    monkeypatch.setattr(nr, "numba_cuda_missing", lambda: "left out by the test")
 
 
 @needs_tools
@@ -309,6 +313,7 @@ def test_cli_kernels_table_for_both_default_archs(test_sources, capsys):
     rows = [line.split() for line in lines if line.startswith("scale_vec<float>")]
     assert [row[1] for row in rows] == list(ARCHS)
     assert all(row[-1] == "yes" and row[-3] == "1/1" for row in rows)
+    assert "numba-cuda kernels: not inspected: left out by the test" in lines
 
 
 def test_cli_kernels_reports_a_missing_tool(test_sources, monkeypatch, capsys):
@@ -427,3 +432,123 @@ def test_cli_kernels_sass_hot_loops_and_geometry_on_the_real_kernels(tmp_path, c
     assert k["bn_infer_coeffs<float, float>"]["hot_loops"] == []  # no loop: one channel per thread
     assert all(1 <= d["blocks_per_sm"] <= 8 for d in data["kernels"])
     assert [g["shape"] for g in data["h100_geometry"]] == list(NAMED_CASES)
+
+
+# --------------------------------------------------------------------------
+# bnkernels' own numba-cuda kernels (PTX from Numba, ptxas, cuobjdump)
+# --------------------------------------------------------------------------
+
+NUMBA_MISSING = nr.missing()  # numba-cuda, ptxas or cuobjdump/nvdisasm absent, or the simulator on
+needs_numba = pytest.mark.skipif(NUMBA_MISSING is not None, reason=NUMBA_MISSING or "")
+
+
+def test_numba_target_names_and_compute_capabilities():
+    assert nr._cc("sm_90") == (9, 0) and nr._cc("80") == (8, 0) and nr._cc("sm_100") == (10, 0)
+    assert nr._cc("sm_90a") == (9, 0)
+    if nr.numba_cuda_missing() is None:
+        targets = nr.targets()
+        names = [t.name_expression for t in targets]
+        assert len(set(names)) == len(names) == 21  # 7 kernels x 3 storage dtypes
+        assert "stats_planes[float16]" in names and "dx[float64]" in names
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def numba_reports(request):
+    """(arch, KernelReports, SASS) of every numba-cuda specialization."""
+    if NUMBA_MISSING:
+        pytest.skip(NUMBA_MISSING)
+    return request.param, *nr.inspect_with_sass(request.param)
+
+
+@needs_numba
+def test_every_numba_kernel_is_reported_without_spills_or_local_memory(numba_reports):
+    arch, reports, sass = numba_reports
+    assert [r.name_expression for r in reports] == [t.name_expression for t in nr.targets()]
+    assert all(r.backend == "numba-cuda" and r.arch == arch for r in reports)
+    assert all(r.registers > 0 for r in reports)
+    bad = {r.name_expression: (r.spill_bytes, r.local_loads, r.local_stores, r.stack_bytes) for r in reports
+           if r.spill_bytes or r.local_memory_ops or r.stack_bytes}
+    assert not bad, f"{arch}: (spill bytes, LDL, STL, stack bytes) per kernel: {bad}"
+    # Each kernel's SASS is in the text, under its own symbol.
+    for r in reports:
+        assert f"Function : {r.lowered_name}" in sass, r.name_expression
+        assert r.scalar_global_loads + r.vector_loads > 0, r.name_expression
+    shared = {r.name_expression: r.shared_bytes for r in reports}
+    # 3 (32 x 32) accumulator arrays + the last-block flag, in the reducing kernels only
+    assert shared["stats_planes[float32]"] == shared["bwd_rows[float16]"] == 3 * 32 * 32 * 4 + 4
+    assert shared["stats_rows[float64]"] == 3 * 32 * 32 * 8 + 4
+    assert shared["apply[float32]"] == shared["dx[float64]"] == shared["infer_coeffs[float16]"] == 0
+
+
+@needs_numba
+def test_numba_kernel_resources_agree_with_cuobjdump_res_usage(numba_reports, tmp_path):
+    """The report's registers are those recorded in the cubin (one kernel
+    of each kind, float32)."""
+    arch, reports, _ = numba_reports
+    for r in reports:
+        if not r.name_expression.endswith("[float32]"):
+            continue
+        target = next(t for t in nr.targets() if t.name_expression == r.name_expression)
+        path = tmp_path / f"{target.kernel}.cubin"
+        path.write_bytes(nr.compile_target(target, arch).cubin)
+        out = subprocess.run([kr.find_cuobjdump()[0], "-res-usage", str(path)], capture_output=True,
+                             text=True, check=True).stdout
+        assert re.search(rf"Function {re.escape(r.lowered_name)}:\s*\n\s*REG:{r.registers} ", out), out
+
+
+@needs_numba
+def test_numba_hot_loops(numba_reports):
+    """The streaming loops are found in the SASS, with the bytes they load."""
+    from bnkernels import sass_loops
+
+    arch, reports, sass = numba_reports
+    fns = sass_loops.functions(sass)
+    loops = {r.name_expression: sass_loops.hot_loops(fns[r.lowered_name]) for r in reports}
+    for name, found in loops.items():
+        if name.startswith("infer_coeffs"):
+            assert found == [], name  # one channel per thread: no loop
+        else:
+            assert found and all(lp.instructions > 0 and lp.load_bytes > 0 for lp in found), name
+
+
+@needs_numba
+def test_cli_kernels_reports_the_numba_kernels(tmp_path, capsys):
+    """``--json --sass DIR``: every numba-cuda kernel has a row (backend,
+    registers, hot loops, blocks per SM) and a SASS file in
+    ``DIR/numba-cuda/<arch>/`` holding its function; the table has a
+    numba-cuda section with a row per kernel."""
+    if MISSING:
+        pytest.skip(MISSING)  # the CuPy kernels are compiled first
+    assert main(["kernels", "--arch", "sm_90", "--json", "--sass", str(tmp_path)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["numba_cuda"]["skipped"] is None and data["numba_cuda"]["ptxas"]
+    numba = [k for k in data["kernels"] if k["backend"] == "numba-cuda"]
+    assert [k["name_expression"] for k in numba] == [t.name_expression for t in nr.targets()]
+    folder = tmp_path / "numba-cuda" / "sm_90"
+    for k in numba:
+        assert k["registers"] > 0 and k["spill_bytes"] == 0 and 1 <= k["blocks_per_sm"] <= 8
+        if not k["name_expression"].startswith("infer_coeffs"):
+            assert k["hot_loops"] and all(lp["instructions_per_byte"] > 0 for lp in k["hot_loops"])
+        sass = (folder / (k["name_expression"].replace("[", "_").rstrip("]") + ".sass")).read_text()
+        assert sass.lstrip().startswith(f"Function : {k['lowered_name']}")
+        assert "EXIT" in sass
+    assert len(list(folder.iterdir())) == len(numba)
+
+    assert main(["kernels", "--arch", "sm_90"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("numba-cuda "))
+    rows = {line.split()[0]: line.split() for line in lines[start + 3:start + 3 + len(numba)]}
+    assert list(rows) == [k["name_expression"] for k in numba]
+    assert all(row[1] == "sm_90" and int(row[2]) > 0 for row in rows.values())
+
+
+def test_cli_kernels_says_when_ptxas_for_the_numba_kernels_is_missing(test_sources, monkeypatch, capsys):
+    if MISSING:
+        pytest.skip(MISSING)
+    if nr._numba_cuda_missing():
+        pytest.skip(nr._numba_cuda_missing())
+    monkeypatch.setattr(nr, "numba_cuda_missing", lambda: None)  # undo the fixture's
+    monkeypatch.setattr(nr, "inspect_with_sass", nr.inspect_with_sass.__wrapped__)  # no cached result
+    monkeypatch.setattr(nr.ptxas, "find_ptxas", lambda: None)
+    assert main(["kernels", "--arch", "sm_90"]) == 1
+    assert "ptxas not found" in capsys.readouterr().err

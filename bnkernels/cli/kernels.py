@@ -1,5 +1,6 @@
-"""``bnkernels kernels``: the NVRTC compile and SASS resource report of the
-CUDA C++ kernels: resources, memory instructions, the hot loops'
+"""``bnkernels kernels``: the compile and SASS resource report of the GPU
+kernels, the CUDA C++ ones (NVRTC, as CuPy compiles them) and the numba-cuda
+ones (Numba's PTX, ptxas): resources, memory instructions, the hot loops'
 instructions per byte (``sass_loops``), blocks per SM, and the launch
 geometry the plans choose for the named bench shapes on an H100."""
 from __future__ import annotations
@@ -15,53 +16,51 @@ from .tables import format_table
 
 def run_kernels(args) -> int:
     """``bnkernels kernels``: compile the CuPy kernels with NVRTC as CuPy
-    would, for each ``--arch``, and print each instantiation's resources and
-    global/local memory instructions (:mod:`bnkernels.kernel_report`).
-    Exit 1 when a tool is missing or the sources do not compile."""
+    would, and the numba-cuda kernels with Numba and ptxas, for each
+    ``--arch``, and print each kernel's resources, global/local memory
+    instructions and hot loops (:mod:`bnkernels.kernel_report`,
+    :mod:`bnkernels.numba_report`, :mod:`bnkernels.sass_loops`). Without
+    numba-cuda installed its kernels are left out with a note. Exit 1 when a
+    tool is missing or a kernel does not compile."""
     from .. import kernel_report as kr
-
-    from .. import sass_loops
+    from .. import numba_report as nr
 
     archs = list(dict.fromkeys(args.arch or kr.DEFAULT_ARCHS))
+    numba_skipped = nr.numba_cuda_missing()
     try:
         archs = [kr.normalize_arch(a) for a in archs]
-        inspected = [(arch, *kr.inspect_with_sass(arch)) for arch in archs]
+        inspected = [("cupy", arch, *kr.inspect_with_sass(arch)) for arch in archs]
         version = "%d.%d" % kr.nvrtc_version()
+        if numba_skipped is None:
+            inspected += [(nr.BACKEND, arch, *nr.inspect_with_sass(arch)) for arch in archs]
     except ValueError as exc:
         print(f"bnkernels kernels: --arch: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (kr.KernelToolError, kr.KernelCompileError) as exc:
         print(f"bnkernels kernels: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    reports, loops = [], {}
-    for arch, arch_reports, sass in inspected:
-        fns = sass_loops.functions(sass)
-        for r in arch_reports:
-            reports.append(r)
-            loops[(arch, r.lowered_name)] = sass_loops.hot_loops(fns.get(r.lowered_name, []))
-        if args.sass:
-            _write_sass(Path(args.sass) / arch, arch_reports, sass_loops.function_texts(sass))
+    reports, loops = _hot_loops(inspected, args.sass)
+    numba_info = {"version": nr.numba_cuda_version(), "ptxas": nr.ptxas_version(), "skipped": numba_skipped}
     if args.json:
         options = kr.bnkernels_sources().options
-        kernels = [{**r.to_dict(), "hot_loops": [lp.to_dict() for lp in loops[(r.arch, r.lowered_name)]],
+        kernels = [{**r.to_dict(), "hot_loops": [lp.to_dict() for lp in loops[(r.backend, r.arch, r.lowered_name)]],
                     "blocks_per_sm": blocks_per_sm(r)} for r in reports]
         print(json.dumps({"nvrtc_version": version, "archs": archs,
                           "nvrtc_options": {a: list(kr.compile_options(options, a)) for a in archs},
-                          "kernels": kernels, "h100_geometry": h100_geometry()}, indent=2))
+                          "numba_cuda": numba_info, "kernels": kernels, "h100_geometry": h100_geometry()},
+                         indent=2))
         return EXIT_OK
     print(f"NVRTC {version}, options as cupy.RawModule passes them; resources from ptxas, "
           "memory instructions from cuobjdump -sass")
-    rows = []
-    for r in reports:
-        w = sass_loops.worst(loops[(r.arch, r.lowered_name)])
-        hot = "-" if w is None else f"{w.instructions}/{w.load_bytes}={w.per_byte:.1f}"
-        rows.append([r.name_expression, r.arch, str(r.registers), str(r.shared_bytes), str(r.stack_bytes),
-                     str(r.spill_bytes), str(r.local_memory_ops), str(blocks_per_sm(r)), hot,
-                     f"{r.vector_loads}/{r.vector_stores}", f"{r.scalar_global_loads}/{r.scalar_global_stores}",
-                     "yes" if r.vectorized else "no"])
-    print(format_table(["kernel", "arch", "regs", "smem B", "stack B", "spill B", "LDL/STL", "blocks/SM",
-                         "hot loop instr/B", "128-bit ld/st", "narrower ld/st", "vectorized"],
-                        rows, [False, False] + [True] * 9 + [False]))
+    _print_table([r for r in reports if r.backend == "cupy"], loops)
+    print()
+    if numba_skipped:
+        print(f"numba-cuda kernels: not inspected: {numba_skipped}")
+    else:
+        print(f"numba-cuda {numba_info['version']}: PTX from numba.cuda.compile_ptx, assembled by ptxas "
+              f"{numba_info['ptxas']} (the driver JIT-compiles the same PTX at run time), "
+              "memory instructions from cuobjdump -sass")
+        _print_table([r for r in reports if r.backend == nr.BACKEND], loops)
     print("hot loop instr/B: the innermost loop with global loads that spends the most instructions per byte "
           "(instructions per iteration / bytes loaded per iteration; budget about 10 on an H100, 7 on an H200). "
           f"blocks/SM: resident blocks of {BLOCK_THREADS} threads by registers, shared memory and threads.")
@@ -73,8 +72,43 @@ def run_kernels(args) -> int:
                          str(g["elementwise_grid"]), str(g["elementwise_block"])] for g in geo],
                        [False, False, True, True, True, True]))
     if args.sass:
-        print(f"\nSASS written to {args.sass}/<arch>/")
+        where = f"{args.sass}/<arch>/" + ("" if numba_skipped else f" and {args.sass}/{nr.BACKEND}/<arch>/")
+        print(f"\nSASS written to {where}")
     return EXIT_OK
+
+
+def _hot_loops(inspected, sass_dir):
+    """All reports, in order, and the hot loops of each by (backend, arch,
+    symbol); writes the SASS files when ``sass_dir`` is given: the CuPy
+    kernels' to ``DIR/<arch>/``, the numba-cuda ones' to ``DIR/numba-cuda/<arch>/``."""
+    from .. import sass_loops
+
+    reports, loops = [], {}
+    for backend, arch, arch_reports, sass in inspected:
+        fns = sass_loops.functions(sass)
+        for r in arch_reports:
+            reports.append(r)
+            loops[(backend, arch, r.lowered_name)] = sass_loops.hot_loops(fns.get(r.lowered_name, []))
+        if sass_dir:
+            folder = Path(sass_dir) / arch if backend == "cupy" else Path(sass_dir) / backend / arch
+            _write_sass(folder, arch_reports, sass_loops.function_texts(sass))
+    return reports, loops
+
+
+def _print_table(reports, loops) -> None:
+    from .. import sass_loops
+
+    rows = []
+    for r in reports:
+        w = sass_loops.worst(loops[(r.backend, r.arch, r.lowered_name)])
+        hot = "-" if w is None else f"{w.instructions}/{w.load_bytes}={w.per_byte:.1f}"
+        rows.append([r.name_expression, r.arch, str(r.registers), str(r.shared_bytes), str(r.stack_bytes),
+                     str(r.spill_bytes), str(r.local_memory_ops), str(blocks_per_sm(r)), hot,
+                     f"{r.vector_loads}/{r.vector_stores}", f"{r.scalar_global_loads}/{r.scalar_global_stores}",
+                     "yes" if r.vectorized else "no"])
+    print(format_table(["kernel", "arch", "regs", "smem B", "stack B", "spill B", "LDL/STL", "blocks/SM",
+                        "hot loop instr/B", "128-bit ld/st", "narrower ld/st", "vectorized"],
+                       rows, [False, False] + [True] * 9 + [False]))
 
 
 #: What the plans launch (``gpu.geometry.Tuning().block_threads``) and the

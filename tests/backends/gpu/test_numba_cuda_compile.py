@@ -2,7 +2,10 @@
 
 Runs in the normal (non-simulator) test process: ``numba.cuda.compile_ptx``
 needs no GPU, and ptxas (from ``cuda-toolkit[nvcc]``) assembles the PTX for
-sm_80 and sm_90 and reports registers and spills.
+sm_80 and sm_90 and reports registers and spills. The PTX comes from
+``bnkernels.numba_report.ptx``, compiled once per process, so that
+``tests/test_kernel_report.py`` (the SASS of the same kernels) in the same
+run does not compile it again.
 """
 import os
 
@@ -10,17 +13,16 @@ import pytest
 
 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
     pytest.skip("compile_ptx is not available under the CUDA simulator", allow_module_level=True)
-cuda = pytest.importorskip("numba.cuda")
+pytest.importorskip("numba.cuda")
 
-from bnkernels import ptxas  # noqa: E402
-from bnkernels.backends.numba_cuda.kernels import compile_targets  # noqa: E402
+from bnkernels import numba_report, ptxas  # noqa: E402
 
-ARCHS = {"sm_80": (8, 0), "sm_90": (9, 0)}
+ARCHS = ("sm_80", "sm_90")
 #: Register budget per thread: with at most 128 registers a 256-thread block
 #: always fits (65536 registers per SM) and 2 blocks are resident per SM.
 MAX_REGISTERS = 128
 
-TARGETS = compile_targets()
+TARGETS = numba_report.targets()
 PTXAS = ptxas.find_ptxas()
 
 
@@ -36,9 +38,11 @@ def report():
 
 @pytest.mark.skipif(PTXAS is None, reason='ptxas not found: pip install "cuda-toolkit[nvcc]"')
 @pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("name,storage,func,args", TARGETS, ids=[f"{t[0]}-{t[1]}" for t in TARGETS])
-def test_kernel_compiles_without_spills(name, storage, func, args, arch, report):
-    ptx, _ = cuda.compile_ptx(func, args, cc=ARCHS[arch])
+@pytest.mark.parametrize("target", TARGETS, ids=[f"{t.kernel}-{t.storage}" for t in TARGETS])
+def test_kernel_compiles_without_spills(target, arch, report):
+    name, storage = target.kernel, target.storage
+    ptx = numba_report.ptx(target, arch)
+    assert f".target {arch}" in ptx  # compiled for that compute capability
     entries = ptxas.assemble(ptx, arch, PTXAS)
     assert len(entries) == 1, f"expected one entry function, got {[e.kernel for e in entries]}"
     res = entries[0]

@@ -1,0 +1,164 @@
+"""Compile the numba-cuda backend's kernels ahead of time and inspect their
+machine code, as :mod:`bnkernels.kernel_report` does for the CuPy kernels.
+
+No GPU is needed. For each architecture (``sm_80``, ``sm_90``, ...) and each
+kernel specialization of :func:`bnkernels.backends.numba_cuda.kernels.compile_targets`
+this
+
+1. compiles the kernel's Python function to PTX with
+   ``numba.cuda.compile_ptx(py_func, argument_types, cc=...)``: the PTX the
+   dispatcher builds at run time on a device of that compute capability for
+   arguments of those types (same NVVM optimization level; the kernels use
+   no ``fastmath``/``lineinfo``, nor does this);
+2. assembles it with ``ptxas -arch=sm_XX -v`` (:func:`bnkernels.ptxas.assemble_cubin`)
+   into a cubin, reading registers, shared memory, stack and spills from
+   ptxas' report. At run time the driver JIT-compiles the same PTX with its
+   own ptxas, which may be of another CUDA release than the one here;
+3. disassembles the cubin with ``cuobjdump -sass``
+   (:func:`bnkernels.kernel_report.disassemble`) and counts memory
+   instructions (:func:`bnkernels.kernel_report.build_reports`), so each
+   kernel gets the same :class:`~bnkernels.kernel_report.KernelReport` as
+   a CuPy one, with ``backend == "numba-cuda"`` and the name expression
+   ``"<kernel>[<storage dtype>]"``, e.g. ``"stats_planes[float16]"``.
+
+PTX is compiled once per (kernel, storage, architecture) in a process
+(about 2-3 s each with numba-cuda 0.30: a minute per architecture).
+
+Needs numba-cuda (not the simulator: ``NUMBA_ENABLE_CUDASIM`` unset), a
+ptxas that accepts numba-cuda's PTX version (``pip install "cuda-toolkit[nvcc]"``)
+and cuobjdump/nvdisasm (``pip install "cuda-toolkit[cuobjdump,nvdisasm]"``).
+:func:`missing` says which of them is absent.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+from . import kernel_report as kr
+from . import ptxas
+
+BACKEND = "numba-cuda"
+
+
+class Target(NamedTuple):
+    """One kernel specialization (see ``compile_targets``)."""
+
+    kernel: str  # e.g. "stats_planes"
+    storage: str  # storage dtype name, e.g. "float16"
+    func: object  # the kernel's Python function
+    argtypes: tuple  # numba types of its arguments
+
+    @property
+    def name_expression(self) -> str:
+        return f"{self.kernel}[{self.storage}]"
+
+
+def _numba_cuda_missing() -> str | None:
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return "NUMBA_ENABLE_CUDASIM=1: the CUDA simulator compiles no PTX"
+    try:
+        from numba import cuda
+
+        cuda.compile_ptx  # noqa: B018  (absent from very old numba)
+        from .backends.numba_cuda import kernels  # noqa: F401
+    except Exception as exc:  # not installed, or broken
+        return f'numba-cuda is not usable here ({exc}): pip install "bnkernels[numba-cuda]"'
+    return None
+
+
+def missing() -> str | None:
+    """Why the numba-cuda kernels cannot be inspected here (numba-cuda,
+    ptxas or cuobjdump/nvdisasm absent, or the simulator on), or None."""
+    reason = _numba_cuda_missing()
+    if reason:
+        return reason
+    if ptxas.find_ptxas() is None:
+        return f"ptxas not found: {ptxas.PTXAS_INSTALL}"
+    try:
+        kr.find_cuobjdump()
+    except kr.KernelToolError as exc:
+        return str(exc)
+    return None
+
+
+@functools.cache
+def targets() -> tuple[Target, ...]:
+    """Every specialization the backend launches, in ``compile_targets`` order."""
+    from .backends.numba_cuda.kernels import compile_targets
+
+    return tuple(Target(*t) for t in compile_targets())
+
+
+def _cc(arch: str) -> tuple[int, int]:
+    digits = kr.normalize_arch(arch)[3:].rstrip("abcdefghijklmnopqrstuvwxyz")
+    return int(digits[:-1]), int(digits[-1])
+
+
+@functools.cache
+def ptx(target: Target, arch: str) -> str:
+    """The PTX of ``target`` for ``arch``, compiled once per process."""
+    from numba import cuda
+
+    text, _ = cuda.compile_ptx(target.func, target.argtypes, cc=_cc(arch))
+    return text
+
+
+def compile_target(target: Target, arch: str) -> kr.CompiledModule:
+    """``target`` as a cubin for ``arch``, as :class:`kernel_report.CompiledModule`
+    (``lowered_names`` maps its name expression to its one entry symbol;
+    ``log`` is ptxas' report). Raises :class:`kernel_report.KernelCompileError`."""
+    arch = kr.normalize_arch(arch)
+    tool = ptxas.find_ptxas()
+    if tool is None:
+        raise kr.KernelToolError(f"ptxas not found: {ptxas.PTXAS_INSTALL}")
+    try:
+        built = ptxas.assemble_cubin(ptx(target, arch), arch, tool)
+    except RuntimeError as exc:
+        raise kr.KernelCompileError(f"{target.name_expression}: {exc}", str(exc)) from exc
+    if len(built.resources) != 1:
+        raise kr.KernelCompileError(f"{target.name_expression}: expected one entry function, ptxas reported "
+                                    f"{[r.kernel for r in built.resources]}", built.log)
+    return kr.CompiledModule(built.cubin, {target.name_expression: built.resources[0].kernel}, built.log)
+
+
+@functools.cache
+def inspect_with_sass(arch: str = "sm_90") -> tuple[list[kr.KernelReport], str]:
+    """One :class:`KernelReport` per numba-cuda kernel specialization for
+    ``arch`` (``backend == "numba-cuda"``) and the SASS of all of them (one
+    ``Function :`` section each), computed once per process. Raises
+    :class:`kernel_report.KernelToolError` when a tool is missing and
+    :class:`kernel_report.KernelCompileError` when a kernel does not build."""
+    arch = kr.normalize_arch(arch)
+    reason = missing()
+    if reason:
+        raise kr.KernelToolError(reason)
+    reports, texts = [], []
+    for target in targets():
+        compiled = compile_target(target, arch)
+        sass = kr.disassemble(compiled.cubin)
+        reports += kr.build_reports(compiled, sass, arch, backend=BACKEND)
+        texts.append(sass)
+    return reports, "\n".join(texts)
+
+
+def numba_cuda_version() -> str:
+    """The installed numba-cuda's version ("" when unknown)."""
+    try:
+        from importlib.metadata import version
+
+        return version("numba-cuda")
+    except Exception:
+        return ""
+
+
+def numba_cuda_missing() -> str | None:
+    """Why numba-cuda itself cannot compile PTX here (not installed, or the
+    simulator on), or None; unlike :func:`missing`, tools are not checked."""
+    return _numba_cuda_missing()
+
+
+def ptxas_version() -> str:
+    """``"13.0"``-style release of the ptxas that assembles ("" when none)."""
+    version = ptxas.release()
+    return "%d.%d" % version if version else ""
