@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import engine
+from . import call_cache, engine
 from . import validation as v
 from .backends import resolve, runs_on_gpu
 from .backends.interface import Moments
@@ -93,6 +93,13 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
         TypeError, ValueError: bad arguments (message names the argument).
         BackendUnavailableError: a named backend cannot run here.
     """
+    arrays = (x, gamma, beta, running_mean, running_var)
+    key = call_cache.forward_key(arrays, training, momentum, eps, axis, activation, backend, num_batches_tracked,
+                                 return_saved, out)
+    prepared = call_cache.lookup(key)
+    if prepared is not None and prepared is not call_cache.UNCACHED:
+        y, saved = prepared.run(arrays, num_batches_tracked)
+        return (y, saved) if return_saved else y
     c = _check_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, activation,
                        backend, num_batches_tracked, out)
     return_saved = v.check_flag(return_saved, "return_saved")
@@ -111,9 +118,18 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
                                                relu, out_view)
     if out is not None:
         y = out  # the caller's object (its memory holds the result)
+    if prepared is None:  # a description met for the first time, checked and run: keep its prepared call
+        call_cache.store(key, impl, lambda: _prepared().forward_from_checked(c, arrays))
     if return_saved:
         return y, SavedStats(mean, invstd)
     return y
+
+
+def _prepared():
+    """``bnkernels.prepared`` (which imports this module)."""
+    from . import prepared
+
+    return prepared
 
 
 @dataclass(frozen=True)
@@ -203,10 +219,17 @@ def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, backend=
         and ``dbeta = sum(dy)`` per channel, shape (C,), float32 (float64 for
         float64 input). They are returned even when ``gamma`` is None.
     """
+    arrays = (dy, x, saved_mean, saved_invstd, gamma)
+    key = call_cache.backward_key(arrays, axis, backend, out)
+    prepared = call_cache.lookup(key)
+    if prepared is not None and prepared is not call_cache.UNCACHED:
+        return prepared.run(arrays)
     c = _check_backward(dy, x, saved_mean, saved_invstd, gamma, axis, backend, out)
     out, out_view = c.out, c.out_view
     dx, dgamma, dbeta = engine.backward(c.impl, c.dy, c.x, c.layout, c.saved_mean, c.saved_invstd, c.gamma,
                                         out_view)
+    if prepared is None:
+        call_cache.store(key, c.impl, lambda: _prepared().PreparedBackward(c, arrays))
     return (dx if out is None else out), dgamma, dbeta
 
 

@@ -76,15 +76,40 @@ def forward_infer(impl, x, layout: ChannelLayout, running_mean, running_var, gam
     return impl.normalize(x, layout, norm, relu, out), norm.mean, norm.invstd
 
 
+def _converted(impl, arrays):
+    return [None if a is None else impl.asarray(a) for a in arrays]
+
+
 def prepare_forward_train(impl, x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running):
     """``call(x, gamma, beta, running) -> (y, mean, invstd)`` for arrays like
-    these: the backend's own prepared form when it has one (the GPU
-    backends: launches bound once), else its fused training forward."""
+    these (a call passes them as the caller gave them, described alike:
+    ``bnkernels.prepared``): the backend's own prepared form when it has
+    one (the GPU backends: launches recorded once), else its fused training
+    forward on the converted arrays."""
     require_affine_per_group(layout, gamma, beta)
     prepare = getattr(impl, "prepare_forward_train", None)
     if prepare is not None:
         return prepare(x, layout, gamma, beta, eps, relu, running)
-    return lambda x, gamma, beta, running: impl.forward_train(x, layout, gamma, beta, eps, relu, running)
+
+    def call(x, gamma, beta, running):
+        x, gamma, beta = _converted(impl, (x, gamma, beta))
+        if running is not None:
+            running = (*_converted(impl, running[:2]), running[2])
+        return impl.forward_train(x, layout, gamma, beta, eps, relu, running)
+
+    return call
+
+
+def prepare_forward_infer(impl, x, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float,
+                          relu: bool):
+    """``call(x, running_mean, running_var, gamma, beta) -> (y, mean,
+    invstd)``, as :func:`prepare_forward_train`."""
+    require_affine_per_group(layout, gamma, beta)
+    prepare = getattr(impl, "prepare_forward_infer", None)
+    if prepare is not None:
+        return prepare(x, layout, running_mean, running_var, gamma, beta, eps, relu)
+    return lambda *arrays: forward_infer(impl, _converted(impl, arrays[:1])[0], layout,
+                                         *_converted(impl, arrays[1:]), eps, relu)
 
 
 def prepare_backward(impl, dy, x, layout: ChannelLayout, mean, invstd, gamma):
@@ -94,7 +119,7 @@ def prepare_backward(impl, dy, x, layout: ChannelLayout, mean, invstd, gamma):
     prepare = getattr(impl, "prepare_backward", None)
     if prepare is not None:
         return prepare(dy, x, layout, mean, invstd, gamma)
-    return lambda dy, x, mean, invstd, gamma: impl.backward(dy, x, layout, mean, invstd, gamma)
+    return lambda *arrays: impl.backward(*_converted(impl, arrays[:2]), layout, *_converted(impl, arrays[2:]))
 
 
 def backward(impl, dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None, exchange=None):
@@ -107,4 +132,4 @@ def backward(impl, dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None, 
 
 
 __all__ = ["GradSums", "Moments", "backward", "forward_infer", "forward_train", "merge", "merge_pair",
-           "prepare_backward", "prepare_forward_train"]
+           "prepare_backward", "prepare_forward_infer", "prepare_forward_train"]

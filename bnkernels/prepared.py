@@ -4,125 +4,186 @@ loops).
 
 ``prepare_forward(x, gamma, beta, running_mean, running_var, ...)`` checks
 everything ``bn_forward`` checks, once, and returns a
-:class:`PreparedForward`; calling it with arrays of the same kind, shape and
-dtype runs a training forward without resolving the backend, re-deriving
-the layout or re-checking the options. On a GPU backend the launches are
-bound once (``backends/gpu/plans.Program``): a call wraps its arrays,
-allocates y, mean and invstd, and launches. ``prepare_backward`` does the
-same for ``bn_backward``.
+:class:`PreparedForward`; calling it with arrays described alike (kind,
+shape, strides, dtype: :func:`describe`) runs the forward without
+resolving the backend, re-deriving the layout or re-checking the options.
+On a GPU backend the launches are recorded once per device, stream and
+host thread (``backends/gpu/prepared.py``): a call binds its arrays,
+allocates its outputs and launches. ``prepare_backward`` does the same for
+``bn_backward``. ``bn_forward`` and ``bn_backward`` themselves keep such
+calls for the argument descriptions they meet on a GPU backend
+(``call_cache.py``).
 
-What a call still checks: that each array has the kind, shape and dtype it
-was prepared for (a clear ``ValueError`` naming the argument otherwise),
-and, whenever an array is not the one of the previous call, that nothing
-written (the running statistics) overlaps anything read. A prepared call
-runs on the GPU device and stream current when it was prepared.
+What a call still checks: that each array is described as the one it was
+prepared for (a clear ``ValueError`` naming the argument otherwise), the
+running factor of a cumulative average, and that nothing written (the
+running statistics) overlaps anything read, from the arrays' addresses
+(an overlap found there gets ``bn_forward``'s own check and message). A
+call runs on the GPU device of its x and the stream current at the call.
 """
 from __future__ import annotations
 
 from . import engine
+from .call_cache import describe
 from . import validation as v
 from .batch_norm import SavedStats, _check_backward, _check_forward, check_forward_aliasing
 
 
-def _signature(a):
-    """What a prepared call compares: kind, shape, dtype (None for None)."""
-    return None if a is None else (type(a), tuple(a.shape), getattr(a, "dtype", None))
-
-
-def _describe(sig) -> str:
-    if sig is None:
+def _show(desc) -> str:
+    if desc is None:
         return "None"
-    kind, shape, dtype = sig
-    return f"{kind.__module__.split('.')[0]}.{kind.__name__} of shape {shape} and dtype {dtype}"
+    kind, shape, strides, dtype = desc[:4]
+    where = "" if len(desc) == 4 else " on the GPU" if desc[4] else " on the CPU"
+    return (f"{kind.__module__.split('.')[0]}.{kind.__name__} of shape {tuple(shape)}, strides {strides} and "
+            f"dtype {dtype}{where}")
+
+
+def _descriptions(names, arrays) -> tuple:
+    out = []
+    for name, a in zip(names, arrays):
+        if a is not None and not hasattr(a, "shape"):
+            raise TypeError(f"a prepared call takes arrays: {name} is a {type(a).__name__}")
+        out.append(describe(a))
+    return tuple(out)
 
 
 class _Prepared:
-    """What both prepared calls share: the argument signatures and the
-    identity of the arrays whose aliasing was last checked."""
+    """What both prepared calls share: the argument descriptions, and the
+    byte ranges of the arrays relative to their addresses."""
 
-    def __init__(self, names, given):
+    def __init__(self, names, arrays, written=()):
         self._names = names
-        self._signatures = {n: _signature(given[n]) for n in names}
-        self._checked = tuple(id(given[n]) for n in names)
+        self._descriptions = _descriptions(names, arrays)
+        # (index, lo, hi) of every array; the written ones' indices
+        self._extents = [(i, *v.extent_offsets(a)) for i, a in enumerate(arrays)
+                         if a is not None and _addressable(a)]
+        self._written = tuple(i for i, n in enumerate(names) if n in written and arrays[i] is not None)
 
-    def _check(self, given: dict, check_aliasing) -> None:
-        for name in self._names:
-            sig = _signature(given[name])
-            if sig != self._signatures[name]:
-                raise ValueError(f"{name} is a {_describe(sig)}, but this call was prepared for a "
-                                 f"{_describe(self._signatures[name])}: prepare another call for it")
-        ids = tuple(id(given[n]) for n in self._names)
-        if ids != self._checked:
-            check_aliasing()
-            self._checked = ids
+    def _check(self, arrays) -> None:
+        for name, a, desc in zip(self._names, arrays, self._descriptions):
+            got = describe(a)
+            if got != desc:
+                raise ValueError(f"{name} is a {_show(got)}, but this call was prepared for a {_show(desc)}: "
+                                 "prepare another call for it")
+
+    def _may_overlap(self, arrays) -> bool:
+        """Whether a written array's bytes may overlap another array's
+        (by address ranges: conservative for interleaved views)."""
+        if not self._written:
+            return False
+        ranges = []
+        for i, lo, hi in self._extents:
+            if hi > lo:
+                p = v.data_pointer(arrays[i])
+                ranges.append((i, p + lo, p + hi))
+        for w, lo_w, hi_w in ranges:
+            if w in self._written:
+                for i, lo, hi in ranges:
+                    if i != w and lo < hi_w and lo_w < hi:
+                        return True
+        return False
+
+
+def _addressable(a) -> bool:
+    """Whether :func:`validation.data_pointer` reads ``a`` (an array, not
+    a list made into one)."""
+    return type(a).__module__.split(".")[0] == "torch" or hasattr(a, "__array_interface__") or hasattr(
+        a, "__cuda_array_interface__")
 
 
 class PreparedForward(_Prepared):
-    """A training forward prepared by :func:`prepare_forward`.
+    """A forward prepared by :func:`prepare_forward`.
 
     ``call(x, gamma=None, beta=None, running_mean=None, running_var=None,
     num_batches_tracked=None)`` returns ``(y, SavedStats)`` as
-    ``bn_forward(..., training=True, return_saved=True)`` would; the
-    running statistics are updated in place.
+    ``bn_forward(..., return_saved=True)`` would (training: the running
+    statistics are updated in place).
     """
 
     _NAMES = ("x", "gamma", "beta", "running_mean", "running_var")
 
-    def __init__(self, checked, given):
-        super().__init__(self._NAMES, given)
+    def __init__(self, checked, given: tuple):
         c = checked
-        self._impl, self._momentum = c.impl, c.momentum
-        running = None if c.running_mean is None else (c.running_mean, c.running_var, c.factor)
-        self._call = engine.prepare_forward_train(c.impl, c.x, c.layout, c.gamma, c.beta, c.eps, c.relu, running)
+        self.training = c.training
+        super().__init__(self._NAMES, given, written=("running_mean", "running_var") if c.training else ())
+        self._impl, self._momentum, self._uses_running = c.impl, c.momentum, c.running_mean is not None
+        # the arrays as given, as later calls will pass them (not as validation converted them)
+        x, gamma, beta, running_mean, running_var = given
+        if c.training:
+            running = None if running_mean is None else (running_mean, running_var, c.factor)
+            self._call = engine.prepare_forward_train(c.impl, x, c.layout, gamma, beta, c.eps, c.relu, running)
+        else:
+            self._call = engine.prepare_forward_infer(c.impl, x, c.layout, running_mean, running_var, gamma, beta,
+                                                      c.eps, c.relu)
 
     def __call__(self, x, gamma=None, beta=None, running_mean=None, running_var=None, num_batches_tracked=None):
-        given = {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean, "running_var": running_var}
-        self._check(given, lambda: self._check_aliasing(given))
-        a = self._impl.asarray
-        running = None
-        if running_mean is not None:
-            factor = v.running_factor(self._momentum, num_batches_tracked, used=True)
-            running = (a(running_mean), a(running_var), factor)
-        y, mean, invstd = self._call(a(x), None if gamma is None else a(gamma), None if beta is None else a(beta),
-                                     running)
+        arrays = (x, gamma, beta, running_mean, running_var)
+        self._check(arrays)
+        return self.run(arrays, num_batches_tracked)
+
+    def run(self, arrays: tuple, num_batches_tracked=None):
+        """The call on arrays known to be described as prepared."""
+        x, gamma, beta, running_mean, running_var = arrays
+        if not self.training:
+            v.running_factor(self._momentum, num_batches_tracked, used=False)  # checked all the same
+            y, mean, invstd = self._call(x, running_mean, running_var, gamma, beta)
+            return y, SavedStats(mean, invstd)
+        factor = v.running_factor(self._momentum, num_batches_tracked, used=self._uses_running)
+        if self._may_overlap(arrays):
+            self._check_aliasing(arrays)
+        running = None if running_mean is None else (running_mean, running_var, factor)
+        y, mean, invstd = self._call(x, gamma, beta, running)
         return y, SavedStats(mean, invstd)
 
-    def _check_aliasing(self, given):
-        arrays = {n: None if a is None else self._impl.asarray(a) for n, a in given.items()}
-        check_forward_aliasing(arrays, given, training=True)
+    def _check_aliasing(self, arrays):
+        given = dict(zip(self._NAMES, arrays))
+        converted = {n: None if a is None else self._impl.asarray(a) for n, a in given.items()}
+        check_forward_aliasing(converted, given, training=True)
 
 
 class PreparedBackward(_Prepared):
     """A backward prepared by :func:`prepare_backward`.
 
     ``call(dy, x, saved_mean, saved_invstd, gamma=None)`` returns ``(dx,
-    dgamma, dbeta)`` as ``bn_backward`` would.
+    dgamma, dbeta)`` as ``bn_backward`` would (nothing given is written).
     """
 
     _NAMES = ("dy", "x", "saved_mean", "saved_invstd", "gamma")
 
-    def __init__(self, checked, given):
+    def __init__(self, checked, given: tuple):
         super().__init__(self._NAMES, given)
         c = checked
-        self._impl = c.impl
-        self._call = engine.prepare_backward(c.impl, c.dy, c.x, c.layout, c.saved_mean, c.saved_invstd, c.gamma)
+        self._call = engine.prepare_backward(c.impl, *given[:2], c.layout, *given[2:])
 
     def __call__(self, dy, x, saved_mean, saved_invstd, gamma=None):
-        given = {"dy": dy, "x": x, "saved_mean": saved_mean, "saved_invstd": saved_invstd, "gamma": gamma}
-        self._check(given, lambda: None)  # nothing given is written: dx is new
-        a = self._impl.asarray
-        return self._call(a(dy), a(x), a(saved_mean), a(saved_invstd), None if gamma is None else a(gamma))
+        arrays = (dy, x, saved_mean, saved_invstd, gamma)
+        self._check(arrays)
+        return self.run(arrays)
+
+    def run(self, arrays: tuple):
+        """The call on arrays known to be described as prepared."""
+        return self._call(*arrays)
 
 
-def prepare_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *, momentum=0.1, eps=1e-5,
-                    axis=1, activation=None, backend="auto") -> PreparedForward:
-    """A training forward prepared for arrays like these (see the module
-    docstring); arguments as ``bn_forward``'s, all checked now (nothing is
-    computed or updated)."""
-    checked = _check_forward(x, gamma, beta, running_mean, running_var, True, momentum, eps, axis, activation,
+def prepare_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *, training=True,
+                    momentum=0.1, eps=1e-5, axis=1, activation=None, backend="auto") -> PreparedForward:
+    """A forward prepared for arrays like these (see the module docstring);
+    arguments as ``bn_forward``'s, all checked now (nothing is computed or
+    updated). ``training=False`` prepares inference (running statistics
+    required)."""
+    checked = _check_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, activation,
                              backend, None if momentum is not None else 0, None)
-    v.check_training_count(checked.layout)
-    given = {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean, "running_var": running_var}
+    return forward_from_checked(checked, (x, gamma, beta, running_mean, running_var))
+
+
+def forward_from_checked(checked, given: tuple) -> PreparedForward:
+    """A :class:`PreparedForward` from ``batch_norm._check_forward``'s
+    result and the arrays as given (the call cache's entry point)."""
+    if checked.training:
+        v.check_training_count(checked.layout)
+    elif checked.running_mean is None:
+        raise ValueError("inference (training=False) normalizes with the running statistics: "
+                         "pass running_mean and running_var")
     return PreparedForward(checked, given)
 
 
@@ -130,5 +191,4 @@ def prepare_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, bac
     """A backward prepared for arrays like these; arguments as
     ``bn_backward``'s, all checked now."""
     checked = _check_backward(dy, x, saved_mean, saved_invstd, gamma, axis, backend, None)
-    given = {"dy": dy, "x": x, "saved_mean": saved_mean, "saved_invstd": saved_invstd, "gamma": gamma}
-    return PreparedBackward(checked, given)
+    return PreparedBackward(checked, (dy, x, saved_mean, saved_invstd, gamma))

@@ -299,14 +299,54 @@ def _self_overlapping(iface) -> bool:
     return False
 
 
+def _is_torch(a) -> bool:
+    return type(a).__module__.split(".")[0] == "torch"
+
+
+def _pointer_reader(kind):
+    module = kind.__module__.split(".")[0]
+    if module == "cupy":
+        return lambda a: a.data.ptr
+    if module == "torch":
+        return lambda a: a.data_ptr()
+    return lambda a: _interface(a)["data"][0]
+
+
+_POINTER_READERS: dict = {}
+
+
+def data_pointer(a) -> int:
+    """The address of an array's first element: a NumPy, CuPy or torch
+    array, or anything with ``__cuda_array_interface__`` (how to read it is
+    decided once per type: prepared calls read it on every call)."""
+    read = _POINTER_READERS.get(type(a))
+    if read is None:
+        read = _POINTER_READERS[type(a)] = _pointer_reader(type(a))
+    return read(a)
+
+
+def extent_offsets(a) -> tuple[int, int]:
+    """``(lo, hi)``: the bytes an array can touch, relative to
+    :func:`data_pointer` (fixed by its shape, strides and dtype)."""
+    if _is_torch(a):  # its array interfaces are refused for tensors that require grad
+        itemsize = a.element_size()
+        iface = {"data": (0, False), "shape": tuple(a.shape), "typestr": f"<f{itemsize}",
+                 "strides": tuple(st * itemsize for st in a.stride())}
+    else:
+        iface = dict(_interface(a), data=(0, False))
+    return _byte_extent(iface)
+
+
 def memory_of(converted, given):
     """What :func:`check_aliasing` looks at for an argument: the NumPy array
-    a CPU backend works on, else the caller's GPU array (a GPU backend's
-    own wrapper has no array interface), else None (a fresh copy such as a
-    list made into an array, which cannot alias anything)."""
+    a CPU backend works on, else the caller's own array, GPU or NumPy (a
+    GPU backend's wrapper has no array interface; host arrays there are
+    copied to the device, but the running statistics are written back into
+    them), else None (a fresh copy such as a list made into an array, which
+    cannot alias anything)."""
     if isinstance(converted, np.ndarray):
         return converted
-    return given if hasattr(given, "__cuda_array_interface__") else None
+    return given if isinstance(given, np.ndarray) or hasattr(given, "__cuda_array_interface__") else None
 
 
 def check_aliasing(written: dict, read: dict, in_place=()) -> None:

@@ -223,11 +223,14 @@ class Backend(Protocol):
 #: ``forward_infer(x, layout, running_mean, running_var, gamma, beta, eps,
 #: relu, out=None) -> (y, mean, invstd)``, finalize_running and normalize in
 #: one (the GPU backends: one device context, their workspace reused).
-#: ``prepare_forward_train(x, layout, gamma, beta, eps, relu, running)`` and
-#: ``prepare_backward(dy, x, layout, mean, invstd, gamma)``: the fused forms
-#: planned once for arrays like these, returning a call that skips re-deriving
-#: anything (the GPU backends: launches bound once, see ``gpu/plans.Program``).
-OPTIONAL_MEMBERS = ("forward_infer", "prepare_forward_train", "prepare_backward")
+#: ``prepare_forward_train(x, layout, gamma, beta, eps, relu, running)``,
+#: ``prepare_forward_infer(x, layout, running_mean, running_var, gamma, beta,
+#: eps, relu)`` and ``prepare_backward(dy, x, layout, mean, invstd, gamma)``:
+#: the fused forms planned once for arrays like these (kind, shape, strides,
+#: dtype: the caller guarantees every later call passes arrays so described),
+#: returning a call that skips re-deriving anything (the GPU backends:
+#: launches recorded once per device, stream and thread, ``gpu/prepared.py``).
+OPTIONAL_MEMBERS = ("forward_infer", "prepare_forward_train", "prepare_forward_infer", "prepare_backward")
 
 
 def member_names() -> list[str]:

@@ -28,22 +28,24 @@ class DeviceArray:
     the backends read (shape, dtype, ``data.ptr``,
     ``__cuda_array_interface__``, Numba's ``copy_to_host`` /
     ``copy_to_device`` / ``is_c_contiguous``). Not an ``ndarray``, so the
-    backends see it as a GPU array."""
+    backends see it as a GPU array.
+
+    Cheap to make (what the table measures is bnkernels' cost, not the
+    stand-in's): the attributes are plain slots read from the NumPy array
+    once, and the pointer is given by the maker when it knows it."""
 
     __module__ = "cupy"  # what the backends' kind detection reads
+    __slots__ = ("_a", "_ptr", "shape", "dtype", "size", "ndim", "strides")
 
-    def __init__(self, a):
+    def __init__(self, a, ptr=None):
         self._a = a
-        self._ptr = a.__array_interface__["data"][0]  # once: NumPy's ctypes.data costs microseconds
+        # NumPy's own pointer query costs microseconds: once, and only when not known
+        self._ptr = a.__array_interface__["data"][0] if ptr is None else ptr
+        self.shape, self.dtype, self.size, self.ndim, self.strides = a.shape, a.dtype, a.size, a.ndim, a.strides
 
-    shape = property(lambda self: self._a.shape)
-    dtype = property(lambda self: self._a.dtype)
-    size = property(lambda self: self._a.size)
-    ndim = property(lambda self: self._a.ndim)
-    strides = property(lambda self: self._a.strides)
     flags = property(lambda self: self._a.flags)
     data = property(lambda self: types.SimpleNamespace(ptr=self._ptr))
-    device = property(lambda self: types.SimpleNamespace(id=0))
+    device = property(lambda self: _DEVICE)
 
     @property
     def __cuda_array_interface__(self):
@@ -52,7 +54,8 @@ class DeviceArray:
                 "strides": None if a.flags.c_contiguous else a.strides, "version": 3}
 
     def reshape(self, *shape):
-        return type(self)(self._a.reshape(*shape))
+        a = self._a.reshape(*shape)
+        return type(self)(a, self._ptr if a.size else None)
 
     def astype(self, dtype):
         return _device(type(self), self._a, dtype)
@@ -77,6 +80,9 @@ class DeviceArray:
         return self._a.flags.c_contiguous
 
 
+_DEVICE = types.SimpleNamespace(id=0)
+
+
 class NumbaDeviceArray(DeviceArray):
     __module__ = "numba.cuda.cudadrv.devicearray"
 
@@ -89,6 +95,7 @@ def _host(a):
 #: allocator hands out blocks (no system call per buffer; the no-op kernels
 #: never write it, and a call needs far less than the ring).
 _ARENA = np.empty(256 << 20, np.uint8)
+_ARENA_PTR = _ARENA.__array_interface__["data"][0]
 _next = [0]
 
 
@@ -102,7 +109,7 @@ def _new(cls, shape, dtype, fill=None):
     a = _ARENA[start:start + nbytes].view(dtype).reshape(shape)
     if fill is not None:
         a[...] = fill
-    return cls(a)
+    return cls(a, _ARENA_PTR + start)
 
 
 def _device(cls, a, dtype=None):
@@ -161,7 +168,7 @@ def _fake_cupy():
 
     stream = types.SimpleNamespace(ptr=0)
     cp.cuda = types.SimpleNamespace(Device=Device, get_current_stream=lambda: stream,
-                                    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
+                                    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDevice=lambda: 0))
     cp.RawModule = RawModule
     return cp
 

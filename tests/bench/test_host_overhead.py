@@ -23,7 +23,7 @@ def report(tmp_path_factory):
 def test_every_gpu_backend_and_op_is_measured(report):
     out, doc = report
     rows = {(r["backend"], r["op"]): r for r in doc["rows"]}
-    ops = ("train", "infer", "backward", "train (prepared)", "backward (prepared)")
+    ops = ("train", "infer", "backward", "train (prepared)", "infer (prepared)", "backward (prepared)")
     assert set(rows) == {(b, op) for b in ("cupy", "numba-cuda") for op in ops}
     for r in rows.values():
         assert r["us_per_call"] > 0

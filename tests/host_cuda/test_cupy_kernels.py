@@ -9,6 +9,7 @@ writes fails), and launches are shrunk (1 SM, 2 resident blocks, 32- and
 group: the staging buffer and the last-block merge really run. A few cases
 run again under ThreadSanitizer, which must find no data race.
 """
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -227,16 +228,36 @@ def test_reductions_are_race_free(shape, axis, rng):
 class HostArrays:
     """The arrays adapter of ``gpu.members`` with NumPy arrays as the
     device's: the members the cupy backend runs, unchanged, launching
-    cupy's kernels on the host harness."""
+    cupy's kernels on the host harness. ``stream`` stands for the stream
+    current at a call: each one gets a device of its own (its counters),
+    as the real backends keep them per stream."""
+
+    shaped_outputs = True  # as cupy's: kernels take pointers
 
     def __init__(self, gpu):
         self.gpu = gpu
+        self.stream = 0
+        self.devices = {0: gpu}
 
     def operand(self, x):
         return x if isinstance(x, Operand) else Operand("host-device", x, device=np.asarray(x))
 
     def device(self, x_op):
-        return self.gpu
+        if self.stream not in self.devices:
+            self.devices[self.stream] = HostGPU(self.gpu.so, self.gpu.tuning)
+        return self.devices[self.stream]
+
+    def context(self, x):
+        return (self.stream,)
+
+    def needs_entering(self, dev):
+        return False
+
+    def direct(self, a, dtype):
+        return isinstance(a, np.ndarray) and a.dtype == dtype and a.flags.c_contiguous
+
+    def kernel_array(self, a):
+        return a
 
     def flat(self, op, dev, dtype=None):
         return np.ascontiguousarray(op.array, dtype=dtype).reshape(-1)
@@ -312,12 +333,13 @@ def test_backward_reads_the_saved_statistics_as_they_are(saved_dtype, gpu, rng):
 
 
 @pytest.mark.parametrize("shape,axis", [((6, 3, 5), 1), ((9, 17), 1)])
-def test_prepared_calls_launch_the_bound_kernels(shape, axis, gpu, rng):
-    """``prepare_forward_train`` / ``prepare_backward`` of ``gpu.members``:
-    launches bound once (``plans.Program``), then per call only the
-    outputs are allocated and the two kernels launched, with right results
-    on new data each call; arrays unlike the prepared ones take the
-    unprepared path, with the same results."""
+def test_prepared_calls_launch_the_recorded_kernels(shape, axis, gpu, rng):
+    """``prepare_forward_train`` / ``prepare_forward_infer`` /
+    ``prepare_backward`` of ``gpu.members``: launches recorded once
+    (``gpu/prepared.py``), then per call only the outputs are allocated (y
+    in x's shape) and the two kernels launched, on the caller's arrays
+    themselves, with right results on new data each call; a new running
+    factor (cumulative average) records nothing new."""
     C = shape[axis]
     gamma, beta = make_params(C, rng)
     rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
@@ -326,17 +348,26 @@ def test_prepared_calls_launch_the_bound_kernels(shape, axis, gpu, rng):
     x = make_input(shape, np.float32, rng)
     forward = impl.prepare_forward_train(x, lay, gamma, beta, 1e-5, False, (rm, rv, 0.1))
     assert not gpu.launches  # preparing launches nothing
-    for _ in range(2):
+    for factor in (0.1, 0.5, 1 / 3):
         x = make_input(shape, np.float32, rng)
-        ref = reference_forward(x, gamma, beta, rm, rv, axis=axis)
+        ref = reference_forward(x, gamma, beta, rm, rv, momentum=factor, axis=axis)
         gpu.launches.clear()
-        y, mean, invstd = forward(x, gamma, beta, (rm, rv, 0.1))
+        y, mean, invstd = forward(x, gamma, beta, (rm, rv, factor))
         assert [b.kernel.split("<")[0] for b in gpu.launches] == ["bn_stats", "bn_apply"]
+        assert gpu.launches[0].args[0] is x and gpu.launches[1].args[1] is y  # no copies, y allocated as x
+        assert y.shape == shape
         assert_close(y, ref[0], np.float32, "y")
         assert_close(rm, ref[3], np.float32, "running_mean", scale=np.abs(ref[3]).max() + 1)
         assert_close(rv, ref[4], np.float32, "running_var", scale=np.abs(ref[4]).max() + 1)
-    y2, _, _ = forward(x, gamma.astype(np.float64), beta, None)  # unlike the plan: the plain path
-    assert_close(y2, reference_forward(x, gamma, beta, axis=axis)[0], np.float32, "y")
+
+    infer = impl.prepare_forward_infer(x, lay, rm, rv, gamma, beta, 1e-5, True)
+    for _ in range(2):
+        x = make_input(shape, np.float32, rng)
+        gpu.launches.clear()
+        y, _, _ = infer(x, rm, rv, gamma, beta)
+        assert [b.kernel.split("<")[0] for b in gpu.launches] == ["bn_infer_coeffs", "bn_apply"]
+        ref = reference_forward(x, gamma, beta, rm, rv, training=False, axis=axis)[0]
+        assert_close(y, np.maximum(ref, 0), np.float32, "y")
 
     dy = make_input(shape, np.float32, rng, mean=0.5)
     backward = impl.prepare_backward(dy, x, lay, mean, invstd, gamma)
@@ -351,15 +382,49 @@ def test_prepared_calls_launch_the_bound_kernels(shape, axis, gpu, rng):
         assert_close(dbeta, rdb, np.float32, "dbeta", scale=np.abs(rdb).max() + 1)
 
 
-def test_prepared_call_given_what_the_plan_lacks_takes_the_plain_path(gpu, rng):
-    """Planned without gamma and beta, called with gamma only: the plain
-    path runs, and gamma is applied (absent slots are all None; a call's
-    arguments must not be matched to them by that key)."""
+def test_prepared_call_records_once_per_context(gpu, rng):
+    """A call in another context (stream, device or host thread) gets a
+    recording of its own, bound to that context's counters and workspace
+    (sharing them between streams would race); back in the first context,
+    the first recording runs again."""
     shape = (6, 3, 5)
-    impl = GpuBackend(HostArrays(gpu))
+    arrays = HostArrays(gpu)
+    impl = GpuBackend(arrays)
     lay = channel_layout(shape, 1)
     x = make_input(shape, np.float32, rng)
     forward = impl.prepare_forward_train(x, lay, None, None, 1e-5, False, None)
-    gamma, _ = make_params(3, rng)
-    y, _, _ = forward(x, gamma, None, None)
-    assert_close(y, reference_forward(x, gamma, None)[0], np.float32, "y")
+    for stream in (0, 7, 0, 7):
+        arrays.stream = stream
+        x = make_input(shape, np.float32, rng)
+        y, _, _ = forward(x, None, None, None)
+        assert_close(y, reference_forward(x)[0], np.float32, "y")
+        assert arrays.devices[stream].counter_array is not None
+    assert set(arrays.devices) == {0, 7}
+    assert arrays.devices[0].counter_array is not arrays.devices[7].counter_array
+
+    done = []
+
+    def other_thread():  # same stream handle, another thread: its own recording
+        y, _, _ = forward(x, None, None, None)
+        done.append(y)
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    t.join()
+    assert_close(done[0], reference_forward(x)[0], np.float32, "y")
+    assert forward.sequence.contexts == 3
+
+
+def test_prepared_call_on_arrays_it_cannot_bind_runs_the_fused_member(gpu, rng):
+    """Prepared with parameters in another dtype than the kernels read
+    (a cast per call): every call runs the fused member, with right results."""
+    shape = (6, 3, 5)
+    impl = GpuBackend(HostArrays(gpu))
+    lay = channel_layout(shape, 1)
+    gamma, beta = (p.astype(np.float64) for p in make_params(3, rng))
+    x = make_input(shape, np.float32, rng)
+    forward = impl.prepare_forward_train(x, lay, gamma, beta, 1e-5, False, None)
+    for _ in range(2):
+        x = make_input(shape, np.float32, rng)
+        y, _, _ = forward(x, gamma, beta, None)
+        assert_close(y, reference_forward(x, gamma, beta)[0], np.float32, "y")

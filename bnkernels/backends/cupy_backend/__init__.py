@@ -29,7 +29,8 @@ import numpy as np
 
 from ..gpu import geometry
 from ..gpu.workspace import CounterCache, ScratchCache
-from ..gpu.members import GpuBackend, Operand
+from ..gpu.members import GpuBackend
+from ..gpu.operand import Operand
 from . import bind, sources
 
 name = "cupy"
@@ -38,10 +39,16 @@ name = "cupy"
 TUNING = geometry.Tuning()
 
 
-def _cupy():
-    import cupy
+_cupy_module = []
 
-    return cupy
+
+def _cupy():
+    """CuPy, imported on first use (``import bnkernels`` never imports it)."""
+    if not _cupy_module:
+        import cupy
+
+        _cupy_module.append(cupy)
+    return _cupy_module[0]
 
 
 @functools.cache
@@ -116,7 +123,7 @@ class _Device:
         return _scratch.get((self.key, key), specs, self.alloc)
 
     def aligned(self, *arrays):
-        return all(a.data.ptr % 16 == 0 for a in arrays)
+        return all(_pointer(a) % 16 == 0 for a in arrays)
 
     def bind(self, launch):
         bound = bind.bind(launch)
@@ -136,16 +143,65 @@ def _torch_stream(source):
     return _cupy().cuda.ExternalStream(stream.cuda_stream, source.device.index)
 
 
+def _pointer(a) -> int:
+    """A kernel argument's address: a CuPy array's, or a pointer passed as
+    it is (``Arrays.kernel_array``)."""
+    return int(a) if isinstance(a, np.integer) else a.data.ptr
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
 class Arrays:
     """The arrays adapter of ``gpu.members`` for CuPy."""
+
+    #: Kernels take pointers: results are allocated in the caller's shape.
+    shaped_outputs = True
 
     def operand(self, x):
         if isinstance(x, Operand):
             return x
         if isinstance(x, np.ndarray) or not hasattr(x, "__cuda_array_interface__"):
             return Operand("numpy", x, host=np.asarray(x))
-        kind = "torch" if type(x).__module__.split(".")[0] == "torch" else "cupy"
+        kind = "torch" if _is_torch(x) else "cupy"
         return Operand(kind, x, device=_cupy().asarray(x))
+
+    def context(self, x):
+        """Where a call on device array ``x`` runs now: ``(x's device, the
+        current device, the stream)``; None for host data."""
+        cp = _cupy()
+        if isinstance(x, cp.ndarray):
+            return x.device.id, cp.cuda.runtime.getDevice(), cp.cuda.get_current_stream().ptr
+        if _is_torch(x):
+            if not x.is_cuda:
+                return None
+            import torch
+
+            return x.device.index, cp.cuda.runtime.getDevice(), torch.cuda.current_stream(x.device).cuda_stream
+        if hasattr(x, "__cuda_array_interface__"):
+            return cp.asarray(x).device.id, cp.cuda.runtime.getDevice(), cp.cuda.get_current_stream().ptr
+        return None
+
+    def needs_entering(self, dev):
+        """Whether a prepared call must make dev's device and stream current
+        (not when they are already: x on the current device, CuPy's stream)."""
+        return dev.stream is not None or dev.device_id != dev.cp.cuda.runtime.getDevice()
+
+    def direct(self, a, dtype):
+        """Whether ``a`` can be passed to a kernel as it is (C-contiguous
+        device memory of ``dtype``)."""
+        cp = _cupy()
+        if isinstance(a, cp.ndarray):
+            return a.dtype == dtype and a.flags.c_contiguous
+        if _is_torch(a):
+            return a.is_cuda and a.is_contiguous() and str(a.dtype) == f"torch.{np.dtype(dtype).name}"
+        return False
+
+    def kernel_array(self, a):
+        """``a`` (:meth:`direct`) as a kernel argument: a CuPy array as it
+        is, a torch tensor as its pointer (no wrapper made per call)."""
+        return a if type(a) is _cupy().ndarray or not _is_torch(a) else np.uint64(a.data_ptr())
 
     def device(self, x_op):
         """x's device (CuPy's current one for host data) and stream."""

@@ -25,39 +25,15 @@ from ...validation import compute_dtype
 from ..coefficients import dx_coefficients, update_running
 from ..interface import OPTIONAL_MEMBERS, ChannelLayout, GradSums, Moments, Normalization, member_names
 from ..outputs import deliver
-from . import plans
+from . import plans, prepared
+from .operand import Operand
 
-
-class Operand:
-    """An argument as a GPU backend sees it: ``kind`` (``"numpy"`` for host
-    data, else the library of the device array: ``"cupy"``, ``"numba"``,
-    ``"torch"``, ``"cai"``), what the caller passed (``source``) and either
-    its ``host`` NumPy array or its ``device`` array (the backend's kind)."""
-
-    def __init__(self, kind: str, source, host=None, device=None):
-        self.kind, self.source, self.host, self.device = kind, source, host, device
-
-    @property
-    def is_host(self) -> bool:
-        return self.host is not None
-
-    @property
-    def array(self):
-        return self.host if self.host is not None else self.device
-
-    @property
-    def shape(self):
-        return self.array.shape
-
-    @property
-    def dtype(self):
-        return self.array.dtype
+__all__ = ["GpuBackend", "Operand"]  # Operand: where the adapters' tests look for it
 
 
 def _stats_dtype(*ops) -> np.dtype:
-    """The one dtype the kernels take for a pair of per-channel statistics
-    (running, or mean and variance): float64 if either is, else float32."""
-    return np.dtype(np.float64 if any(op.dtype == np.float64 for op in ops) else np.float32)
+    """``plans.stats_dtype`` of operands."""
+    return plans.stats_dtype(*(op.dtype for op in ops))
 
 
 class GpuBackend:
@@ -88,8 +64,7 @@ class GpuBackend:
         cast), else both float64."""
         A = self.arrays
         ops = [A.operand(mean), A.operand(invstd)]
-        same = ops[0].dtype == ops[1].dtype and ops[0].dtype in (np.float32, np.float64)
-        dtype = ops[0].dtype if same else np.dtype(np.float64)
+        dtype = plans.saved_dtype(ops[0].dtype, ops[1].dtype)
         return tuple(A.vector(op, dev, dtype) for op in ops)
 
     def _stats_pair(self, dev, mean, var):
@@ -243,95 +218,23 @@ class GpuBackend:
             dx = deliver(A.result(x, dx.reshape(layout.shape), dev), out)
             return (dx, *self._result(x, dev, grads["dgamma"], grads["dbeta"]))
 
-    # --- prepared forms (plan once, execute many times) -------------------------
+    # --- prepared forms (plan once, execute many times: ``prepared.py``) -------
 
     def prepare_forward_train(self, x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running):
-        """:meth:`forward_train` for arrays like these, planned once: returns
-        ``call(x, gamma, beta, running) -> (y, mean, invstd)``. The call runs
-        on the device and stream current now; arrays of another kind, dtype
-        or layout than these go through :meth:`forward_train` instead."""
-        x, dev = self._start(x)
-        A = self.arrays
-        acc = compute_dtype(x.dtype)
-        with dev:
-            slots = {"x": plans.Slot("x", (layout.count * layout.channels,), x.dtype)}
-            for name, v in (("gamma", gamma), ("beta", beta)):
-                slots[name] = None if v is None else plans.Slot(name, (layout.channels,), acc)
-            run = None
-            if running is not None:
-                rdt = _stats_dtype(A.operand(running[0]), A.operand(running[1]))
-                slots["running_mean"], slots["running_var"] = (plans.Slot(n, (layout.channels,), rdt)
-                                                               for n in ("running_mean", "running_var"))
-                run = (slots["running_mean"], slots["running_var"], running[2])
-            rec = plans.Recorder(dev)
-            y, out = plans.run_forward_train(rec, slots["x"], layout, slots["gamma"], slots["beta"], run, eps, relu)
-            program = plans.Program(rec)
+        """:meth:`forward_train` for arrays like these, recorded once per
+        context: ``call(x, gamma, beta, running) -> (y, mean, invstd)``."""
+        return prepared.forward_train(self, x, layout, gamma, beta, eps, relu, running)
 
-        def call(x, gamma, beta, running):
-            same_running = (running is None) == (run is None) and (running is None or running[2] == run[2])
-            xo = A.operand(x)
-            inputs = [(slots["x"], xo), (slots["gamma"], gamma), (slots["beta"], beta)]
-            if running is not None and run is not None:
-                inputs += [(slots["running_mean"], running[0]), (slots["running_var"], running[1])]
-            arrays = self._bind_inputs(dev, inputs) if same_running else None
-            if arrays is None:
-                return self.forward_train(x, layout, gamma, beta, eps, relu, running)
-            with dev:
-                got = program(dev, arrays)
-            return (A.result(xo, got[y].reshape(layout.shape), dev),
-                    *self._result(xo, dev, got[out["mean"]], got[out["invstd"]]))
-
-        return call
+    def prepare_forward_infer(self, x, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float,
+                              relu: bool):
+        """:meth:`forward_infer` likewise: ``call(x, running_mean,
+        running_var, gamma, beta) -> (y, mean, invstd)``."""
+        return prepared.forward_infer(self, x, layout, running_mean, running_var, gamma, beta, eps, relu)
 
     def prepare_backward(self, dy, x, layout: ChannelLayout, mean, invstd, gamma):
-        """:meth:`backward` planned once, as :meth:`prepare_forward_train`:
-        returns ``call(dy, x, mean, invstd, gamma) -> (dx, dgamma, dbeta)``."""
-        x, dev = self._start(x)
-        A = self.arrays
-        acc = compute_dtype(x.dtype)
-        with dev:
-            n = layout.count * layout.channels
-            m, s = self._saved(dev, mean, invstd)
-            slots = {"dy": plans.Slot("dy", (n,), x.dtype), "x": plans.Slot("x", (n,), x.dtype),
-                     "mean": plans.Slot("mean", (layout.channels,), m.dtype),
-                     "invstd": plans.Slot("invstd", (layout.channels,), s.dtype),
-                     "gamma": None if gamma is None else plans.Slot("gamma", (layout.channels,), acc)}
-            rec = plans.Recorder(dev)
-            dx, out = plans.run_backward(rec, slots["dy"], slots["x"], layout, slots["gamma"], slots["mean"],
-                                         slots["invstd"])
-            program = plans.Program(rec)
-
-        def call(dy, x, mean, invstd, gamma):
-            xo = A.operand(x)
-            arrays = self._bind_inputs(dev, [(slots["dy"], dy), (slots["x"], xo), (slots["mean"], mean),
-                                             (slots["invstd"], invstd), (slots["gamma"], gamma)])
-            if arrays is None:
-                return self.backward(dy, x, layout, mean, invstd, gamma)
-            with dev:
-                got = program(dev, arrays)
-            return (A.result(xo, got[dx].reshape(layout.shape), dev),
-                    *self._result(xo, dev, got[out["dgamma"]], got[out["dbeta"]]))
-
-        return call
-
-    def _bind_inputs(self, dev, inputs):
-        """``{slot: device array}`` for a prepared call's ``(slot, argument)``
-        pairs (a slot is None where the plan has no such array), each the
-        caller's own memory in the slot's dtype, flat; None when one would
-        need a copy or is given where the plan has none (or the other way
-        round): then the call takes the unprepared path."""
-        A = self.arrays
-        arrays = {}
-        for slot, value in inputs:
-            if (slot is None) != (value is None):
-                return None
-            if slot is None:
-                continue
-            op = A.operand(value)
-            if op.is_host or op.dtype != slot.dtype or op.array.size != slot.size or not A.contiguous(op):
-                return None
-            arrays[slot] = A.flat(op, dev)  # a view: the caller's memory
-        return arrays
+        """:meth:`backward` likewise: ``call(dy, x, mean, invstd, gamma) ->
+        (dx, dgamma, dbeta)``."""
+        return prepared.backward(self, dy, x, layout, mean, invstd, gamma)
 
     def members(self) -> dict:
         """The module-level names of a backend module: every

@@ -60,6 +60,21 @@ class Launch:
     stats_dtype: np.dtype | None = None
 
 
+def stats_dtype(*dtypes) -> np.dtype:
+    """The one dtype the kernels take for a pair of per-channel statistics
+    (running, or mean and variance) of these dtypes: float64 if either is,
+    else float32."""
+    return np.dtype(np.float64 if any(np.dtype(d) == np.float64 for d in dtypes) else np.float32)
+
+
+def saved_dtype(mean_dtype, invstd_dtype) -> np.dtype:
+    """The dtype the backward reads the saved statistics in: their own when
+    both are float32 or both float64 (what the forward returns: no cast),
+    else float64."""
+    same = np.dtype(mean_dtype) == np.dtype(invstd_dtype) and np.dtype(mean_dtype) in (np.float32, np.float64)
+    return np.dtype(mean_dtype) if same else np.dtype(np.float64)
+
+
 def _reduce_geometry(layout: ChannelLayout, limits, tuning):
     plan = geometry.reduce_plan(layout.outer, layout.channels, layout.inner, limits, tuning)
     return plan, (plan.splits, plan.grid_groups, 1), (plan.tx, plan.ty, 1)
@@ -133,7 +148,7 @@ def stats(x, layout: ChannelLayout, gamma, beta, running, eps: float, alloc, cou
     out = _outputs("stats", STATS_OUTPUTS, C, acc, alloc, scratch, stages=3, splits=plan.splits)
     rm, rv, factor = running if running is not None else (None, None, 0.0)
     args = {"x": x, **_view_args(layout), "unbias": np.float64(n / (n - 1) if n > 1 else 0.0),
-            "eps": np.float64(eps), "factor": np.float64(factor), "gamma": gamma, "beta": beta,
+            "eps": np.float64(eps), "factor": factor if isinstance(factor, Slot) else np.float64(factor), "gamma": gamma, "beta": beta,
             "running_mean": rm, "running_var": rv, **out, "counters": counters}
     stats_dtype = None if rm is None else np.dtype(rm.dtype)
     return Launch("stats", grid, block, args, np.dtype(x.dtype), layout.inner == 1, stats_dtype), out
@@ -287,10 +302,12 @@ def run_backward(dev, dy, x, layout: ChannelLayout, gamma, saved_mean, saved_inv
 
 class Slot:
     """A placeholder for an array given or allocated at each call: what the
-    sequences read of an array (shape, dtype, size)."""
+    sequences read of an array (shape, dtype, size); or, ``scalar``, for a
+    number given at each call (a kernel argument of ``dtype``)."""
 
-    def __init__(self, name: str, shape, dtype, fill=None):
+    def __init__(self, name: str, shape, dtype, fill=None, scalar: bool = False):
         self.name, self.shape, self.dtype, self.fill = name, tuple(shape), np.dtype(dtype), fill
+        self.scalar = scalar
         self.size = math.prod(self.shape)
 
     def reshape(self, *shape):  # what the sequences may ask of an output; a call reshapes it
@@ -343,27 +360,39 @@ class Recorder:
 
 
 class Program:
-    """The recorded launches of one sequence. ``program(dev, inputs)``
-    with ``inputs`` ``{slot: device array}`` allocates the output slots on
-    ``dev``, launches, and returns ``{slot: array}`` for every slot."""
+    """The recorded launches of one sequence, on positions: the ``inputs``
+    slots (in the order a call passes their arrays), then the recorder's
+    outputs. ``program(dev, arrays)`` with ``arrays`` the inputs' device
+    arrays allocates the outputs on ``dev`` (in ``shapes[slot]`` where
+    given: a result allocated in the caller's shape needs no reshape, for
+    kernels that take pointers), launches, and returns the list of every
+    slot's array (:meth:`position` says where a slot is)."""
 
-    def __init__(self, recorder: Recorder):
-        self.outputs = recorder.outputs
+    def __init__(self, recorder: Recorder, inputs, shapes: dict | None = None):
+        shapes = shapes or {}
+        slots = list(inputs) + recorder.outputs
+        self._position = {slot: i for i, slot in enumerate(slots)}
+        self.outputs = [(shapes.get(slot, slot.shape), slot.dtype, slot.fill is not None)
+                        for slot in recorder.outputs]
         self.steps = []
         for fn, args in recorder.steps:
-            where = tuple(i for i, a in enumerate(args) if isinstance(a, (Slot, _Aligned)))
-            self.steps.append((fn, tuple(args), where))
+            arrays = [(i, self._position[a]) for i, a in enumerate(args) if type(a) is Slot]
+            aligned = [(i, [self._position[s] for s in a.arrays]) for i, a in enumerate(args)
+                       if type(a) is _Aligned]
+            self.steps.append((fn, list(args), arrays, aligned))
 
-    def __call__(self, dev, inputs: dict) -> dict:
-        arrays = dict(inputs)
-        for slot in self.outputs:
-            arrays[slot] = (dev.alloc(slot.shape, slot.dtype) if slot.fill is None
-                            else dev.zeros(slot.shape, slot.dtype))
-        for fn, template, where in self.steps:
-            args = list(template)
-            for i in where:
-                a = template[i]
-                args[i] = (np.int32(dev.aligned(*(arrays[s] for s in a.arrays))) if isinstance(a, _Aligned)
-                           else arrays[a])
+    def position(self, slot: Slot) -> int:
+        return self._position[slot]
+
+    def __call__(self, dev, arrays: list) -> list:
+        arrays = list(arrays)
+        for shape, dtype, zeroed in self.outputs:
+            arrays.append(dev.zeros(shape, dtype) if zeroed else dev.alloc(shape, dtype))
+        for fn, template, places, aligned in self.steps:
+            args = template.copy()
+            for i, p in places:
+                args[i] = arrays[p]
+            for i, ps in aligned:
+                args[i] = np.int32(dev.aligned(*[arrays[p] for p in ps]))
             fn(tuple(args))
         return arrays

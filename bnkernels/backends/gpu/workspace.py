@@ -26,7 +26,7 @@ _local = threading.local()
 _numbers = itertools.count()
 
 
-def _thread() -> int:
+def thread_number() -> int:
     """A number of this host thread, never reused (``threading.get_ident``
     is reused once a thread ends, while its last kernels may still run)."""
     number = getattr(_local, "number", None)
@@ -44,7 +44,7 @@ class CounterCache(OrderedDict):
         """At least ``n`` zeroed counters for ``key`` (and this thread);
         ``make(size)`` allocates zeroed ones (at least 64, so small launches
         share one). The kernels leave them zero again after each launch."""
-        key = (key, _thread())
+        key = (key, thread_number())
         cur = self.get(key)
         if cur is None or cur.size < n:
             cur = make(max(n, 64))
@@ -67,7 +67,7 @@ class ScratchCache:
     def get(self, key, specs: dict, alloc) -> dict:
         """The workspace for ``specs`` ``{name: (shape, dtype)}``, made with
         ``alloc(shape, dtype)`` the first time."""
-        key = (key, _thread())
+        key = (key, thread_number())
         with self._lock:
             work = self._entries.get(key)
             if work is not None:

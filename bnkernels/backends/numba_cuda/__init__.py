@@ -29,7 +29,8 @@ from numba import cuda
 
 from ..gpu import geometry
 from ..gpu.workspace import CounterCache, ScratchCache
-from ..gpu.members import GpuBackend, Operand
+from ..gpu.members import GpuBackend
+from ..gpu.operand import Operand
 from . import bind
 
 name = "numba-cuda"
@@ -134,6 +135,9 @@ class _Device:
 class Arrays:
     """The arrays adapter of ``gpu.members`` for Numba device arrays."""
 
+    #: Kernels take 1-D arrays: results are allocated flat, then reshaped.
+    shaped_outputs = False
+
     def operand(self, x):
         if isinstance(x, Operand):
             return x
@@ -149,6 +153,45 @@ class Arrays:
 
     def device(self, x_op):
         return _Device(_stream(x_op))
+
+    def context(self, x):
+        """Where a call on device array ``x`` runs now: ``(the current
+        context, the stream's handle)``; None for host data."""
+        kind = _kind(x)
+        if kind == "numpy" or (kind == "torch" and not x.is_cuda):
+            return None
+        if kind == "cupy":
+            import cupy
+            stream = cupy.cuda.get_current_stream().ptr
+        elif kind == "torch":
+            import torch
+            stream = torch.cuda.current_stream().cuda_stream
+        else:
+            stream = 0  # Numba's default stream
+        return id(cuda.current_context()), stream
+
+    def needs_entering(self, dev):
+        return False  # Numba launches on the current context, on the stream each launch names
+
+    def direct(self, a, dtype):
+        """Whether ``a`` is C-contiguous device memory of ``dtype`` (then
+        :meth:`kernel_array` views it without a copy)."""
+        kind = _kind(a)
+        if kind == "numpy":
+            return False
+        if kind == "torch":
+            return a.is_cuda and a.is_contiguous() and str(a.dtype) == f"torch.{np.dtype(dtype).name}"
+        if a.dtype != dtype:
+            return False
+        if kind == "cupy":
+            return a.flags.c_contiguous
+        return (a if kind == "numba" else cuda.as_cuda_array(a)).is_c_contiguous()
+
+    def kernel_array(self, a):
+        """``a`` (:meth:`direct`) as the kernels take it: a 1-D Numba view."""
+        if not cuda.devicearray.is_cuda_ndarray(a):
+            a = cuda.as_cuda_array(a.detach() if _kind(a) == "torch" else a)
+        return a if a.ndim == 1 else a.reshape(-1)
 
     def flat(self, op, dev, dtype=None):
         """Host data in ``dtype``; device data as it is (a copy only when

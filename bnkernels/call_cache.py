@@ -1,0 +1,114 @@
+"""Repeated calls at a framework's level: ``bn_forward`` and
+``bn_backward`` on a GPU backend keep a prepared call (``prepared.py``)
+per description of their arguments, so that a call described like an
+earlier one (the kind, shape, strides and dtype of every array, and every
+option) skips resolving the backend, validating and planning: it checks
+what can change between such calls (the arrays' addresses for aliasing,
+the running factor), allocates its outputs and launches.
+
+Only calls whose every argument validation depends on nothing but that
+description are kept: on a GPU backend, every argument an array or None,
+no ``out``, flags given as bools, hashable options. Everything else takes the full path
+every time, as does the first call of each description (whose checks make
+the entry). The backend named by ``BNKERNELS_BACKEND`` is part of the key
+of ``backend="auto"`` calls, so changing it takes effect at once.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+from .backends import ENV_VAR, runs_on_gpu
+
+#: Argument descriptions kept (least recently used dropped beyond this).
+MAX_ENTRIES = 64
+
+#: What a description not worth an entry maps to (host data, a CPU backend).
+UNCACHED = object()
+
+_entries: OrderedDict = OrderedDict()
+_lock = threading.Lock()
+
+
+#: Array types known not to be torch's (describe() asks once per type).
+_PLAIN_KINDS: set = set()
+
+
+def describe(a):
+    """What a prepared call compares of an array (None for None): its type,
+    shape, strides and dtype (and whether a NumPy array is writable, and a
+    torch tensor on the GPU): everything validation reads of it."""
+    if a is None:
+        return None
+    kind = type(a)
+    if kind is np.ndarray:  # a read-only one is refused where bnkernels writes
+        return kind, a.shape, a.strides, a.dtype, a.flags.writeable
+    if kind in _PLAIN_KINDS:
+        return kind, a.shape, getattr(a, "strides", None), a.dtype
+    if kind.__module__.split(".")[0] == "torch":
+        return kind, a.shape, a.stride(), a.dtype, a.is_cuda
+    _PLAIN_KINDS.add(kind)
+    return kind, a.shape, getattr(a, "strides", None), a.dtype
+
+
+def _key(kind: str, backend, options: tuple, arrays: tuple):
+    """The description of a call, or None when it has none (an argument
+    that is not an array, an unhashable option)."""
+    try:
+        key = (kind, backend, os.environ.get(ENV_VAR) if backend == "auto" else None, options,
+               *map(describe, arrays))
+        hash(key)
+    except (AttributeError, TypeError):  # not an array (a list: described by its values), unhashable options
+        return None
+    return key
+
+
+def forward_key(arrays: tuple, training, momentum, eps, axis, activation, backend, num_batches_tracked,
+                return_saved, out):
+    """The key of a ``bn_forward`` call (None: not cacheable)."""
+    if out is not None or type(training) is not bool or type(return_saved) is not bool:
+        return None
+    return _key("forward", backend, (training, momentum, eps, axis, activation, num_batches_tracked is None),
+                arrays)
+
+
+def backward_key(arrays: tuple, axis, backend, out):
+    """The key of a ``bn_backward`` call (None: not cacheable)."""
+    if out is not None:
+        return None
+    return _key("backward", backend, (axis,), arrays)
+
+
+def lookup(key):
+    """The entry of ``key``: a prepared call, :data:`UNCACHED`, or None
+    when there is none yet."""
+    if key is None:
+        return UNCACHED
+    with _lock:
+        entry = _entries.get(key)
+        if entry is not None:
+            _entries.move_to_end(key)
+        return entry
+
+
+def store(key, impl, make) -> None:
+    """Keep ``make()`` (a prepared call) for ``key`` when the call ran on a
+    GPU backend (whose prepared calls bind device arrays directly, and run
+    its fused members on anything else); otherwise remember not to try
+    again (the CPU backends' own cost dwarfs validation's)."""
+    if key is None:
+        return
+    entry = make() if runs_on_gpu(impl) else UNCACHED
+    with _lock:
+        _entries[key] = entry
+        while len(_entries) > MAX_ENTRIES:
+            _entries.popitem(last=False)
+
+
+def clear() -> None:
+    """Drop every entry (tests; a program that wants its memory back)."""
+    with _lock:
+        _entries.clear()
