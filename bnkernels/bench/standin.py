@@ -21,6 +21,8 @@ import numpy as np
 
 #: ``allocations``: device buffers made; ``launches``: kernels launched.
 COUNTS: Counter = Counter()
+#: Whether launches are recorded in :data:`LAUNCHES` (tests; not while timing).
+RECORD_LAUNCHES = False
 
 
 class DeviceArray:
@@ -35,17 +37,17 @@ class DeviceArray:
     once, and the pointer is given by the maker when it knows it."""
 
     __module__ = "cupy"  # what the backends' kind detection reads
-    __slots__ = ("_a", "_ptr", "shape", "dtype", "size", "ndim", "strides")
+    __slots__ = ("_a", "_ptr", "shape", "dtype", "size", "ndim", "strides", "device")
 
-    def __init__(self, a, ptr=None):
+    def __init__(self, a, ptr=None, device=None):
         self._a = a
+        self.device = _DEVICES[_CURRENT[0]] if device is None else device  # where it was made, as CuPy's
         # NumPy's own pointer query costs microseconds: once, and only when not known
         self._ptr = a.__array_interface__["data"][0] if ptr is None else ptr
         self.shape, self.dtype, self.size, self.ndim, self.strides = a.shape, a.dtype, a.size, a.ndim, a.strides
 
     flags = property(lambda self: self._a.flags)
     data = property(lambda self: types.SimpleNamespace(ptr=self._ptr))
-    device = property(lambda self: _DEVICE)
 
     @property
     def __cuda_array_interface__(self):
@@ -55,13 +57,13 @@ class DeviceArray:
 
     def reshape(self, *shape):
         a = self._a.reshape(*shape)
-        return type(self)(a, self._ptr if a.size else None)
+        return type(self)(a, self._ptr if a.size else None, self.device)
 
     def astype(self, dtype):
         return _device(type(self), self._a, dtype)
 
     def __getitem__(self, key):
-        return type(self)(self._a[key])
+        return type(self)(self._a[key], device=self.device)
 
     def __setitem__(self, key, value):
         self._a[key] = value._a if isinstance(value, DeviceArray) else value
@@ -80,7 +82,19 @@ class DeviceArray:
         return self._a.flags.c_contiguous
 
 
-_DEVICE = types.SimpleNamespace(id=0)
+#: The stand-in CuPy's devices (two, so that "the array's device, not the
+#: current one" can be tested), the current one and stream, and what each
+#: launch saw: ``(current device, current stream, grid, block)``.
+_DEVICES = [types.SimpleNamespace(id=0), types.SimpleNamespace(id=1)]
+_CURRENT = [0]
+_STREAM = [0]  # the current stream's handle (0: the default stream)
+CAPTURING = [False]  # whether the current stream is being captured into a CUDA graph
+LAUNCHES: list = []
+
+
+def on_device(a: DeviceArray, device_id: int) -> DeviceArray:
+    """``a`` as if made on another device (its memory stays where it is)."""
+    return type(a)(a._a, a._ptr, _DEVICES[device_id])
 
 
 class NumbaDeviceArray(DeviceArray):
@@ -117,6 +131,12 @@ def _device(cls, a, dtype=None):
     already of that dtype and contiguous)."""
     if isinstance(a, cls) and (dtype is None or a.dtype == dtype) and a.flags.c_contiguous:
         return a
+    if not isinstance(a, DeviceArray) and hasattr(a, "__cuda_array_interface__") and dtype is None:
+        # another library's device array (a stand-in torch tensor): wrapped, no copy, on its device
+        face = a.__cuda_array_interface__
+        index = getattr(getattr(a, "device", None), "index", None)
+        return cls(np.empty(face["shape"], face["typestr"]), face["data"][0],
+                   _DEVICES[_CURRENT[0] if index is None else index])
     host = np.ascontiguousarray(_host(a), dtype=dtype)
     out = _new(cls, host.shape, host.dtype)
     out._a[...] = host
@@ -124,10 +144,15 @@ def _device(cls, a, dtype=None):
 
 
 class _Kernel:
-    """A launch that does nothing but count."""
+    """A launch that does nothing but count (with a compiled kernel's
+    resources, as CuPy's ``RawKernel`` reports them)."""
+
+    num_regs, shared_size_bytes = 40, 12292
 
     def __call__(self, *args, **kwargs):
         COUNTS["launches"] += 1
+        if RECORD_LAUNCHES:
+            LAUNCHES.append((_CURRENT[0], _STREAM[0], *args[:2]))
 
     def __getitem__(self, config):
         return self
@@ -146,17 +171,20 @@ def _fake_cupy():
     cp.asnumpy = lambda a: np.array(_host(a))
 
     class Device:
-        id = 0
         attributes = {"MultiProcessorCount": 132, "MaxThreadsPerBlock": 1024, "MaxThreadsPerMultiProcessor": 2048,
                       "MaxGridDimX": 2**31 - 1, "MaxGridDimY": 65535}
 
-        def __init__(self, device_id=0):
-            pass
+        def __init__(self, device_id=None):
+            self.id = _CURRENT[0] if device_id is None else device_id
+            self._previous = []
 
         def __enter__(self):
+            self._previous.append(_CURRENT[0])
+            _CURRENT[0] = self.id
             return self
 
         def __exit__(self, *exc):
+            _CURRENT[0] = self._previous.pop()
             return False
 
     class RawModule:
@@ -166,9 +194,27 @@ def _fake_cupy():
         def get_function(self, name):
             return _Kernel()
 
-    stream = types.SimpleNamespace(ptr=0)
-    cp.cuda = types.SimpleNamespace(Device=Device, get_current_stream=lambda: stream,
-                                    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDevice=lambda: 0))
+    class ExternalStream:
+        """A stream by handle (torch's, for the cupy backend); as a context
+        manager, the current stream."""
+
+        def __init__(self, ptr, device_id=None):
+            self.ptr, self._previous = ptr, []
+
+        def __enter__(self):
+            self._previous.append(_STREAM[0])
+            _STREAM[0] = self.ptr
+            return self
+
+        def __exit__(self, *exc):
+            _STREAM[0] = self._previous.pop()
+            return False
+
+    cp.cuda = types.SimpleNamespace(Device=Device, ExternalStream=ExternalStream,
+                                    get_current_stream=lambda: types.SimpleNamespace(ptr=_STREAM[0],
+                                                                                     is_capturing=lambda: CAPTURING[0]),
+                                    runtime=types.SimpleNamespace(getDeviceCount=lambda: len(_DEVICES),
+                                                                  getDevice=lambda: _CURRENT[0]))
     cp.RawModule = RawModule
     return cp
 

@@ -126,3 +126,24 @@ def test_another_description_is_planned_anew(rng, fresh_cache):
     y = bn_forward(strided, backend=BACKEND)
     assert_close(y, reference_forward(strided)[0], np.float32, "y")
     assert len(_entries()) == 2
+
+
+def test_calls_captured_into_a_graph_own_their_counters(rng, fresh_cache, monkeypatch):
+    """While the stream is being captured (here: said to be), a call neither
+    replays a recording nor uses the stream's counters and workspace: each
+    gets its own, kept alive; results stay right."""
+    from bnkernels.backends import numba_cuda as nc
+
+    x = cuda.to_device(make_input((6, 3, 5), np.float32, rng))
+    bn_forward(x, backend=BACKEND)
+    monkeypatch.setattr(nc, "_capturing", lambda kind: True)
+    kept = len(nc.CAPTURED)
+    for _ in range(2):
+        xh = make_input((6, 3, 5), np.float32, rng)
+        y = bn_forward(cuda.to_device(xh), backend=BACKEND)
+        assert_close(y.copy_to_host(), reference_forward(xh)[0], np.float32, "y")
+    assert not fresh_cache  # no replay
+    per_call = 1 + 5 + 3  # counters, 5 workspace vectors, 3 staging buffers
+    assert len(nc.CAPTURED) == kept + 2 * per_call
+    counters = nc.CAPTURED[kept::per_call]
+    assert counters[0] is not counters[1]

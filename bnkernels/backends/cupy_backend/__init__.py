@@ -24,6 +24,7 @@ CuPy also caches the binaries on disk.
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 
@@ -70,14 +71,44 @@ def _function(device_id: int, name: str):
 @functools.cache
 def _limits(device_id: int) -> geometry.DeviceLimits:
     attrs = _cupy().cuda.Device(device_id).attributes  # ~100 driver queries: once per device
+    defaults = geometry.DeviceLimits(sm_count=1)
     return geometry.DeviceLimits(
         sm_count=attrs["MultiProcessorCount"], max_threads_per_block=attrs["MaxThreadsPerBlock"],
         max_threads_per_sm=attrs["MaxThreadsPerMultiProcessor"], max_grid_x=attrs["MaxGridDimX"],
-        max_grid_y=attrs["MaxGridDimY"])
+        max_grid_y=attrs["MaxGridDimY"],
+        registers_per_sm=attrs.get("MaxRegistersPerMultiprocessor", defaults.registers_per_sm),
+        shared_per_sm=attrs.get("MaxSharedMemoryPerMultiprocessor", defaults.shared_per_sm),
+        max_blocks_per_sm=attrs.get("MaxBlocksPerMultiprocessor", defaults.max_blocks_per_sm))
+
+
+@functools.cache
+def _resident(device_id: int, name: str, threads: int) -> int:
+    """Resident blocks per SM of a compiled kernel (its registers and static
+    shared memory, as the driver loaded it)."""
+    f = _function(device_id, name)
+    return geometry.resident_blocks(_limits(device_id), threads, f.num_regs, f.shared_size_bytes)
 
 
 _counters = CounterCache()
 _scratch = ScratchCache()
+
+#: Counters and workspaces of calls captured into CUDA graphs: a graph
+#: replays its kernels on any stream, possibly while another graph of the
+#: same stream, or eager calls there, run too, so a captured call never
+#: shares the per-stream ones; and its memory must outlive the call (the
+#: graph holds only the addresses), so it is kept for the process's life.
+CAPTURED: list = []
+
+
+def _captured(a):
+    CAPTURED.append(a)
+    return a
+
+
+def _capturing(stream) -> bool:
+    """Whether work queued on ``stream`` is being captured into a graph."""
+    is_capturing = getattr(stream, "is_capturing", None)
+    return bool(is_capturing()) if is_capturing is not None else False
 
 
 class _Device:
@@ -93,6 +124,7 @@ class _Device:
         self.limits = _limits(device_id)
         self.tuning = TUNING
         self.poison = geometry.poison_requested()
+        self.capturing = False  # set when entered
         self._contexts = []
 
     def __enter__(self):
@@ -100,7 +132,9 @@ class _Device:
         for c in contexts:
             c.__enter__()
         self._contexts.append(contexts)
-        self.key = (self.device_id, self.cp.cuda.get_current_stream().ptr)
+        stream = self.cp.cuda.get_current_stream()
+        self.key = (self.device_id, stream.ptr)
+        self.capturing = _capturing(stream)
         return self
 
     def __exit__(self, *exc):
@@ -117,13 +151,21 @@ class _Device:
         return self.cp.zeros(shape, dtype)
 
     def counters(self, n):
+        if self.capturing:
+            return _captured(self.cp.zeros(max(n, 64), self.cp.uint32))
         return _counters.zeroed(self.key, n, lambda size: self.cp.zeros(size, self.cp.uint32))
 
     def scratch(self, key, specs):
+        if self.capturing:
+            return {name: _captured(self.alloc(shape, dtype)) for name, (shape, dtype) in specs.items()}
         return _scratch.get((self.key, key), specs, self.alloc)
 
     def aligned(self, *arrays):
         return all(_pointer(a) % 16 == 0 for a in arrays)
+
+    def resident_blocks(self, launch):
+        """``gpu.plans.occupancy``: of the instantiation ``launch`` runs."""
+        return _resident(self.device_id, bind.kernel_name(launch), math.prod(launch.block))
 
     def bind(self, launch):
         bound = bind.bind(launch)
@@ -169,19 +211,25 @@ class Arrays:
 
     def context(self, x):
         """Where a call on device array ``x`` runs now: ``(x's device, the
-        current device, the stream)``; None for host data."""
+        current device, the stream)``; None for host data, and while the
+        stream is captured into a CUDA graph (a captured call gets counters
+        and a workspace of its own: ``CAPTURED``)."""
         cp = _cupy()
-        if isinstance(x, cp.ndarray):
-            return x.device.id, cp.cuda.runtime.getDevice(), cp.cuda.get_current_stream().ptr
         if _is_torch(x):
             if not x.is_cuda:
                 return None
             import torch
 
+            if torch.cuda.is_current_stream_capturing():
+                return None
             return x.device.index, cp.cuda.runtime.getDevice(), torch.cuda.current_stream(x.device).cuda_stream
-        if hasattr(x, "__cuda_array_interface__"):
-            return cp.asarray(x).device.id, cp.cuda.runtime.getDevice(), cp.cuda.get_current_stream().ptr
-        return None
+        if not hasattr(x, "__cuda_array_interface__"):
+            return None
+        stream = cp.cuda.get_current_stream()
+        if _capturing(stream):
+            return None
+        device = x.device.id if isinstance(x, cp.ndarray) else cp.asarray(x).device.id
+        return device, cp.cuda.runtime.getDevice(), stream.ptr
 
     def needs_entering(self, dev):
         """Whether a prepared call must make dev's device and stream current

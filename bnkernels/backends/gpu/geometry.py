@@ -16,7 +16,10 @@ channels side by side and ``ty`` lanes walking the values of each channel.
 - ``groups = ceil(C / tx)`` channel groups along ``gridDim.y`` (capped at
   65535; blocks loop over groups beyond that).
 - ``gx`` blocks per group along ``gridDim.x``, so that small C still fills
-  the GPU: ``gx = clamp(min(ceil(waves * sm_count * blocks_per_sm / groups),
+  the GPU (``blocks_per_sm``: the compiled kernel's occupancy by its
+  registers and shared memory, :func:`resident_blocks`, when the backend
+  knows it; else by threads alone):
+  ``gx = clamp(min(ceil(waves * sm_count * blocks_per_sm / groups),
   ceil(n / (ty * min_values_per_thread))), 1, max_splits)`` with ``n`` the
   values per channel. Each block writes a partial result per channel to a
   staging buffer ``(C, gx)``; the last block of a group to finish merges them.
@@ -55,6 +58,10 @@ class DeviceLimits:
     max_threads_per_sm: int = 2048
     max_grid_x: int = 2**31 - 1
     max_grid_y: int = MAX_GRID_Y
+    # what bounds resident blocks besides threads (H100/H200 values by default)
+    registers_per_sm: int = 65536
+    shared_per_sm: int = 228 * 1024
+    max_blocks_per_sm: int = 32
 
     @classmethod
     def from_device(cls, device) -> "DeviceLimits":
@@ -70,7 +77,30 @@ class DeviceLimits:
             max_threads_per_sm=attr("MAX_THREADS_PER_MULTIPROCESSOR", 2048),
             max_grid_x=attr("MAX_GRID_DIM_X", 2**31 - 1),
             max_grid_y=attr("MAX_GRID_DIM_Y", MAX_GRID_Y),
+            registers_per_sm=attr("MAX_REGISTERS_PER_MULTIPROCESSOR", 65536),
+            shared_per_sm=attr("MAX_SHARED_MEMORY_PER_MULTIPROCESSOR", 228 * 1024),
+            max_blocks_per_sm=attr("MAX_BLOCKS_PER_MULTIPROCESSOR", 32),
         )
+
+
+#: Shared memory the system reserves per resident block (sm_80 and later).
+RESERVED_SHARED_PER_BLOCK = 1024
+#: Registers are allocated per warp in units of this many.
+REGISTER_UNIT = 256
+
+
+def resident_blocks(limits: DeviceLimits, threads: int, registers: int, shared_bytes: int) -> int:
+    """Blocks of ``threads`` threads of a kernel using ``registers`` per
+    thread and ``shared_bytes`` of static shared memory that fit on one SM
+    at once (what ``cudaOccupancyMaxActiveBlocksPerMultiprocessor``
+    computes, from the same rules: registers per warp in units of 256,
+    1 KiB of shared memory reserved per block). At least 1."""
+    warps = -(-threads // WARP)
+    per_warp = -(-max(registers, 1) * WARP // REGISTER_UNIT) * REGISTER_UNIT
+    by_registers = limits.registers_per_sm // (per_warp * warps)
+    by_shared = (limits.shared_per_sm // (shared_bytes + RESERVED_SHARED_PER_BLOCK) if shared_bytes
+                 else limits.max_blocks_per_sm)
+    return max(1, min(by_registers, by_shared, limits.max_threads_per_sm // threads, limits.max_blocks_per_sm))
 
 
 @dataclass(frozen=True)
@@ -115,8 +145,10 @@ def _blocks_per_sm(limits: DeviceLimits, threads: int) -> int:
 
 @functools.lru_cache(maxsize=1024)  # every call of a training loop asks the same
 def reduce_plan(outer: int, channels: int, inner: int, limits: DeviceLimits,
-                tuning: Tuning = Tuning()) -> ReducePlan:
-    """Plan a per-channel reduction over an ``(outer, C, inner)`` view."""
+                tuning: Tuning = Tuning(), blocks_per_sm: int | None = None) -> ReducePlan:
+    """Plan a per-channel reduction over an ``(outer, C, inner)`` view.
+    ``blocks_per_sm``: the compiled kernel's occupancy
+    (:func:`resident_blocks`), None when unknown (then from threads alone)."""
     if channels < 1:
         raise ValueError("a reduction needs at least one channel")
     threads = min(tuning.block_threads, limits.max_threads_per_block)
@@ -127,7 +159,7 @@ def reduce_plan(outer: int, channels: int, inner: int, limits: DeviceLimits,
     ty = threads // tx
     groups = math.ceil(channels / tx)
     n = outer * inner
-    target_blocks = tuning.waves * limits.sm_count * _blocks_per_sm(limits, threads)
+    target_blocks = tuning.waves * limits.sm_count * (blocks_per_sm or _blocks_per_sm(limits, threads))
     by_occupancy = math.ceil(target_blocks / groups)
     by_work = math.ceil(n / (ty * tuning.min_values_per_thread))
     splits = max(1, min(by_occupancy, by_work, tuning.max_splits, limits.max_grid_x))
@@ -135,9 +167,11 @@ def reduce_plan(outer: int, channels: int, inner: int, limits: DeviceLimits,
 
 
 @functools.lru_cache(maxsize=1024)
-def elementwise_plan(total: int, limits: DeviceLimits, tuning: Tuning = Tuning()) -> ElementwisePlan:
-    """Plan a grid-stride elementwise pass over ``total`` values."""
+def elementwise_plan(total: int, limits: DeviceLimits, tuning: Tuning = Tuning(),
+                     blocks_per_sm: int | None = None) -> ElementwisePlan:
+    """Plan a grid-stride elementwise pass over ``total`` values
+    (``blocks_per_sm`` as in :func:`reduce_plan`)."""
     block = min(tuning.block_threads, limits.max_threads_per_block)
-    resident = tuning.waves * limits.sm_count * _blocks_per_sm(limits, block)
+    resident = tuning.waves * limits.sm_count * (blocks_per_sm or _blocks_per_sm(limits, block))
     grid = max(1, min(math.ceil(total / (block * tuning.unroll)), resident, limits.max_grid_x))
     return ElementwisePlan(grid, block)

@@ -75,14 +75,34 @@ def saved_dtype(mean_dtype, invstd_dtype) -> np.dtype:
     return np.dtype(mean_dtype) if same else np.dtype(np.float64)
 
 
-def _reduce_geometry(layout: ChannelLayout, limits, tuning):
-    plan = geometry.reduce_plan(layout.outer, layout.channels, layout.inner, limits, tuning)
+def _reduce_geometry(layout: ChannelLayout, limits, tuning, blocks_per_sm=None):
+    plan = geometry.reduce_plan(layout.outer, layout.channels, layout.inner, limits, tuning, blocks_per_sm)
     return plan, (plan.splits, plan.grid_groups, 1), (plan.tx, plan.ty, 1)
 
 
-def _elementwise_geometry(total: int, limits, tuning):
-    plan = geometry.elementwise_plan(total, limits, tuning)
+def _elementwise_geometry(total: int, limits, tuning, blocks_per_sm=None):
+    plan = geometry.elementwise_plan(total, limits, tuning, blocks_per_sm)
     return (plan.grid, 1, 1), (plan.block, 1, 1)
+
+
+def occupancy(dev, kernel: str, layout: ChannelLayout, storage, stats_dtype=None) -> int | None:
+    """Resident blocks per SM of the compiled kernel a launch of ``kernel``
+    over ``layout`` will run: the device's ``resident_blocks(launch)`` for a
+    probe launch (the instantiation's choices: dtypes, layout, sizes; a grid
+    by threads alone), from the kernel's registers and shared memory
+    (``geometry.resident_blocks``). None when the device has no such method
+    or cannot tell yet: then grids are sized by threads alone."""
+    ask = getattr(dev, "resident_blocks", None)
+    if ask is None:
+        return None
+    n = layout.count * layout.channels
+    if kernel in ("stats", "bwd_reduce"):
+        _, grid, block = _reduce_geometry(layout, dev.limits, dev.tuning)
+    else:
+        grid, block = _elementwise_geometry(n, dev.limits, dev.tuning)
+    probe = Launch(kernel, grid, block, {**_view_args(layout), "total": np.int64(n)}, np.dtype(storage),
+                   layout.inner == 1, None if stats_dtype is None else np.dtype(stats_dtype))
+    return ask(probe)
 
 
 def counters_needed(layout: ChannelLayout, limits, tuning=geometry.Tuning()) -> int:
@@ -129,13 +149,14 @@ def _zeros(dev, names, C: int, acc) -> dict:
 
 
 def stats(x, layout: ChannelLayout, gamma, beta, running, eps: float, alloc, counters, limits,
-          tuning=geometry.Tuning(), scratch=None):
+          tuning=geometry.Tuning(), scratch=None, blocks_per_sm=None):
     """The statistics launch (with the finalize stage fused: coefficients
     and the running-statistics update). ``x``: flat contiguous input;
     ``gamma``, ``beta``: (C,) device arrays or None; ``running``:
     ``(running_mean, running_var, factor)`` with both arrays of one dtype
     (float32 or float64), or None; ``counters``: zeroed; ``scratch``: the
-    device's ``scratch`` (None: every buffer from ``alloc``).
+    device's ``scratch`` (None: every buffer from ``alloc``);
+    ``blocks_per_sm``: the kernel's occupancy (:func:`occupancy`).
 
     Returns ``(launch, out)`` with ``out`` the dict of (C,) compute-dtype
     arrays ``k, scale, shift, mean, invstd, dmean, m2`` the kernel writes;
@@ -143,7 +164,7 @@ def stats(x, layout: ChannelLayout, gamma, beta, running, eps: float, alloc, cou
     """
     acc = compute_dtype(x.dtype)
     C, n = layout.channels, layout.count
-    plan, grid, block = _reduce_geometry(layout, limits, tuning)
+    plan, grid, block = _reduce_geometry(layout, limits, tuning, blocks_per_sm)
     # stages: count, mean and M2 per block
     out = _outputs("stats", STATS_OUTPUTS, C, acc, alloc, scratch, stages=3, splits=plan.splits)
     rm, rv, factor = running if running is not None else (None, None, 0.0)
@@ -155,10 +176,10 @@ def stats(x, layout: ChannelLayout, gamma, beta, running, eps: float, alloc, cou
 
 
 def apply(x, y, layout: ChannelLayout, k, scale, shift, relu: bool, vectorized: bool, limits,
-          tuning=geometry.Tuning()) -> Launch:
+          tuning=geometry.Tuning(), blocks_per_sm=None) -> Launch:
     """``y = (x - k) * scale + shift`` [ReLU] over flat contiguous x, y.
     ``vectorized``: both pointers are 16-byte aligned."""
-    grid, block = _elementwise_geometry(x.size, limits, tuning)
+    grid, block = _elementwise_geometry(x.size, limits, tuning, blocks_per_sm)
     args = {"x": x, "y": y, "total": np.int64(x.size), "channels": np.int64(layout.channels),
             "inner": np.int64(layout.inner), "k": k, "scale": scale, "shift": shift, "relu": np.int32(relu),
             "vectorized": _flag(vectorized)}
@@ -182,14 +203,14 @@ def infer_coeffs(x_dtype, mean, var, gamma, beta, eps: float, alloc, scratch=Non
 
 
 def bwd_reduce(dy, x, layout: ChannelLayout, gamma, saved_mean, saved_invstd, alloc, counters, limits,
-               tuning=geometry.Tuning(), scratch=None):
+               tuning=geometry.Tuning(), scratch=None, blocks_per_sm=None):
     """Backward sums (with the dx coefficients fused). ``saved_mean``,
     ``saved_invstd``: (C,) of one dtype, float32 or float64, read as they
     are; ``gamma``: (C,) or None. Returns ``(launch, out)``, ``out``:
     ``dgamma, dbeta`` (new) and ``k, a, b, c`` (workspace), (C,) arrays."""
     acc = compute_dtype(x.dtype)
     C = layout.channels
-    plan, grid, block = _reduce_geometry(layout, limits, tuning)
+    plan, grid, block = _reduce_geometry(layout, limits, tuning, blocks_per_sm)
     # stages: sum(dy) and sum(dy * (x - k)) per block
     out = _outputs("bwd_reduce", BWD_OUTPUTS, C, acc, alloc, scratch, stages=2, splits=plan.splits)
     args = {"dy": dy, "x": x, **_view_args(layout), "gamma": gamma, "saved_mean": saved_mean,
@@ -199,9 +220,9 @@ def bwd_reduce(dy, x, layout: ChannelLayout, gamma, saved_mean, saved_invstd, al
 
 
 def dx(dy, x, out, layout: ChannelLayout, coeffs: dict, vectorized: bool, limits,
-       tuning=geometry.Tuning()) -> Launch:
+       tuning=geometry.Tuning(), blocks_per_sm=None) -> Launch:
     """``dx = dy * a + (x - k) * b + c`` over flat contiguous arrays."""
-    grid, block = _elementwise_geometry(x.size, limits, tuning)
+    grid, block = _elementwise_geometry(x.size, limits, tuning, blocks_per_sm)
     args = {"dy": dy, "x": x, "dx": out, "total": np.int64(x.size), "channels": np.int64(layout.channels),
             "inner": np.int64(layout.inner), **{n: coeffs[n] for n in BWD_OUTPUTS[1]},
             "vectorized": _flag(vectorized)}
@@ -220,8 +241,9 @@ def run_stats(dev, x, layout: ChannelLayout, gamma, beta, running, eps: float) -
     if layout.count == 0 or layout.channels == 0:
         return _zeros(dev, STATS_OUTPUTS, layout.channels, compute_dtype(x.dtype))
     counters = dev.counters(counters_needed(layout, dev.limits, dev.tuning))
+    stats_dtype = None if running is None else running[0].dtype
     launch_, out = stats(x, layout, gamma, beta, running, eps, dev.alloc, counters, dev.limits, dev.tuning,
-                         dev.scratch)
+                         dev.scratch, occupancy(dev, "stats", layout, x.dtype, stats_dtype))
     dev.run(launch_)
     return out
 
@@ -233,7 +255,7 @@ def run_apply(dev, x, layout: ChannelLayout, coeffs: dict, relu: bool):
     y = dev.alloc(x.shape, x.dtype)
     if x.size:
         dev.run(apply(x, y, layout, coeffs["k"], coeffs["scale"], coeffs["shift"], relu, dev.aligned(x, y),
-                      dev.limits, dev.tuning))
+                      dev.limits, dev.tuning, occupancy(dev, "apply", layout, x.dtype)))
     return y
 
 
@@ -271,7 +293,8 @@ def run_bwd_reduce(dev, dy, x, layout: ChannelLayout, gamma, saved_mean, saved_i
         return _zeros(dev, BWD_OUTPUTS, layout.channels, compute_dtype(x.dtype))
     counters = dev.counters(counters_needed(layout, dev.limits, dev.tuning))
     launch_, out = bwd_reduce(dy, x, layout, gamma, saved_mean, saved_invstd, dev.alloc, counters, dev.limits,
-                              dev.tuning, dev.scratch)
+                              dev.tuning, dev.scratch,
+                              occupancy(dev, "bwd_reduce", layout, x.dtype, saved_mean.dtype))
     dev.run(launch_)
     return out
 
@@ -282,7 +305,8 @@ def run_dx(dev, dy, x, layout: ChannelLayout, coeffs: dict):
     if x.size == 0:
         return dev.zeros(x.shape, x.dtype)
     result = dev.alloc(x.shape, x.dtype)
-    dev.run(dx(dy, x, result, layout, coeffs, dev.aligned(dy, x, result), dev.limits, dev.tuning))
+    dev.run(dx(dy, x, result, layout, coeffs, dev.aligned(dy, x, result), dev.limits, dev.tuning,
+               occupancy(dev, "dx", layout, x.dtype)))
     return result
 
 
@@ -351,6 +375,10 @@ class Recorder:
 
     def scratch(self, key, specs):
         return self.dev.scratch(key, specs)
+
+    def resident_blocks(self, launch):
+        ask = getattr(self.dev, "resident_blocks", None)
+        return None if ask is None else ask(launch)
 
     def aligned(self, *arrays):
         return _Aligned(arrays)

@@ -6,7 +6,9 @@ The caller (``bnkernels.prepared``) guarantees that every call passes
 arrays of the kind, shape, strides and dtype of the ones prepared for, so
 nothing here re-checks them. What may differ from call to call is where
 the call runs: x's device, the current device, the stream (CuPy's or
-torch's current one) and the host thread. Those make the context (the
+torch's current one) and the host thread. (A call while the stream is
+being captured into a CUDA graph has no context: it runs the fused member,
+whose counters and workspace are the captured call's own.) Those make the context (the
 arrays adapter's ``context(x)`` and ``workspace.thread_number()``); each
 context gets its own recording, since a recording binds that context's
 counters and workspace (``workspace.py``: two streams or two threads must
@@ -71,7 +73,10 @@ class PreparedSequence:
         if not self.direct:
             return self._fallback(*arrays)
         A = self._A
-        context = (A.context(arrays[self._x_index]), thread_number())
+        where = A.context(arrays[self._x_index])
+        if where is None:  # a stream being captured into a CUDA graph: no shared counters or workspace
+            return self._fallback(*arrays)
+        context = (where, thread_number())
         recording = self._recordings.get(context)
         if recording is None:
             recording = self._record(arrays[self._x_index], context)
@@ -93,12 +98,13 @@ class PreparedSequence:
     def _record(self, x, context):
         A = self._A
         dev = A.device(A.operand(x))
+        enter = A.needs_entering(dev)  # asked outside the device's context: as a call finds things
         with dev:
             rec = plans.Recorder(dev)
             results = self._sequence(rec, *self._slots)
             shapes = {results[0]: self._x_shape} if A.shaped_outputs else None
             program = plans.Program(rec, [s for s in self._slots if s is not None], shapes)
-            recording = (dev, program, [program.position(r) for r in results], A.needs_entering(dev))
+            recording = (dev, program, [program.position(r) for r in results], enter)
         self._recordings[context] = recording
         while len(self._recordings) > MAX_CONTEXTS:
             self._recordings.popitem(last=False)

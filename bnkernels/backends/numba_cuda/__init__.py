@@ -24,6 +24,8 @@ host results are synchronized by the copy back.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import cuda
 
@@ -53,6 +55,24 @@ def _kind(x) -> str:
     if hasattr(x, "__cuda_array_interface__"):
         return "cai"
     return "numpy"
+
+
+def _capturing(kind: str) -> bool:
+    """Whether the stream work on this kind of array goes to is being
+    captured into a CUDA graph (CuPy's or torch's; Numba has no graphs)."""
+    if kind == "cupy":
+        import cupy
+        is_capturing = getattr(cupy.cuda.get_current_stream(), "is_capturing", None)
+        return bool(is_capturing()) if is_capturing is not None else False
+    if kind == "torch":
+        import torch
+        return bool(torch.cuda.is_current_stream_capturing())
+    return False
+
+
+#: Counters and workspaces of captured calls, kept for the process's life
+#: (as the cupy backend's ``CAPTURED``: a graph holds only their addresses).
+CAPTURED: list = []
 
 
 def _stream(x: Operand):
@@ -86,8 +106,9 @@ class _Device:
     context manager, as the cupy backend's; Numba launches on the current
     context)."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, capturing: bool = False):
         self.stream = stream
+        self.capturing = capturing
         self.limits = _limits()
         self.tuning = TUNING
         self.poison = geometry.poison_requested()
@@ -112,13 +133,32 @@ class _Device:
         return cuda.to_device(np.zeros(shape, dtype), stream=self.stream)
 
     def counters(self, n):
+        if self.capturing:  # a graph's own (see the cupy backend's CAPTURED)
+            CAPTURED.append(self.zeros(max(n, 64), np.int32))
+            return CAPTURED[-1]
         return _counters.zeroed(self.key, n, lambda size: self.zeros(size, np.int32))
 
     def scratch(self, key, specs):
+        if self.capturing:
+            work = {name: self.alloc(shape, dtype) for name, (shape, dtype) in specs.items()}
+            CAPTURED.extend(work.values())
+            return work
         return _scratch.get((self.key, key), specs, self.alloc)
 
     def aligned(self, *arrays):
         return False  # the Numba kernels take no vectorized path
+
+    def resident_blocks(self, launch):
+        """``gpu.plans.occupancy``: of the kernel ``launch`` runs, from the
+        registers and shared memory of its compiled specializations (the
+        most demanding one); None before its first compilation (and under
+        the simulator, which compiles nothing)."""
+        compiled = list(getattr(bind.kernel_for(launch), "overloads", {}).values())
+        registers = [getattr(k, "regs_per_thread", None) for k in compiled]
+        if not compiled or None in registers:
+            return None
+        shared = max(getattr(k, "shared_mem_per_block", 0) for k in compiled)
+        return geometry.resident_blocks(self.limits, math.prod(launch.block), max(registers), shared)
 
     def bind(self, launch):
         dummy = _dummies.get(self.key[0])  # what an absent optional array is passed as (never written)
@@ -152,14 +192,14 @@ class Arrays:
         return Operand(kind, x, device=x if kind == "numba" else cuda.as_cuda_array(x))
 
     def device(self, x_op):
-        return _Device(_stream(x_op))
+        return _Device(_stream(x_op), _capturing(x_op.kind))
 
     def context(self, x):
         """Where a call on device array ``x`` runs now: ``(the current
         context, the stream's handle)``; None for host data."""
         kind = _kind(x)
-        if kind == "numpy" or (kind == "torch" and not x.is_cuda):
-            return None
+        if kind == "numpy" or (kind == "torch" and not x.is_cuda) or _capturing(kind):
+            return None  # (captured calls have counters and a workspace of their own)
         if kind == "cupy":
             import cupy
             stream = cupy.cuda.get_current_stream().ptr

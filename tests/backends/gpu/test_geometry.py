@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from bnkernels.backends.gpu.geometry import (DeviceLimits, Tuning, elementwise_plan,
-                                                  reduce_plan)
+from bnkernels.backends.gpu.geometry import (DeviceLimits, Tuning, elementwise_plan, reduce_plan,
+                                             resident_blocks)
 
 H100 = DeviceLimits(sm_count=132)
 A100 = DeviceLimits(sm_count=108)
@@ -69,3 +69,26 @@ def test_limits_from_a_device_like_object():
 def test_zero_channels_is_an_error():
     with pytest.raises(ValueError):
         reduce_plan(4, 0, 1, H100)
+
+
+@pytest.mark.parametrize("registers,shared,threads,expected", [
+    (60, 12292, 256, 4),   # bn_stats<float>: 1920 registers per warp, 8 warps -> 4 (shared memory allows 17)
+    (40, 0, 256, 6),       # bn_apply: 1280 per warp -> 6
+    (32, 0, 256, 8),       # threads bound it: 2048 / 256
+    (24, 0, 64, 32),       # the 32-block limit
+    (32, 100 * 1024, 256, 2),  # shared memory bounds it: 228 KiB / (100 KiB + 1 KiB)
+    (255, 0, 1024, 1),     # never less than one
+])
+def test_resident_blocks_by_registers_shared_memory_and_threads(registers, shared, threads, expected):
+    """The occupancy rules (registers per warp in units of 256, 1 KiB of
+    shared memory reserved per block), worked by hand for an H100."""
+    assert resident_blocks(H100, threads, registers, shared) == expected
+
+
+def test_grids_follow_the_kernels_occupancy():
+    """A kernel resident 4 times per SM gets half the splits and
+    elementwise blocks of one resident 8 times (threads alone)."""
+    by_threads = reduce_plan(4096, 4, 3136, H100)
+    by_kernel = reduce_plan(4096, 4, 3136, H100, Tuning(), 4)
+    assert by_kernel.splits == math.ceil(by_threads.splits / 2)
+    assert elementwise_plan(1 << 26, H100, Tuning(), 4).grid == elementwise_plan(1 << 26, H100).grid // 2
