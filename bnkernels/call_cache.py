@@ -58,12 +58,10 @@ def _key(kind: str, backend, options: tuple, arrays: tuple):
     """The description of a call, or None when it has none (an argument
     that is not an array, an unhashable option)."""
     try:
-        key = (kind, backend, os.environ.get(ENV_VAR) if backend == "auto" else None, options,
-               *map(describe, arrays))
-        hash(key)
-    except (AttributeError, TypeError):  # not an array (a list: described by its values), unhashable options
+        return (kind, backend, os.environ.get(ENV_VAR) if backend == "auto" else None, options,
+                *map(describe, arrays))
+    except AttributeError:  # not an array (a list: described by its values)
         return None
-    return key
 
 
 def forward_key(arrays: tuple, training, momentum, eps, axis, activation, backend, num_batches_tracked,
@@ -83,12 +81,16 @@ def backward_key(arrays: tuple, axis, backend, out):
 
 
 def lookup(key):
-    """The entry of ``key``: a prepared call, :data:`UNCACHED`, or None
-    when there is none yet."""
+    """The entry of ``key``: a prepared call, :data:`UNCACHED` (also for a
+    key that cannot be one: None, or unhashable), or None when there is
+    none yet."""
     if key is None:
         return UNCACHED
     with _lock:
-        entry = _entries.get(key)
+        try:
+            entry = _entries.get(key)
+        except TypeError:  # an unhashable option
+            return UNCACHED
         if entry is not None:
             _entries.move_to_end(key)
         return entry

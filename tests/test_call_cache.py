@@ -42,7 +42,7 @@ def test_a_description_is_everything_validation_reads(rng):
 def test_calls_without_a_description(change, rng):
     """``out``, flags that are not bools, unhashable options: never kept."""
     x = rng.standard_normal((4, 3, 5)).astype(np.float32)
-    assert _key(x, **change) is None
+    assert call_cache.lookup(_key(x, **change)) is call_cache.UNCACHED
 
 
 def test_non_arrays_have_no_description():

@@ -15,6 +15,17 @@ thing each backend writes itself (``cupy_backend``, ``numba_cuda``):
 - ``contiguous(op)``: whether op's device array is C-contiguous (a flat
   view of it is its memory, no copy).
 
+For the prepared calls (``prepared.py``):
+
+- ``context(x)``: where a call on the caller's array x runs now (hashable:
+  devices and stream), None for host data or while the stream is captured
+  into a CUDA graph; ``needs_entering(dev)``: whether a replay must make
+  dev's device and stream current;
+- ``direct(a, dtype)``: whether the caller's array can go to a kernel as it
+  is; ``kernel_array(a)``: it as a kernel argument (no copy);
+- ``shaped_outputs``: whether results are allocated in x's shape (kernels
+  that take pointers) rather than flat.
+
 Every member takes and returns what ``interface.Backend`` says.
 """
 from __future__ import annotations
