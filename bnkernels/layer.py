@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+from typing import NamedTuple
 
 import numpy as np
 
@@ -10,14 +11,32 @@ from .batch_norm import bn_backward, bn_forward
 from .backends import check_backend_name
 
 
+class LoadResult(NamedTuple):
+    """What :meth:`BatchNorm.load_state_dict` did not load (torch's
+    ``_IncompatibleKeys``): keys the layer has that the state lacks, and
+    keys of the state the layer has no use for."""
+
+    missing_keys: list
+    unexpected_keys: list
+
+
 class BatchNorm:
     """Batch normalization layer (PyTorch ``BatchNorm{1,2,3}d`` semantics).
 
     Args:
-        num_features: number of channels C.
+        num_features: number of channels C, or None to take it from the
+            first input (torch's ``LazyBatchNorm*``, Keras, Chainer); the
+            parameters and running statistics exist from then on (or from a
+            :meth:`load_state_dict`).
         eps, momentum: as in :func:`bnkernels.bn_forward`; ``momentum=None``
             is a cumulative average (the layer counts the batches).
-        affine: learn ``gamma`` (init 1) and ``beta`` (init 0).
+        affine: learn a scale ``gamma`` (init 1) and a shift ``beta`` (init
+            0); False: neither.
+        bias: torch's spelling of ``center`` (``BatchNorm(C, bias=False)``:
+            a gamma but no beta).
+        scale, center: Keras' (and Chainer's ``use_gamma``, ``use_beta``):
+            whether gamma, and beta, exist, independently. Each defaults to
+            ``affine``; asking for one while ``affine=False`` is an error.
         track_running_stats: keep ``running_mean`` (init 0) and
             ``running_var`` (init 1). Without them, inference mode also
             normalizes with batch statistics, as in PyTorch.
@@ -26,17 +45,15 @@ class BatchNorm:
             float64 (float16 inputs use float32 parameters).
         backend: as in :func:`bnkernels.bn_forward`.
 
-    Attributes ``gamma``, ``beta`` (None without affine), ``running_mean``,
+    Attributes ``gamma``, ``beta`` (None where absent), ``running_mean``,
     ``running_var`` (None without tracking), ``num_batches_tracked``, and after
     :meth:`backward`, ``grad_gamma`` and ``grad_beta``.
     """
 
-    def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 axis=1, dtype=np.float32, backend="auto"):
-        if isinstance(num_features, (bool, np.bool_)) or not isinstance(num_features, numbers.Integral):
-            raise TypeError(f"num_features must be a positive int, got {type(num_features).__name__}")
-        if num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    def __init__(self, num_features=None, *, eps=1e-5, momentum=0.1, affine=True, bias=None, scale=None,
+                 center=None, track_running_stats=True, axis=1, dtype=np.float32, backend="auto"):
+        if num_features is not None:
+            num_features = _check_num_features(num_features)
         try:
             dtype = np.dtype(dtype)
         except TypeError:
@@ -46,30 +63,47 @@ class BatchNorm:
         if not isinstance(axis, numbers.Integral) or isinstance(axis, (bool, np.bool_)):
             raise TypeError(f"axis must be an int, got {type(axis).__name__}")
         check_backend_name(backend)
-        self.num_features = int(num_features)
         self.eps = v.check_eps(eps)
         self.momentum = v.check_momentum(momentum)
         self.axis = int(axis)
         self.dtype = dtype
         self.backend = backend
         affine = v.check_flag(affine, "affine")
+        self._has_gamma, self._has_beta = _affine_parts(affine, bias, scale, center)
         #: Read on every call, as in PyTorch: False after construction stops
         #: the updates in training (eval still uses existing statistics).
         self.track_running_stats = v.check_flag(track_running_stats, "track_running_stats")
-        self.gamma = np.ones(num_features, dtype) if affine else None
-        self.beta = np.zeros(num_features, dtype) if affine else None
-        self.reset_running_stats()
+        self.num_features = None
+        self.gamma = self.beta = self.running_mean = self.running_var = None
+        self.num_batches_tracked = 0
+        if num_features is not None:
+            self._materialize(num_features)
         self.training = True
         self.grad_gamma = self.grad_beta = None
         self._saved = None  # (x, SavedStats) of the last batch-statistics forward
 
+    def _materialize(self, num_features: int) -> None:
+        """Make the parameters and running statistics for C channels."""
+        self.num_features = num_features
+        self.gamma = np.ones(num_features, self.dtype) if self._has_gamma else None
+        self.beta = np.zeros(num_features, self.dtype) if self._has_beta else None
+        self.reset_running_stats()
+
+    @property
+    def lazy(self) -> bool:
+        """Whether the channel count is still to come from the first input."""
+        return self.num_features is None
+
     @property
     def affine(self) -> bool:
-        """Whether the layer has ``gamma`` and ``beta`` (chosen at construction)."""
-        return self.gamma is not None
+        """Whether the layer has a ``gamma`` or a ``beta`` (chosen at construction)."""
+        return self._has_gamma or self._has_beta
 
     def reset_running_stats(self) -> None:
         """Running mean 0, running var 1, batch count 0."""
+        if self.lazy:
+            self.num_batches_tracked = 0
+            return
         if self.track_running_stats:
             self.running_mean = np.zeros(self.num_features, self.dtype)
             self.running_var = np.ones(self.num_features, self.dtype)
@@ -89,6 +123,8 @@ class BatchNorm:
         (bn_forward would blame gamma, which the caller never passed)."""
         shape = np.shape(x)
         layout = v.channel_layout(shape, self.axis)
+        if self.lazy:
+            return
         if layout.channels != self.num_features:
             raise ValueError(f"BatchNorm({self.num_features}) expects {self.num_features} channels along axis "
                              f"{self.axis} of x, got x of shape {tuple(shape)} with {layout.channels}")
@@ -100,9 +136,21 @@ class BatchNorm:
         while ``track_running_stats`` is true and running statistics exist,
         updates them; eval mode normalizes with the running statistics when
         they exist, else with the batch's. A batch-statistics forward
-        remembers what :meth:`backward` needs.
+        remembers what :meth:`backward` needs. A lazy layer takes its
+        channel count from x (and stays lazy if the call fails).
         """
         self._check_channels(x)
+        lazy = self.lazy
+        if lazy:
+            self._materialize(v.channel_layout(np.shape(x), self.axis).channels)
+        try:
+            return self._forward(x)
+        except BaseException:
+            if lazy:
+                self.num_features = self.gamma = self.beta = self.running_mean = self.running_var = None
+            raise
+
+    def _forward(self, x):
         have_running = self.running_mean is not None
         batch = self.training or not have_running
         update = self.training and self.track_running_stats and have_running
@@ -124,8 +172,8 @@ class BatchNorm:
     def backward(self, dy):
         """Gradient w.r.t. the input of the last batch-statistics forward.
 
-        Returns ``dx``; stores ``grad_gamma`` and ``grad_beta`` (None without
-        affine).
+        Returns ``dx``; stores ``grad_gamma`` and ``grad_beta`` (None where
+        the layer has no gamma, or no beta).
         """
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() with batch statistics first "
@@ -133,8 +181,8 @@ class BatchNorm:
         x, saved = self._saved
         dx, dgamma, dbeta = bn_backward(dy, x, saved.mean, saved.invstd, self.gamma, axis=self.axis,
                                         backend=self.backend)
-        if self.affine:
-            self.grad_gamma, self.grad_beta = dgamma.astype(self.dtype), dbeta.astype(self.dtype)
+        self.grad_gamma = None if self.gamma is None else dgamma.astype(self.dtype)
+        self.grad_beta = None if self.beta is None else dbeta.astype(self.dtype)
         return dx
 
     _STATE_KEYS = ("gamma", "beta", "running_mean", "running_var")
@@ -148,33 +196,84 @@ class BatchNorm:
             state["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
         return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def _expected_keys(self) -> set:
+        """The keys of this layer's state (a lazy one's: those it will have)."""
+        if self.lazy:
+            have = {"gamma": self._has_gamma, "beta": self._has_beta,
+                    "running_mean": self.track_running_stats, "running_var": self.track_running_stats}
+        else:
+            have = {k: getattr(self, k) is not None for k in self._STATE_KEYS}
+        keys = {k for k, present in have.items() if present}
+        return keys | {"num_batches_tracked"} if "running_mean" in keys else keys
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> LoadResult:
         """Load arrays saved by :meth:`state_dict` (validated before anything
-        changes; values are copied into this layer's dtype)."""
-        expected = {k for k in self._STATE_KEYS if getattr(self, k) is not None}
-        if self.running_mean is not None:
-            expected.add("num_batches_tracked")
-        if set(state) != expected:
-            raise ValueError(f"state keys {sorted(state)} do not match this layer's {sorted(expected)}")
-        new = {}
+        changes; values are copied into this layer's dtype). ``strict``: the
+        keys must be exactly this layer's (a ``ValueError`` names the
+        missing and unexpected ones); with ``strict=False`` what is there is
+        loaded, the rest kept, as torch does. A lazy layer takes its channel
+        count from the state's arrays. Returns the keys not loaded
+        (:class:`LoadResult`)."""
+        strict = v.check_flag(strict, "strict")
+        expected = self._expected_keys()
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if strict and (missing or unexpected):
+            raise ValueError(f"state keys {sorted(state)} do not match this layer's {sorted(expected)}: "
+                             f"missing {missing}, unexpected {unexpected}")
+        arrays = {}
         for k in self._STATE_KEYS:
-            if k in state:
+            if k in state and k in expected:
                 v.reject_masked(state[k], k)
                 arr = np.asarray(state[k])
                 if arr.dtype.kind != "f":
                     raise TypeError(f"{k} must be a float array, got dtype {arr.dtype}")
-                if arr.shape != (self.num_features,):
-                    raise ValueError(f"{k} must have shape ({self.num_features},), got {arr.shape}")
-                new[k] = arr.astype(self.dtype, copy=True)
-        if "num_batches_tracked" in expected:
+                arrays[k] = arr
+        channels = self.num_features
+        if channels is None and arrays:
+            channels = next(iter(arrays.values())).shape[0] if next(iter(arrays.values())).ndim == 1 else -1
+        for k, arr in arrays.items():
+            if arr.shape != (channels,):
+                raise ValueError(f"{k} must have shape ({channels},), got {arr.shape}" if channels and channels > 0
+                                 else f"{k} must be a vector (one value per channel), got shape {arr.shape}")
+        nbt = None
+        if "num_batches_tracked" in state and "num_batches_tracked" in expected:
             nbt = np.asarray(state["num_batches_tracked"])
             if nbt.shape != () or nbt.dtype.kind not in "iu" or nbt < 0:
                 raise ValueError(f"num_batches_tracked must be a non-negative integer scalar, got {nbt!r}")
+        if self.lazy and channels is not None:
+            self._materialize(channels)
+        if nbt is not None:
             self.num_batches_tracked = int(nbt)
-        for k, arr in new.items():
-            setattr(self, k, arr)
+        for k, arr in arrays.items():
+            setattr(self, k, arr.astype(self.dtype, copy=True))
+        return LoadResult(missing, unexpected)
 
     def __repr__(self) -> str:
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+                f"scale={self._has_gamma}, center={self._has_beta}, track_running_stats={self.track_running_stats}, "
                 f"axis={self.axis}, dtype={self.dtype.name}, backend={self.backend!r})")
+
+
+def _check_num_features(num_features) -> int:
+    if isinstance(num_features, (bool, np.bool_)) or not isinstance(num_features, numbers.Integral):
+        raise TypeError(f"num_features must be a positive int (or None: from the first input), "
+                        f"got {type(num_features).__name__}")
+    if num_features < 1:
+        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    return int(num_features)
+
+
+def _affine_parts(affine: bool, bias, scale, center) -> tuple[bool, bool]:
+    """``(has gamma, has beta)`` from torch's ``affine``/``bias`` and Keras'
+    ``scale``/``center`` (None: as ``affine``). ``bias`` and ``center`` are
+    the same switch; asking for a part ``affine=False`` rules out, or
+    giving ``bias`` and ``center`` different values, is an error."""
+    for name, flag in (("bias", bias), ("scale", scale), ("center", center)):
+        if flag is not None:
+            v.check_flag(flag, name)
+            if flag and not affine:
+                raise ValueError(f"{name}=True asks for a parameter that affine=False rules out")
+    if bias is not None and center is not None and bool(bias) != bool(center):
+        raise ValueError(f"bias={bias} and center={center} contradict each other (they are the same switch)")
+    shift = center if center is not None else bias
+    return (affine if scale is None else bool(scale)), (affine if shift is None else bool(shift))

@@ -192,3 +192,108 @@ def test_load_state_dict_refuses_masked_arrays(backend):
     with pytest.raises(TypeError, match="running_mean is a numpy.ma.MaskedArray"):
         layer.load_state_dict(state)
     np.testing.assert_array_equal(layer.running_mean, 0)
+
+
+# --- affine parts, lazy channel count, non-strict loading (issue 13) ------
+
+@pytest.mark.parametrize("kwargs,gamma,beta", [
+    (dict(), True, True), (dict(affine=False), False, False),
+    (dict(bias=False), True, False),                          # torch's spelling
+    (dict(center=False), True, False), (dict(scale=False), False, True),  # Keras' (Chainer's use_beta/use_gamma)
+    (dict(scale=False, center=False), False, False), (dict(bias=True, center=True), True, True),
+])
+def test_gamma_and_beta_independently(backend, rng, kwargs, gamma, beta):
+    """Each part exists or not; forward, backward and the state follow."""
+    layer = BatchNorm(3, backend=backend, dtype=np.float64, **kwargs)
+    assert (layer.gamma is not None, layer.beta is not None) == (gamma, beta)
+    if gamma:
+        layer.gamma[:] = rng.uniform(0.5, 2, 3)
+    if beta:
+        layer.beta[:] = rng.standard_normal(3)
+    x = make_input((6, 3, 4), np.float64, rng)
+    y = layer(x)
+    ref = reference_forward(x, layer.gamma, layer.beta)
+    assert_close(y, ref[0], np.float64, "y")
+    dy = rng.standard_normal(x.shape)
+    layer.backward(dy)
+    _, rdg, rdb = reference_backward(dy, x, ref[1], ref[2], layer.gamma)
+    assert (layer.grad_gamma is not None, layer.grad_beta is not None) == (gamma, beta)
+    if gamma:
+        assert_close(layer.grad_gamma, rdg, np.float64, "grad_gamma")
+    if beta:
+        assert_close(layer.grad_beta, rdb, np.float64, "grad_beta")
+    keys = {"running_mean", "running_var", "num_batches_tracked"} | ({"gamma"} if gamma else set()) | (
+        {"beta"} if beta else set())
+    assert set(layer.state_dict()) == keys
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(affine=False, center=True), "center=True asks for a parameter that affine=False rules out"),
+    (dict(affine=False, bias=True), "bias=True"), (dict(affine=False, scale=True), "scale=True"),
+    (dict(bias=False, center=True), "contradict"), (dict(scale="yes"), "scale must be True or False"),
+])
+def test_contradictory_affine_parts_are_refused(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        BatchNorm(3, **kwargs)
+
+
+@pytest.mark.parametrize("shape,axis", [((6, 3, 4), 1), ((5, 4, 7), -1)])
+def test_lazy_channel_count_from_the_first_input(backend, rng, shape, axis):
+    """As torch's LazyBatchNorm and Keras: C from the first input; the layer
+    then behaves as one made with it."""
+    lazy, eager = BatchNorm(axis=axis, backend=backend), BatchNorm(shape[axis], axis=axis, backend=backend)
+    assert lazy.lazy and lazy.gamma is None and lazy.state_dict() == {}
+    for _ in range(2):
+        x = make_input(shape, np.float32, rng)
+        np.testing.assert_array_equal(lazy(x), eager(x))
+    assert lazy.num_features == shape[axis] and not lazy.lazy
+    for k, val in eager.state_dict().items():
+        np.testing.assert_array_equal(lazy.state_dict()[k], val)
+    with pytest.raises(ValueError, match=f"BatchNorm\\({shape[axis]}\\) expects"):
+        lazy(make_input((6, shape[axis] + 1, 4) if axis == 1 else (5, 4, shape[axis] + 1), np.float32, rng))
+
+
+def test_a_failed_first_call_leaves_the_layer_lazy(backend):
+    layer = BatchNorm(backend=backend)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        layer(np.ones((1, 3), np.float32))
+    assert layer.lazy and layer.gamma is None and layer.num_batches_tracked == 0
+    layer(np.arange(10, dtype=np.float32).reshape(2, 5))
+    assert layer.num_features == 5
+
+
+def test_a_lazy_layer_takes_its_channels_from_a_loaded_state(backend, rng):
+    source = BatchNorm(4, backend=backend)
+    source(make_input((5, 4, 3), np.float32, rng))
+    lazy = BatchNorm(backend=backend)
+    assert lazy.load_state_dict(source.state_dict()) == ([], [])
+    assert lazy.num_features == 4 and lazy.num_batches_tracked == 1
+    x = make_input((2, 4, 3), np.float32, rng)
+    np.testing.assert_array_equal(lazy.eval()(x), source.eval()(x))
+
+
+def test_non_strict_loading_loads_what_is_there(backend):
+    """torch's load_state_dict(strict=False): missing keys keep their
+    values, unexpected ones are ignored; both are reported."""
+    layer = BatchNorm(3, backend=backend)
+    state = {"running_mean": np.full(3, 2.0), "weight": np.ones(3)}
+    missing, unexpected = layer.load_state_dict(state, strict=False)
+    assert missing == ["beta", "gamma", "num_batches_tracked", "running_var"] and unexpected == ["weight"]
+    np.testing.assert_array_equal(layer.running_mean, 2.0)
+    np.testing.assert_array_equal(layer.running_var, 1.0)
+    with pytest.raises(ValueError, match=r"missing \['beta', 'gamma', 'num_batches_tracked', 'running_var'\], "
+                                         r"unexpected \['weight'\]"):
+        layer.load_state_dict(state)
+    with pytest.raises(ValueError, match="gamma must have shape"):  # what is there is still checked
+        layer.load_state_dict({"gamma": np.ones(4)}, strict=False)
+    np.testing.assert_array_equal(layer.gamma, 1.0)
+
+
+def test_lazy_layer_against_torchs_lazy_batch_norm(rng):
+    torch = pytest.importorskip("torch")
+    ours, ref = BatchNorm(), torch.nn.LazyBatchNorm1d()
+    for _ in range(2):
+        x = make_input((6, 3, 4), np.float32, rng)
+        np.testing.assert_allclose(ours(x), ref(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours.running_var, ref.running_var.numpy(), rtol=1e-6)
+    assert ours.num_batches_tracked == int(ref.num_batches_tracked) == 2
