@@ -66,7 +66,9 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
         running_mean, running_var: shape (C,), float32 or float64, or None.
             Training updates them in place (only after every check passed):
             ``running = (1 - momentum) * running + momentum * batch``, with the
-            unbiased batch variance in ``running_var``. Inference
+            unbiased batch variance in ``running_var``. An empty batch (no
+            values per channel) leaves them untouched, as in torch; its y is
+            empty and its saved statistics are zeros. Inference
             (``training=False``) normalizes with them and requires both.
         training: normalize with batch statistics (True) or running ones.
         momentum: weight of the new batch in [0, 1], or None for a cumulative
@@ -108,7 +110,8 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
                                                                   c.factor, c.out, c.out_view)
     if training:
         v.check_training_count(layout)
-        running = None if running_mean is None else (running_mean, running_var, factor)
+        # an empty batch (as torch): an empty y, zero statistics, the running ones untouched
+        running = None if running_mean is None or layout.count == 0 else (running_mean, running_var, factor)
         y, mean, invstd = engine.forward_train(impl, x, layout, gamma, beta, eps, relu, running, out_view)
     else:
         if running_mean is None:

@@ -106,11 +106,12 @@ class PreparedForward(_Prepared):
         c = checked
         self.training = c.training
         super().__init__(self._NAMES, given, written=("running_mean", "running_var") if c.training else ())
-        self._impl, self._momentum, self._uses_running = c.impl, c.momentum, c.running_mean is not None
+        self._impl, self._momentum = c.impl, c.momentum
+        self._uses_running = c.running_mean is not None and c.layout.count > 0  # an empty batch updates nothing
         # the arrays as given, as later calls will pass them (not as validation converted them)
         x, gamma, beta, running_mean, running_var = given
         if c.training:
-            running = None if running_mean is None else (running_mean, running_var, c.factor)
+            running = (running_mean, running_var, c.factor) if self._uses_running else None
             self._call = engine.prepare_forward_train(c.impl, x, c.layout, gamma, beta, c.eps, c.relu, running)
         else:
             self._call = engine.prepare_forward_infer(c.impl, x, c.layout, running_mean, running_var, gamma, beta,
@@ -128,10 +129,10 @@ class PreparedForward(_Prepared):
             v.running_factor(self._momentum, num_batches_tracked, used=False)  # checked all the same
             y, mean, invstd = self._call(x, running_mean, running_var, gamma, beta)
             return y, SavedStats(mean, invstd)
-        factor = v.running_factor(self._momentum, num_batches_tracked, used=self._uses_running)
+        factor = v.running_factor(self._momentum, num_batches_tracked, used=running_mean is not None)
         if self._may_overlap(arrays):
             self._check_aliasing(arrays)
-        running = None if running_mean is None else (running_mean, running_var, factor)
+        running = (running_mean, running_var, factor) if self._uses_running else None
         y, mean, invstd = self._call(x, gamma, beta, running)
         return y, SavedStats(mean, invstd)
 

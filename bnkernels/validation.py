@@ -227,10 +227,9 @@ def check_activation(activation) -> bool:
 
 
 def check_training_count(layout: ChannelLayout, name: str = "x") -> None:
+    """Training needs at least 2 values per channel, or none at all (an
+    empty batch, as torch: an empty result, no statistics)."""
     n = layout.count
-    if n == 0:
-        raise ValueError(f"{name} of shape {layout.shape} has an empty batch (0 values per channel); "
-                         "training needs at least 2")
     if n == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got {name} of shape "

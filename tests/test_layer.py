@@ -297,3 +297,15 @@ def test_lazy_layer_against_torchs_lazy_batch_norm(rng):
         np.testing.assert_allclose(ours(x), ref(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ours.running_var, ref.running_var.numpy(), rtol=1e-6)
     assert ours.num_batches_tracked == int(ref.num_batches_tracked) == 2
+
+
+def test_an_empty_batch_counts_but_changes_no_statistic_as_in_torch(backend):
+    layer = BatchNorm(3, backend=backend)
+    y = layer(np.ones((0, 3, 4), np.float32))
+    assert y.shape == (0, 3, 4) and layer.num_batches_tracked == 1
+    np.testing.assert_array_equal(layer.running_mean, 0)
+    np.testing.assert_array_equal(layer.running_var, 1)
+    torch = pytest.importorskip("torch")
+    module = torch.nn.BatchNorm1d(3)
+    module(torch.ones(0, 3, 4))
+    assert int(module.num_batches_tracked) == 1 and float(module.running_var.sum()) == 3

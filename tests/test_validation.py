@@ -156,8 +156,27 @@ def test_one_value_per_channel_is_fine_in_inference(backend, good):
 
 
 @pytest.mark.parametrize("shape", [(0, C), (0, C, 5), (4, C, 0)])
-def test_empty_batch_in_training(backend, good, shape):
-    _call_must_fail(backend, good, ValueError, "empty batch", x=np.ones(shape, np.float32))
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_empty_batch_in_training_as_torch(backend, good, shape, dtype):
+    """No values per channel: an empty y, zero saved statistics, the running
+    statistics untouched (torch's module does the same; compared where it
+    is installed), and a backward of empty dx and zero sums."""
+    x = np.ones(shape, dtype)
+    rm, rv = good["running_mean"].copy(), good["running_var"].copy()
+    y, saved = bn_forward(x, good["gamma"], good["beta"], rm, rv, backend=backend, return_saved=True)
+    assert y.shape == shape and y.dtype == dtype
+    np.testing.assert_array_equal(rm, good["running_mean"])
+    np.testing.assert_array_equal(rv, good["running_var"])
+    np.testing.assert_array_equal(saved.mean, 0)
+    dx, dgamma, dbeta = bn_backward(x, x, saved.mean, saved.invstd, good["gamma"], backend=backend)
+    assert dx.shape == shape
+    np.testing.assert_array_equal(dgamma, 0)
+    np.testing.assert_array_equal(dbeta, 0)
+    torch = pytest.importorskip("torch")
+    module = torch.nn.BatchNorm1d(C)
+    module.running_mean.copy_(torch.from_numpy(good["running_mean"]))
+    assert module(torch.from_numpy(x.astype(np.float32))).shape == shape
+    np.testing.assert_array_equal(module.running_mean.numpy(), good["running_mean"])
 
 
 def test_inference_needs_running_stats(backend, good):

@@ -486,8 +486,8 @@ def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool,
     x3 = _view3(x, layout)
     y, y_store = _out3(layout, x.dtype, out)
     g, b = per_channel(gamma, C, 1.0), per_channel(beta, C, 0.0)
-    if C == 0:
-        return deliver(y, out), np.zeros(0, cdt), np.zeros(0, cdt)
+    if C == 0 or n == 0:  # nothing to normalize: zero statistics (as the numpy backend's)
+        return deliver(y, out), np.zeros(C, cdt), np.zeros(C, cdt)
     if _fused(layout):
         mean, m2, invstd = np.empty(C), np.empty(C), np.empty(C)
         _, kw = _shift(x3)
