@@ -202,8 +202,10 @@ def check_forward_aliasing(arrays: dict, given: dict, training: bool, out_view=N
                      {name: m for name, m in memory.items() if name not in written}, in_place=("x",))
 
 
-def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, backend="auto", out=None):
-    """Gradients of the training-mode :func:`bn_forward` (without activation).
+def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, training=True, backend="auto",
+                out=None):
+    """Gradients of :func:`bn_forward` (without activation): of the training
+    forward, or with ``training=False`` of the inference forward.
 
     With ``activation="relu"`` in the forward, pass ``dy * (y > 0)``.
 
@@ -213,6 +215,11 @@ def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, backend=
         saved_mean, saved_invstd: ``saved.mean`` and ``saved.invstd`` from
             ``bn_forward(..., return_saved=True)``, shape (C,).
         gamma: the forward's scale, shape (C,), or None.
+        training: False for the gradient of ``bn_forward(training=False)``
+            (pass the saved statistics it returned, from the running ones):
+            the running statistics are constants, so ``dx = dy * gamma *
+            invstd``; ``dgamma`` and ``dbeta`` as in training. How frozen
+            batch norm is fine-tuned (torchvision's ``FrozenBatchNorm2d``).
         axis, backend: as in :func:`bn_forward`.
         out: where to write ``dx``, as in :func:`bn_forward` (``dy`` or
             ``x`` itself for an in-place result).
@@ -223,15 +230,16 @@ def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, backend=
         float64 input). They are returned even when ``gamma`` is None.
     """
     arrays = (dy, x, saved_mean, saved_invstd, gamma)
-    key = call_cache.backward_key(arrays, axis, backend, out)
+    key = call_cache.backward_key(arrays, axis, backend, out) if training is True else None
     prepared = call_cache.lookup(key)
     if prepared is not None and prepared is not call_cache.UNCACHED:
         return prepared.run(arrays)
     c = _check_backward(dy, x, saved_mean, saved_invstd, gamma, axis, backend, out)
+    training = v.check_flag(training, "training")
     out, out_view = c.out, c.out_view
     dx, dgamma, dbeta = engine.backward(c.impl, c.dy, c.x, c.layout, c.saved_mean, c.saved_invstd, c.gamma,
-                                        out_view)
-    if prepared is None:
+                                        out_view, training=training)
+    if prepared is None and training:
         call_cache.store(key, c.impl, lambda: _prepared().PreparedBackward(c, arrays))
     return (dx if out is None else out), dgamma, dbeta
 

@@ -122,9 +122,17 @@ def prepare_backward(impl, dy, x, layout: ChannelLayout, mean, invstd, gamma):
     return lambda *arrays: impl.backward(*_converted(impl, arrays[:2]), layout, *_converted(impl, arrays[2:]))
 
 
-def backward(impl, dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None, exchange=None):
-    """Backward of the training forward: ``(dx, dgamma, dbeta)``."""
+def backward(impl, dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None, exchange=None,
+             training: bool = True):
+    """Backward of the training forward: ``(dx, dgamma, dbeta)``; with
+    ``training=False``, of the inference forward (``mean``, ``invstd`` from
+    the running statistics, held constant): ``backward_reduce ->
+    backward_apply(frozen)``, never exchanged (dx needs no sums; dgamma and
+    dbeta are this process's, as any parameter gradient)."""
     require_affine_per_group(layout, gamma, None)
+    if not training:
+        sums = impl.backward_reduce(dy, x, layout, mean, invstd)
+        return impl.backward_apply(dy, x, layout, mean, invstd, gamma, sums, layout.count, out, frozen=True)
     if exchange is None:
         return impl.backward(dy, x, layout, mean, invstd, gamma, out)
     sums, count = exchange.grad_sums(impl.backward_reduce(dy, x, layout, mean, invstd), layout.count)

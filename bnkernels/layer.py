@@ -80,7 +80,7 @@ class BatchNorm:
             self._materialize(num_features)
         self.training = True
         self.grad_gamma = self.grad_beta = None
-        self._saved = None  # (x, SavedStats) of the last batch-statistics forward
+        self._saved = None  # (x, SavedStats, batch statistics?) of the last forward
 
     def _materialize(self, num_features: int) -> None:
         """Make the parameters and running statistics for C channels."""
@@ -164,23 +164,25 @@ class BatchNorm:
             num_batches_tracked=self.num_batches_tracked if update else None)
         if update:
             self.num_batches_tracked += 1
-        self._saved = (x, saved) if batch else None
+        self._saved = (x, saved, batch)
         return y
 
     __call__ = forward
 
     def backward(self, dy):
-        """Gradient w.r.t. the input of the last batch-statistics forward.
+        """Gradient w.r.t. the input of the last forward: of the batch
+        statistics', or after ``eval()`` of the running statistics' (held
+        constant: ``dx = dy * gamma * invstd``, as frozen batch norm is
+        fine-tuned).
 
         Returns ``dx``; stores ``grad_gamma`` and ``grad_beta`` (None where
         the layer has no gamma, or no beta).
         """
         if self._saved is None:
-            raise RuntimeError("backward() needs a forward() with batch statistics first "
-                               "(in eval mode with running statistics there is nothing to differentiate here)")
-        x, saved = self._saved
+            raise RuntimeError("backward() needs a forward() first")
+        x, saved, batch = self._saved
         dx, dgamma, dbeta = bn_backward(dy, x, saved.mean, saved.invstd, self.gamma, axis=self.axis,
-                                        backend=self.backend)
+                                        training=batch, backend=self.backend)
         self.grad_gamma = None if self.gamma is None else dgamma.astype(self.dtype)
         self.grad_beta = None if self.beta is None else dbeta.astype(self.dtype)
         return dx

@@ -63,8 +63,10 @@ def reference_forward(x, gamma=None, beta=None, running_mean=None, running_var=N
     return y, mean, invstd, new_rm, new_rv
 
 
-def reference_backward(dy, x, mean, invstd, gamma=None, axis=1):
-    """Float64 gradients of the training forward: ``(dx, dgamma, dbeta)``.
+def reference_backward(dy, x, mean, invstd, gamma=None, axis=1, training=True):
+    """Float64 gradients of the training forward: ``(dx, dgamma, dbeta)``;
+    ``training=False``: of the inference forward (mean and invstd constants,
+    ``dx = dy * gamma * invstd``).
 
     Uses the given saved ``mean`` and ``invstd`` (as a backend would).
     """
@@ -79,6 +81,8 @@ def reference_backward(dy, x, mean, invstd, gamma=None, axis=1):
     dbeta = dy64.sum(axis=axes)
     dgamma = (dy64 * xhat).sum(axis=axes)
     dxhat = dy64 * g.reshape(bs)
+    if not training:
+        return dxhat * invstd.reshape(bs), dgamma, dbeta
     dx = (invstd.reshape(bs) / max(n, 1)) * (
         n * dxhat - (dxhat.sum(axis=axes)).reshape(bs) - xhat * (dxhat * xhat).sum(axis=axes).reshape(bs)
     )

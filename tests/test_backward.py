@@ -89,3 +89,50 @@ def test_backward_with_float64_saved_stats_on_float32_input(backend, rng):
     # float64 part of the mean would cost up to 5e-4 * |sum(dy)|.
     assert_close(dx, rdx, np.float32, "dx")
     assert_close(dgamma, rdgamma, np.float32, "dgamma")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", CASES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_backward_of_the_inference_forward(backend, shape, axis, dtype, affine, rng):
+    """training=False: the running statistics are constants, dx = dy *
+    gamma * invstd, dgamma and dbeta the same sums as in training."""
+    x = make_input(shape, dtype, rng)
+    dy = make_input(shape, dtype, rng, mean=0.5, std=1.0)
+    C = x.shape[axis]
+    gamma = make_params(C, rng)[0] if affine else None
+    rm, rv = rng.standard_normal(C).astype(np.float32), rng.uniform(0.5, 2, C).astype(np.float32)
+    _, saved = bn_forward(x, gamma, None, rm, rv, training=False, axis=axis, backend=backend, return_saved=True)
+    dx, dgamma, dbeta = bn_backward(dy, x, saved.mean, saved.invstd, gamma, axis=axis, training=False,
+                                    backend=backend)
+    rdx, rdgamma, rdbeta = reference_backward(dy, x, saved.mean, saved.invstd, gamma, axis=axis, training=False)
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    term = float(np.abs(dy.astype(np.float64)).max() * (np.abs(gamma).max() if affine else 1)
+                 * saved.invstd.astype(np.float64).max()) or 1.0
+    n = x.size // C if C else 0
+    assert_close(dx, rdx, dtype, "dx", scale=term)
+    assert_close(dbeta, rdbeta, dtype, "dbeta", scale=np.abs(dy.astype(np.float64)).max() * max(n, 1))
+    assert_close(dgamma, rdgamma, dtype, "dgamma", scale=4 * np.abs(dy.astype(np.float64)).max() * max(n, 1))
+
+
+def test_backward_of_the_inference_forward_against_torch(backend, rng):
+    torch = pytest.importorskip("torch")
+    x, dy = make_input((6, 4, 5), np.float64, rng), rng.standard_normal((6, 4, 5))
+    gamma, beta = make_params(4, rng)
+    rm, rv = rng.standard_normal(4), rng.uniform(0.5, 2, 4)
+    _, saved = bn_forward(x, gamma, beta, rm, rv, training=False, backend=backend, return_saved=True)
+    dx, dgamma, dbeta = bn_backward(dy, x, saved.mean, saved.invstd, gamma, training=False, backend=backend)
+    xt, gt, bt = (torch.from_numpy(a).requires_grad_() for a in (x, gamma.astype(np.float64),
+                                                                 beta.astype(np.float64)))
+    torch.nn.functional.batch_norm(xt, torch.from_numpy(rm), torch.from_numpy(rv), gt, bt,
+                                   training=False).backward(torch.from_numpy(dy))
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dgamma, gt.grad.numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(dbeta, bt.grad.numpy(), rtol=1e-10, atol=1e-10)
+
+
+def test_training_flag_of_backward_must_be_a_bool(backend, rng):
+    x = make_input((4, 3), np.float32, rng)
+    _, saved = bn_forward(x, backend=backend, return_saved=True)
+    with pytest.raises(TypeError, match="training must be True or False"):
+        bn_backward(x, x, saved.mean, saved.invstd, training="no", backend=backend)

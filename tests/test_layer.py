@@ -63,13 +63,37 @@ def test_no_running_stats_uses_batch_stats_in_eval(backend, rng):
     assert layer.grad_gamma is None
 
 
-def test_backward_needs_batch_forward(backend, rng):
+def test_backward_needs_a_forward(backend):
     layer = BatchNorm(3, backend=backend)
     with pytest.raises(RuntimeError, match="needs a forward"):
         layer.backward(np.ones((4, 3), np.float32))
-    layer.eval()(make_input((4, 3), np.float32, rng))
-    with pytest.raises(RuntimeError, match="needs a forward"):
-        layer.backward(np.ones((4, 3), np.float32))
+
+
+def test_backward_after_eval_is_the_frozen_gradient_as_torch(backend, rng):
+    """eval(): the running statistics are constants (frozen batch norm
+    fine-tuning): dx = dy * gamma * invstd; compared with torch's autograd."""
+    layer = BatchNorm(3, backend=backend, dtype=np.float64)
+    layer.gamma[:] = rng.uniform(0.5, 2, 3)
+    layer(make_input((6, 3, 4), np.float64, rng))  # running statistics of one batch
+    x, dy = make_input((5, 3, 4), np.float64, rng), rng.standard_normal((5, 3, 4))
+    layer.eval()(x)
+    dx = layer.backward(dy)
+    invstd = 1 / np.sqrt(layer.running_var + layer.eps)
+    rdx, rdg, rdb = reference_backward(dy, x, layer.running_mean, invstd, layer.gamma, training=False)
+    assert_close(dx, rdx, np.float64, "dx")
+    assert_close(layer.grad_gamma, rdg, np.float64, "grad_gamma")
+    assert_close(layer.grad_beta, rdb, np.float64, "grad_beta")
+    torch = pytest.importorskip("torch")
+    module = torch.nn.BatchNorm1d(3, dtype=torch.float64)
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(layer.gamma))
+        module.running_mean.copy_(torch.from_numpy(layer.running_mean))
+        module.running_var.copy_(torch.from_numpy(layer.running_var))
+    xt = torch.from_numpy(x).requires_grad_()
+    module.eval()(xt).backward(torch.from_numpy(dy))
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(layer.grad_gamma, module.weight.grad.numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(layer.grad_beta, module.bias.grad.numpy(), rtol=1e-10, atol=1e-10)
 
 
 def test_state_round_trip(backend, rng, tmp_path):

@@ -18,12 +18,16 @@ def normalization(mean, var, gamma, beta, eps: float):
     return invstd, scale, shift
 
 
-def dx_coefficients(sum_dy, sum_dy_xhat, count: int, invstd, gamma):
+def dx_coefficients(sum_dy, sum_dy_xhat, count: int, invstd, gamma, frozen: bool = False):
     """``(a, b, c)`` of ``dx = dy * a + (x - mean) * b + c``, the gradient of
     the training forward: ``a = gamma * invstd``, ``b = -a * invstd *
-    sum(dy * xhat) / n``, ``c = -a * sum(dy) / n``. All (G,) float64."""
+    sum(dy * xhat) / n``, ``c = -a * sum(dy) / n``; ``frozen``: of the
+    inference forward, whose mean and invstd are constants (``b = c = 0``).
+    All (G,) float64."""
     invstd = np.asarray(invstd, np.float64)
     a = invstd if gamma is None else np.asarray(gamma, np.float64) * invstd
+    if frozen:
+        return a, np.zeros_like(a), np.zeros_like(a)
     b = -a * invstd * sum_dy_xhat / count
     c = -a * sum_dy / count
     return a, b, c

@@ -200,12 +200,13 @@ class Backend(Protocol):
         saved statistics."""
 
     def backward_apply(self, dy, x, layout: ChannelLayout, mean, invstd, gamma, sums: GradSums,
-                       count: int, out=None):
+                       count: int, out=None, frozen: bool = False):
         """``dx = gamma * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat
         / count)``, with ``count`` the number of values the sums are over
-        (all processes'). Returns ``(dx, dgamma, dbeta)``: dx like x,
-        ``dgamma = sum_dy_xhat`` and ``dbeta = sum_dy`` (G,) in the compute
-        dtype, arrays of x's kind."""
+        (all processes'); ``frozen``: the gradient of the inference forward
+        (mean and invstd constants), ``dx = gamma * invstd * dy``. Returns
+        ``(dx, dgamma, dbeta)``: dx like x, ``dgamma = sum_dy_xhat`` and
+        ``dbeta = sum_dy`` (G,) in the compute dtype, arrays of x's kind."""
 
     # --- fused forms (the fast paths) -------------------------------------------
 

@@ -538,14 +538,15 @@ def backward_reduce(dy, x, layout: ChannelLayout, mean, invstd) -> GradSums:
 
 @thread_safe
 @ieee_semantics
-def backward_apply(dy, x, layout: ChannelLayout, mean, invstd, gamma, sums: GradSums, count: int, out=None):
+def backward_apply(dy, x, layout: ChannelLayout, mean, invstd, gamma, sums: GradSums, count: int, out=None,
+                   frozen: bool = False):
     """See ``numpy_backend.backward_apply``; dx is written into a
     C-contiguous ``out`` directly."""
     C, cdt = layout.channels, compute_dtype(x.dtype)
     dx, out_store = _out3(layout, x.dtype, out)
     if C and layout.count:
         x3 = _view3(x, layout)
-        a, b, c = dx_coefficients(sums.sum_dy, sums.sum_dy_xhat, count, invstd, gamma)
+        a, b, c = dx_coefficients(sums.sum_dy, sums.sum_dy_xhat, count, invstd, gamma, frozen)
         _dx(_view3(dy, layout), x3, out_store, layout, _work(x3, np.asarray(mean, np.float64), a, b, c))
     return deliver(dx, out), sums.sum_dy_xhat.astype(cdt), sums.sum_dy.astype(cdt)
 

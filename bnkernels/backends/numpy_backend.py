@@ -465,7 +465,8 @@ def backward_reduce(dy, x, layout: ChannelLayout, mean, invstd) -> GradSums:
 
 
 @ieee_semantics
-def backward_apply(dy, x, layout: ChannelLayout, mean, invstd, gamma, sums: GradSums, count: int, out=None):
+def backward_apply(dy, x, layout: ChannelLayout, mean, invstd, gamma, sums: GradSums, count: int, out=None,
+                   frozen: bool = False):
     """``dx`` from :func:`backward_reduce`'s sums (over ``count`` values
     per group), applied as one fused ``dy * a + (x - mean) * b + c`` per
     channel (``coefficients.dx_coefficients``). Returns ``(dx, dgamma,
@@ -480,7 +481,7 @@ def backward_apply(dy, x, layout: ChannelLayout, mean, invstd, gamma, sums: Grad
     mean64 = np.asarray(mean, dtype=np.float64)
     invstd64 = np.asarray(invstd, dtype=np.float64)
     center = _backward_center(mean64, invstd64)
-    a, b, c = dx_coefficients(sum_dy, dgamma, count, invstd64, gamma)
+    a, b, c = dx_coefficients(sum_dy, dgamma, count, invstd64, gamma, frozen)
     if center is None:
         c = c - mean64 * b
     _affine_pass(plan, [(plan.view(dy), None, a), (plan.view(x), center, b)], c, False, plan.view(dx), x.dtype)

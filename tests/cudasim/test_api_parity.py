@@ -23,3 +23,24 @@ def test_empty_batch_in_training(shape):
     dx, dgamma, dbeta = bn_backward(x, x, saved.mean, saved.invstd, backend=BACKEND)
     assert dx.shape == shape
     np.testing.assert_array_equal(dbeta.copy_to_host(), 0)
+
+
+@pytest.mark.parametrize("shape,axis", [((6, 3, 5), 1), ((9, 4), -1)])
+def test_backward_of_the_inference_forward(shape, axis, rng):
+    from bnkernels.reference import reference_backward
+    from helpers import assert_close, make_input, make_params
+
+    C = shape[axis]
+    x, dy = make_input(shape, np.float32, rng), make_input(shape, np.float32, rng, mean=0.5)
+    gamma, _ = make_params(C, rng)
+    rm, rv = rng.standard_normal(C).astype(np.float32), rng.uniform(0.5, 2, C).astype(np.float32)
+    d = {name: cuda.to_device(a) for name, a in dict(x=x, dy=dy, gamma=gamma, rm=rm, rv=rv).items()}
+    _, saved = bn_forward(d["x"], d["gamma"], None, d["rm"], d["rv"], training=False, axis=axis,
+                          backend=BACKEND, return_saved=True)
+    dx, dgamma, dbeta = bn_backward(d["dy"], d["x"], saved.mean, saved.invstd, d["gamma"], axis=axis,
+                                    training=False, backend=BACKEND)
+    mean, invstd = saved.mean.copy_to_host(), saved.invstd.copy_to_host()
+    rdx, rdg, rdb = reference_backward(dy, x, mean, invstd, gamma, axis=axis, training=False)
+    assert_close(dx.copy_to_host(), rdx, np.float32, "dx", scale=np.abs(rdx).max())
+    assert_close(dgamma.copy_to_host(), rdg, np.float32, "dgamma", scale=np.abs(rdg).max() + 1)
+    assert_close(dbeta.copy_to_host(), rdb, np.float32, "dbeta", scale=np.abs(rdb).max() + 1)

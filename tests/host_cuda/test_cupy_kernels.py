@@ -428,3 +428,23 @@ def test_prepared_call_on_arrays_it_cannot_bind_runs_the_fused_member(gpu, rng):
         x = make_input(shape, np.float32, rng)
         y, _, _ = forward(x, gamma, beta, None)
         assert_close(y, reference_forward(x, gamma, beta)[0], np.float32, "y")
+
+
+@pytest.mark.parametrize("shape,axis", [((6, 3, 5), 1), ((9, 17), -1)])
+def test_members_backward_of_the_inference_forward(shape, axis, gpu, rng):
+    """bn_bwd_reduce for the sums, bn_dx with the frozen coefficients
+    (``engine.backward(training=False)``) on cupy's kernels."""
+    from bnkernels import engine
+
+    C = shape[axis]
+    x, dy = make_input(shape, np.float32, rng), make_input(shape, np.float32, rng, mean=0.5)
+    gamma, _ = make_params(C, rng)
+    mean = rng.standard_normal(C).astype(np.float32)
+    invstd = rng.uniform(0.5, 2, C).astype(np.float32)
+    impl = GpuBackend(HostArrays(gpu))
+    dx, dgamma, dbeta = engine.backward(impl, dy, x, channel_layout(shape, axis), mean, invstd, gamma,
+                                        training=False)
+    rdx, rdg, rdb = reference_backward(dy, x, mean, invstd, gamma, axis=axis, training=False)
+    assert_close(dx, rdx, np.float32, "dx", scale=np.abs(rdx).max())
+    assert_close(dgamma, rdg, np.float32, "dgamma", scale=np.abs(rdg).max() + 1)
+    assert_close(dbeta, rdb, np.float32, "dbeta", scale=np.abs(rdb).max() + 1)

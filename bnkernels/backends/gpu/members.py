@@ -176,14 +176,14 @@ class GpuBackend:
             return GradSums(sum_dy, sum_dy_xhat)
 
     def backward_apply(self, dy, x, layout: ChannelLayout, mean, invstd, gamma, sums: GradSums, count: int,
-                       out=None):
+                       out=None, frozen: bool = False):
         """Kernel: dx, with coefficients from the host (float64)."""
         x, dev = self._start(x)
         with dev:
             A = self.arrays
             acc = compute_dtype(x.dtype)
             a, b, c = dx_coefficients(sums.sum_dy, sums.sum_dy_xhat, count, self._host(invstd, dev),
-                                      self._host(gamma, dev))
+                                      self._host(gamma, dev), frozen)
             coeffs = {n: A.to_device(np.asarray(v, acc), dev)
                       for n, v in zip(plans.BWD_OUTPUTS[1], (self._host(mean, dev), a, b, c))}
             dx = plans.run_dx(dev, A.flat(A.operand(dy), dev), A.flat(x, dev), layout, coeffs)
