@@ -63,7 +63,8 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
             Channels are along ``axis``; strided and transposed arrays work.
         gamma, beta: per-channel scale and shift, shape (C,), or None
             (scale 1, shift 0).
-        running_mean, running_var: shape (C,), float32 or float64, or None.
+        running_mean, running_var: shape (C,), float16, float32 or float64
+            (updated in float32 or better, stored rounded), or None.
             Training updates them in place (only after every check passed):
             ``running = (1 - momentum) * running + momentum * batch``, with the
             unbiased batch variance in ``running_var``. An empty batch (no

@@ -11,6 +11,11 @@ from .batch_norm import bn_backward, bn_forward
 from .backends import check_backend_name
 
 
+#: The layer's parameter dtypes (float16 data computes in float32; float16
+#: running statistics passed to bn_forward are accepted, not made here).
+_LAYER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 class LoadResult(NamedTuple):
     """What :meth:`BatchNorm.load_state_dict` did not load (torch's
     ``_IncompatibleKeys``): keys the layer has that the state lacks, and
@@ -58,7 +63,7 @@ class BatchNorm:
             dtype = np.dtype(dtype)
         except TypeError:
             raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
-        if dtype not in v.RUNNING_DTYPES:
+        if dtype not in _LAYER_DTYPES:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
         if not isinstance(axis, numbers.Integral) or isinstance(axis, (bool, np.bool_)):
             raise TypeError(f"axis must be an int, got {type(axis).__name__}")

@@ -18,9 +18,11 @@ from .backends.interface import ChannelLayout
 
 #: Input dtypes accepted for ``x`` and ``dy``.
 INPUT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-#: dtypes accepted for running statistics (updated in place; float16 would
-#: overflow above 65504, so, as in PyTorch's mixed precision, they stay wide).
-RUNNING_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: dtypes accepted for running statistics (updated in place, computed in
+#: float64 on the CPU and float32 or better on the GPU, stored rounded to
+#: their own dtype: float16 ones, as torch's ``model.half()`` makes, overflow
+#: to inf beyond 65504 there as in torch).
+RUNNING_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 #: Activations that can be fused after the affine transform.
 ACTIVATIONS = (None, "relu")
 

@@ -176,3 +176,19 @@ def test_ieee_semantics_without_warnings(backend, rng):
     y, saved = bn_forward(x, None, None, np.zeros(2), np.zeros(2), training=False, eps=0.0,
                           return_saved=True, backend=backend)
     assert np.isinf(saved.invstd).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_float16_running_statistics(backend, dtype, rng):
+    """As torch's model.half() gives them: updated in float32 or better and
+    stored rounded; inference reads them."""
+    x = make_input((8, 3, 5), dtype, rng, mean=3.0)
+    rm, rv = np.full(3, 0.25, np.float16), np.full(3, 1.5, np.float16)
+    ref = reference_forward(x, None, None, rm.astype(np.float64), rv.astype(np.float64))
+    y = bn_forward(x, None, None, rm, rv, backend=backend)
+    assert rm.dtype == np.float16 and rv.dtype == np.float16
+    np.testing.assert_array_equal(rm, ref[3].astype(np.float16))  # rounded once, from the exact update
+    np.testing.assert_allclose(rv, ref[4].astype(np.float16), rtol=1e-3)
+    assert_close(y, ref[0], dtype, "y")
+    y_infer = bn_forward(x, None, None, rm, rv, training=False, backend=backend)
+    assert_close(y_infer, reference_forward(x, None, None, rm, rv, training=False)[0], dtype, "y (inference)")

@@ -44,3 +44,24 @@ def test_backward_of_the_inference_forward(shape, axis, rng):
     assert_close(dx.copy_to_host(), rdx, np.float32, "dx", scale=np.abs(rdx).max())
     assert_close(dgamma.copy_to_host(), rdg, np.float32, "dgamma", scale=np.abs(rdg).max() + 1)
     assert_close(dbeta.copy_to_host(), rdb, np.float32, "dbeta", scale=np.abs(rdb).max() + 1)
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_float16_running_statistics(on_device, rng):
+    """Updated through float32 temporaries and stored rounded (device or
+    host float16 arrays); inference reads them."""
+    from bnkernels.reference import reference_forward
+    from helpers import assert_close, make_input
+
+    x = make_input((8, 3, 5), np.float32, rng, mean=3.0)
+    rm, rv = np.full(3, 0.25, np.float16), np.full(3, 1.5, np.float16)
+    ref = reference_forward(x, None, None, rm.astype(np.float64), rv.astype(np.float64))
+    d_rm, d_rv = (cuda.to_device(a) for a in (rm, rv)) if on_device else (rm, rv)
+    bn_forward(cuda.to_device(x), None, None, d_rm, d_rv, backend=BACKEND)
+    got_rm, got_rv = (d_rm.copy_to_host(), d_rv.copy_to_host()) if on_device else (rm, rv)
+    assert got_rm.dtype == np.float16
+    np.testing.assert_allclose(got_rm, ref[3], rtol=1e-3)
+    np.testing.assert_allclose(got_rv, ref[4], rtol=1e-3)
+    y = bn_forward(cuda.to_device(x), None, None, d_rm, d_rv, training=False, backend=BACKEND)
+    assert_close(y.copy_to_host(), reference_forward(x, None, None, got_rm, got_rv, training=False)[0],
+                 np.float32, "y (inference)")

@@ -245,7 +245,12 @@ class Arrays:
 
     def vector(self, op, dev, dtype):
         """As :meth:`flat`: host vectors are converted to ``dtype``, device
-        ones are used as they are."""
+        ones are used as they are, but for float16 ones (float16 running
+        statistics): the kernels would compute in float16, so those go
+        through a ``dtype`` copy (a host round trip of C values)."""
+        if not op.is_host and op.dtype == np.float16 and np.dtype(dtype) != np.float16:
+            host = np.ascontiguousarray(op.device.copy_to_host(stream=dev.stream), dtype=dtype)
+            return cuda.to_device(host, stream=dev.stream)
         return self.flat(op, dev, dtype) if op.is_host or not op.device.is_c_contiguous() else op.device
 
     def contiguous(self, op):
