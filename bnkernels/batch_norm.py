@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import call_cache, engine
+from . import axes, call_cache, engine
 from . import validation as v
 from .backends import resolve, runs_on_gpu
 from .backends.interface import Moments
@@ -77,6 +77,10 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
             batches already averaged in; the layer counts for you).
         eps: added to the variance; finite, >= 0.
         axis: the channel axis, negative allowed. 1 for NCHW, -1 for NHWC.
+            Or several (a tuple, as Keras' axis lists): statistics per
+            element of those axes over all the others, and gamma, beta,
+            the running and the saved statistics of those axes' shape
+            (``bnkernels.axes``; what is written must be C-contiguous).
         activation: None or ``"relu"`` (fused after the affine).
         backend: ``"auto"``, ``"cuda"``, or a backend name (see
             ``bnkernels.available_backends()``).
@@ -96,6 +100,10 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
         TypeError, ValueError: bad arguments (message names the argument).
         BackendUnavailableError: a named backend cannot run here.
     """
+    if axes.is_several(axis):
+        return _forward_on_axes(x, gamma, beta, running_mean, running_var, training=training, momentum=momentum,
+                                eps=eps, axis=axis, activation=activation, backend=backend,
+                                return_saved=return_saved, num_batches_tracked=num_batches_tracked, out=out)
     arrays = (x, gamma, beta, running_mean, running_var)
     key = call_cache.forward_key(arrays, training, momentum, eps, axis, activation, backend, num_batches_tracked,
                                  return_saved, out)
@@ -134,6 +142,21 @@ def _prepared():
     from . import prepared
 
     return prepared
+
+
+def _forward_on_axes(x, gamma, beta, running_mean, running_var, *, axis, training, out, return_saved, **options):
+    """:func:`bn_forward` with several channel axes (``bnkernels.axes``):
+    on the merged view, results viewed back."""
+    m = axes.merge(np.shape(x), axis)
+    written = training is True
+    out_view = None if out is None else m.written_view(out, "out")
+    y, saved = bn_forward(m.view(x, "x"), m.flat_param(gamma, "gamma"), m.flat_param(beta, "beta"),
+                          m.flat_param(running_mean, "running_mean", written),
+                          m.flat_param(running_var, "running_var", written), training=training, axis=m.axis,
+                          out=out_view, return_saved=True, **options)
+    y = m.unview(y) if out is None else out
+    saved = SavedStats(m.shaped(saved.mean), m.shaped(saved.invstd))
+    return (y, saved) if v.check_flag(return_saved, "return_saved") else y
 
 
 @dataclass(frozen=True)
@@ -230,6 +253,13 @@ def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, training
         and ``dbeta = sum(dy)`` per channel, shape (C,), float32 (float64 for
         float64 input). They are returned even when ``gamma`` is None.
     """
+    if axes.is_several(axis):
+        m = axes.merge(np.shape(x), axis)
+        out_view = None if out is None else m.written_view(out, "out")
+        dx, dgamma, dbeta = bn_backward(m.view(dy, "dy"), m.view(x, "x"), m.flat_param(saved_mean, "saved_mean"),
+                                        m.flat_param(saved_invstd, "saved_invstd"), m.flat_param(gamma, "gamma"),
+                                        axis=m.axis, training=training, backend=backend, out=out_view)
+        return (m.unview(dx) if out is None else out), m.shaped(dgamma), m.shaped(dbeta)
     arrays = (dy, x, saved_mean, saved_invstd, gamma)
     key = call_cache.backward_key(arrays, axis, backend, out) if training is True else None
     prepared = call_cache.lookup(key)
@@ -259,6 +289,10 @@ def channel_stats(x, *, axis=1, backend="auto") -> ChannelStats:
     Returns:
         :class:`ChannelStats` with float64 ``mean`` and ``m2`` of shape (C,).
     """
+    if axes.is_several(axis):
+        m = axes.merge(np.shape(x), axis)
+        s = channel_stats(m.view(x, "x"), axis=m.axis, backend=backend)
+        return ChannelStats(s.count, m.shaped(s.mean), m.shaped(s.m2))
     impl = resolve(backend, x)
     x = v.check_input(v.convert(x, "x", impl.asarray))
     layout = v.channel_layout(x.shape, axis)

@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import axes
 from . import validation as v
 from .batch_norm import bn_backward, bn_forward
 from .backends import check_backend_name
@@ -29,7 +30,8 @@ class BatchNorm:
     """Batch normalization layer (PyTorch ``BatchNorm{1,2,3}d`` semantics).
 
     Args:
-        num_features: number of channels C, or None to take it from the
+        num_features: number of channels C (with several ``axis``: the
+            shape of those axes, a tuple), or None to take it from the
             first input (torch's ``LazyBatchNorm*``, Keras, Chainer); the
             parameters and running statistics exist from then on (or from a
             :meth:`load_state_dict`).
@@ -45,7 +47,9 @@ class BatchNorm:
         track_running_stats: keep ``running_mean`` (init 0) and
             ``running_var`` (init 1). Without them, inference mode also
             normalizes with batch statistics, as in PyTorch.
-        axis: channel axis of the inputs (1 for NCHW, -1 for channels-last).
+        axis: channel axis of the inputs (1 for NCHW, -1 for channels-last),
+            or several (a tuple, Keras' axis lists): parameters and
+            statistics of those axes' shape.
         dtype: dtype of the parameters and running statistics, float32 or
             float64 (float16 inputs use float32 parameters).
         backend: as in :func:`bnkernels.bn_forward`.
@@ -57,20 +61,25 @@ class BatchNorm:
 
     def __init__(self, num_features=None, *, eps=1e-5, momentum=0.1, affine=True, bias=None, scale=None,
                  center=None, track_running_stats=True, axis=1, dtype=np.float32, backend="auto"):
+        several = axes.is_several(axis)
+        if several:
+            for a in axis:
+                if not isinstance(a, numbers.Integral) or isinstance(a, (bool, np.bool_)):
+                    raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}")
         if num_features is not None:
-            num_features = _check_num_features(num_features)
+            num_features = _check_num_features(num_features, several)
         try:
             dtype = np.dtype(dtype)
         except TypeError:
             raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
         if dtype not in _LAYER_DTYPES:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-        if not isinstance(axis, numbers.Integral) or isinstance(axis, (bool, np.bool_)):
-            raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+        if not several and (not isinstance(axis, numbers.Integral) or isinstance(axis, (bool, np.bool_))):
+            raise TypeError(f"axis must be an int or a tuple of ints, got {type(axis).__name__}")
         check_backend_name(backend)
         self.eps = v.check_eps(eps)
         self.momentum = v.check_momentum(momentum)
-        self.axis = int(axis)
+        self.axis = tuple(int(a) for a in axis) if several else int(axis)
         self.dtype = dtype
         self.backend = backend
         affine = v.check_flag(affine, "affine")
@@ -87,12 +96,19 @@ class BatchNorm:
         self.grad_gamma = self.grad_beta = None
         self._saved = None  # (x, SavedStats, batch statistics?) of the last forward
 
-    def _materialize(self, num_features: int) -> None:
-        """Make the parameters and running statistics for C channels."""
+    def _materialize(self, num_features) -> None:
+        """Make the parameters and running statistics for C channels (or
+        the axes' shape P)."""
         self.num_features = num_features
         self.gamma = np.ones(num_features, self.dtype) if self._has_gamma else None
         self.beta = np.zeros(num_features, self.dtype) if self._has_beta else None
         self.reset_running_stats()
+
+    def _features_of(self, shape):
+        """x's channel count (several axes: their shape), checking the axis."""
+        if axes.is_several(self.axis):
+            return axes.merge(shape, self.axis).param_shape
+        return v.channel_layout(shape, self.axis).channels
 
     @property
     def lazy(self) -> bool:
@@ -127,12 +143,12 @@ class BatchNorm:
         """The layer's own message for an input of the wrong channel count
         (bn_forward would blame gamma, which the caller never passed)."""
         shape = np.shape(x)
-        layout = v.channel_layout(shape, self.axis)
+        got = self._features_of(shape)
         if self.lazy:
             return
-        if layout.channels != self.num_features:
+        if got != self.num_features:
             raise ValueError(f"BatchNorm({self.num_features}) expects {self.num_features} channels along axis "
-                             f"{self.axis} of x, got x of shape {tuple(shape)} with {layout.channels}")
+                             f"{self.axis} of x, got x of shape {tuple(shape)} with {got}")
 
     def forward(self, x):
         """Normalize ``x`` (channels on ``self.axis``); returns y like x.
@@ -147,7 +163,7 @@ class BatchNorm:
         self._check_channels(x)
         lazy = self.lazy
         if lazy:
-            self._materialize(v.channel_layout(np.shape(x), self.axis).channels)
+            self._materialize(self._features_of(np.shape(x)))
         try:
             return self._forward(x)
         except BaseException:
@@ -235,20 +251,25 @@ class BatchNorm:
                 if arr.dtype.kind != "f":
                     raise TypeError(f"{k} must be a float array, got dtype {arr.dtype}")
                 arrays[k] = arr
-        channels = self.num_features
-        if channels is None and arrays:
-            channels = next(iter(arrays.values())).shape[0] if next(iter(arrays.values())).ndim == 1 else -1
+        features = self.num_features
+        if features is None and arrays:  # a lazy layer: from the state (its first array's shape)
+            first = next(iter(arrays.values())).shape
+            ndim = len(self.axis) if axes.is_several(self.axis) else 1
+            if len(first) != ndim or 0 in first:
+                raise ValueError(f"{next(iter(arrays))} must have {ndim} non-empty dimension(s) (one value per "
+                                 f"channel of axis {self.axis}), got shape {first}")
+            features = tuple(int(n) for n in first) if axes.is_several(self.axis) else int(first[0])
+        expected_shape = tuple(features) if isinstance(features, tuple) else (features,)
         for k, arr in arrays.items():
-            if arr.shape != (channels,):
-                raise ValueError(f"{k} must have shape ({channels},), got {arr.shape}" if channels and channels > 0
-                                 else f"{k} must be a vector (one value per channel), got shape {arr.shape}")
+            if arr.shape != expected_shape:
+                raise ValueError(f"{k} must have shape {expected_shape}, got {arr.shape}")
         nbt = None
         if "num_batches_tracked" in state and "num_batches_tracked" in expected:
             nbt = np.asarray(state["num_batches_tracked"])
             if nbt.shape != () or nbt.dtype.kind not in "iu" or nbt < 0:
                 raise ValueError(f"num_batches_tracked must be a non-negative integer scalar, got {nbt!r}")
-        if self.lazy and channels is not None:
-            self._materialize(channels)
+        if self.lazy and features is not None:
+            self._materialize(features)
         if nbt is not None:
             self.num_batches_tracked = int(nbt)
         for k, arr in arrays.items():
@@ -261,7 +282,13 @@ class BatchNorm:
                 f"axis={self.axis}, dtype={self.dtype.name}, backend={self.backend!r})")
 
 
-def _check_num_features(num_features) -> int:
+def _check_num_features(num_features, several: bool):
+    """A positive int (a tuple of them: the shape of several axes)."""
+    if several:
+        if not isinstance(num_features, (tuple, list)):
+            raise TypeError(f"num_features must be the shape of the axes (a tuple) with several axes, "
+                            f"got {type(num_features).__name__}")
+        return tuple(_check_num_features(n, False) for n in num_features)
     if isinstance(num_features, (bool, np.bool_)) or not isinstance(num_features, numbers.Integral):
         raise TypeError(f"num_features must be a positive int (or None: from the first input), "
                         f"got {type(num_features).__name__}")

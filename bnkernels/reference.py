@@ -9,21 +9,33 @@ from __future__ import annotations
 import numpy as np
 
 
+def _channel_axes(x, axis):
+    """``axis`` (an int, or a tuple of several: the parameters' axes) as a
+    sorted tuple of non-negative axes."""
+    return tuple(sorted(a % x.ndim for a in (axis if isinstance(axis, (tuple, list)) else (axis,))))
+
+
 def _bshape(x, axis):
-    shape = [1] * x.ndim
-    shape[axis] = x.shape[axis]
-    return shape
+    channel = _channel_axes(x, axis)
+    return [x.shape[i] if i in channel else 1 for i in range(x.ndim)]
 
 
 def _reduce_axes(x, axis):
-    return tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    channel = _channel_axes(x, axis)
+    return tuple(i for i in range(x.ndim) if i not in channel)
+
+
+def _count(x, axis) -> int:
+    channels = int(np.prod([x.shape[a] for a in _channel_axes(x, axis)]))
+    return x.size // channels if channels else 0
 
 
 def reference_stats(x, axis=1):
-    """(count, mean, biased var) per channel, float64."""
+    """(count, mean, biased var) per channel, float64 (per element of the
+    channel axes when ``axis`` is a tuple: their shape)."""
     x64 = np.asarray(x, dtype=np.float64)
     axes = _reduce_axes(x64, axis)
-    count = x64.size // x64.shape[axis] if x64.shape[axis] else 0
+    count = _count(x64, axis)
     mean = x64.mean(axis=axes)
     var = ((x64 - mean.reshape(_bshape(x64, axis))) ** 2).mean(axis=axes)
     return count, mean, var
@@ -74,7 +86,7 @@ def reference_backward(dy, x, mean, invstd, gamma=None, axis=1, training=True):
     x64 = np.asarray(x, np.float64)
     bs = _bshape(x64, axis)
     axes = _reduce_axes(x64, axis)
-    n = x64.size // x64.shape[axis] if x64.shape[axis] else 0
+    n = _count(x64, axis)
     invstd = np.asarray(invstd, np.float64)
     xhat = (x64 - np.asarray(mean, np.float64).reshape(bs)) * invstd.reshape(bs)
     g = np.ones_like(invstd) if gamma is None else np.asarray(gamma, np.float64)

@@ -65,3 +65,20 @@ def test_float16_running_statistics(on_device, rng):
     y = bn_forward(cuda.to_device(x), None, None, d_rm, d_rv, training=False, backend=BACKEND)
     assert_close(y.copy_to_host(), reference_forward(x, None, None, got_rm, got_rv, training=False)[0],
                  np.float32, "y (inference)")
+
+
+def test_several_axes_on_device_arrays(rng):
+    """Adjacent axes: a view of the device array; non-adjacent ones would
+    need a permutation Numba device arrays do not have: a clear error."""
+    from bnkernels.reference import reference_forward
+    from helpers import assert_close, make_input
+
+    x = make_input((4, 3, 5, 6), np.float32, rng)
+    rm, rv = cuda.to_device(np.zeros((3, 5), np.float32)), cuda.to_device(np.ones((3, 5), np.float32))
+    y, saved = bn_forward(cuda.to_device(x), None, None, rm, rv, axis=(1, 2), backend=BACKEND, return_saved=True)
+    ref = reference_forward(x, None, None, np.zeros((3, 5)), np.ones((3, 5)), axis=(1, 2))
+    assert_close(y.copy_to_host(), ref[0], np.float32, "y")
+    assert saved.mean.shape == (3, 5)
+    assert_close(rm.copy_to_host(), ref[3], np.float32, "running_mean", scale=np.abs(ref[3]).max())
+    with pytest.raises(TypeError, match="Numba device array, which cannot be permuted"):
+        bn_forward(cuda.to_device(x), axis=(1, 3), backend=BACKEND)
