@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import axes, call_cache, engine
+from . import axes, call_cache, engine, memory_order
 from . import validation as v
 from .backends import resolve, runs_on_gpu
 from .backends.interface import Moments
@@ -100,6 +100,14 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
         TypeError, ValueError: bad arguments (message names the argument).
         BackendUnavailableError: a named backend cannot run here.
     """
+    perm = memory_order.order(x)
+    if perm is not None:  # run in x's memory order: no copy, y with x's strides
+        y, saved = bn_forward(memory_order.permute(x, perm), gamma, beta, running_mean, running_var,
+                              training=training, momentum=momentum, eps=eps, axis=memory_order.axis_in(perm, axis),
+                              activation=activation, backend=backend, return_saved=True,
+                              num_batches_tracked=num_batches_tracked, out=memory_order.permute(out, perm))
+        y = out if out is not None else memory_order.permute(y, memory_order.inverse(perm))
+        return (y, saved) if v.check_flag(return_saved, "return_saved") else y
     if axes.is_several(axis):
         return _forward_on_axes(x, gamma, beta, running_mean, running_var, training=training, momentum=momentum,
                                 eps=eps, axis=axis, activation=activation, backend=backend,
@@ -253,6 +261,14 @@ def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, training
         and ``dbeta = sum(dy)`` per channel, shape (C,), float32 (float64 for
         float64 input). They are returned even when ``gamma`` is None.
     """
+    perm = memory_order.order(x)
+    if perm is not None:  # in x's memory order, as bn_forward
+        p = memory_order.permute
+        dy = dy if hasattr(dy, "shape") else np.asarray(dy)  # a list: in x's logical order
+        dx, dgamma, dbeta = bn_backward(p(dy, perm), p(x, perm), saved_mean,
+                                        saved_invstd, gamma, axis=memory_order.axis_in(perm, axis),
+                                        training=training, backend=backend, out=p(out, perm))
+        return (p(dx, memory_order.inverse(perm)) if out is None else out), dgamma, dbeta
     if axes.is_several(axis):
         m = axes.merge(np.shape(x), axis)
         out_view = None if out is None else m.written_view(out, "out")
@@ -289,6 +305,9 @@ def channel_stats(x, *, axis=1, backend="auto") -> ChannelStats:
     Returns:
         :class:`ChannelStats` with float64 ``mean`` and ``m2`` of shape (C,).
     """
+    perm = memory_order.order(x)
+    if perm is not None:
+        return channel_stats(memory_order.permute(x, perm), axis=memory_order.axis_in(perm, axis), backend=backend)
     if axes.is_several(axis):
         m = axes.merge(np.shape(x), axis)
         s = channel_stats(m.view(x, "x"), axis=m.axis, backend=backend)

@@ -82,3 +82,15 @@ def test_several_axes_on_device_arrays(rng):
     assert_close(rm.copy_to_host(), ref[3], np.float32, "running_mean", scale=np.abs(ref[3]).max())
     with pytest.raises(TypeError, match="Numba device array, which cannot be permuted"):
         bn_forward(cuda.to_device(x), axis=(1, 3), backend=BACKEND)
+
+
+def test_results_keep_the_inputs_memory_order(rng):
+    """A channels-last array seen as NCHW runs as NHWC (the channel-fastest
+    kernels, no copy to C order) and y comes back with x's strides."""
+    from bnkernels.reference import reference_forward
+    from helpers import assert_close, make_input
+
+    x = make_input((4, 5, 6, 3), np.float32, rng, mean=2.0).transpose(0, 3, 1, 2)
+    y = bn_forward(x, backend=BACKEND)
+    assert y.strides == x.strides
+    assert_close(y, reference_forward(x)[0], np.float32, "y")
