@@ -7,8 +7,9 @@ from typing import NamedTuple
 import numpy as np
 
 from . import axes
+from . import renorm as renormalization
 from . import validation as v
-from .batch_norm import bn_backward, bn_forward
+from .batch_norm import bn_backward, bn_forward, channel_stats
 from .backends import check_backend_name
 
 
@@ -53,6 +54,11 @@ class BatchNorm:
         dtype: dtype of the parameters and running statistics, float32 or
             float64 (float16 inputs use float32 parameters).
         backend: as in :func:`bnkernels.bn_forward`.
+        renorm: batch renormalization (Ioffe 2017, Keras' ``renorm``;
+            ``bnkernels.renorm``), with ``renorm_clipping`` (a dict of
+            ``rmin``, ``rmax``, ``dmax``; missing: 0, inf, inf) and
+            ``renorm_momentum`` (the weight of the new batch in the moving
+            ``renorm_mean`` and ``renorm_stddev``: Keras' 0.99 is 0.01).
 
     Attributes ``gamma``, ``beta`` (None where absent), ``running_mean``,
     ``running_var`` (None without tracking), ``num_batches_tracked``, and after
@@ -60,7 +66,8 @@ class BatchNorm:
     """
 
     def __init__(self, num_features=None, *, eps=1e-5, momentum=0.1, affine=True, bias=None, scale=None,
-                 center=None, track_running_stats=True, axis=1, dtype=np.float32, backend="auto"):
+                 center=None, track_running_stats=True, axis=1, dtype=np.float32, backend="auto", renorm=False,
+                 renorm_clipping=None, renorm_momentum=0.01):
         several = axes.is_several(axis)
         if several:
             for a in axis:
@@ -84,11 +91,17 @@ class BatchNorm:
         self.backend = backend
         affine = v.check_flag(affine, "affine")
         self._has_gamma, self._has_beta = _affine_parts(affine, bias, scale, center)
+        self.renorm = v.check_flag(renorm, "renorm")
+        self.renorm_clipping = renormalization.check_clipping(renorm_clipping)
+        if renorm_momentum is None:
+            raise ValueError("renorm_momentum must be a number in [0, 1] (a moving average), got None")
+        self.renorm_momentum = v.check_momentum(renorm_momentum)
         #: Read on every call, as in PyTorch: False after construction stops
         #: the updates in training (eval still uses existing statistics).
         self.track_running_stats = v.check_flag(track_running_stats, "track_running_stats")
         self.num_features = None
         self.gamma = self.beta = self.running_mean = self.running_var = None
+        self.renorm_mean = self.renorm_stddev = None
         self.num_batches_tracked = 0
         if num_features is not None:
             self._materialize(num_features)
@@ -121,10 +134,14 @@ class BatchNorm:
         return self._has_gamma or self._has_beta
 
     def reset_running_stats(self) -> None:
-        """Running mean 0, running var 1, batch count 0."""
+        """Running mean 0, running var 1, batch count 0 (and, with renorm,
+        the moving renorm mean 0 and stddev 1)."""
         if self.lazy:
             self.num_batches_tracked = 0
             return
+        if self.renorm:
+            self.renorm_mean = np.zeros(self.num_features, self.dtype)
+            self.renorm_stddev = np.ones(self.num_features, self.dtype)
         if self.track_running_stats:
             self.running_mean = np.zeros(self.num_features, self.dtype)
             self.running_var = np.ones(self.num_features, self.dtype)
@@ -169,6 +186,7 @@ class BatchNorm:
         except BaseException:
             if lazy:
                 self.num_features = self.gamma = self.beta = self.running_mean = self.running_var = None
+                self.renorm_mean = self.renorm_stddev = None
             raise
 
     def _forward(self, x):
@@ -176,8 +194,15 @@ class BatchNorm:
         batch = self.training or not have_running
         update = self.training and self.track_running_stats and have_running
         use_running = update or not batch
+        gamma, beta, corrections = self.gamma, self.beta, None
+        if self.renorm and self.training:
+            stats = channel_stats(x, axis=self.axis, backend=self.backend)
+            if stats.count:  # (an empty batch has no corrections: r = 1, d = 0)
+                corrections = renormalization.corrections(stats.mean, stats.var, self.renorm_mean, self.renorm_stddev,
+                                                 self.eps, self.renorm_clipping)
+                gamma, beta = renormalization.affine(self.gamma, self.beta, *corrections, stats.mean.shape, self.dtype)
         y, saved = bn_forward(
-            x, self.gamma, self.beta,
+            x, gamma, beta,
             self.running_mean if use_running else None,
             self.running_var if use_running else None,
             training=batch, momentum=self.momentum, eps=self.eps, axis=self.axis,
@@ -185,7 +210,10 @@ class BatchNorm:
             num_batches_tracked=self.num_batches_tracked if update else None)
         if update:
             self.num_batches_tracked += 1
-        self._saved = (x, saved, batch)
+        if corrections is not None:
+            renormalization.update(self.renorm_mean, self.renorm_stddev, stats.mean, stats.var, self.eps,
+                          self.renorm_momentum)
+        self._saved = (x, saved, batch, gamma, corrections)
         return y
 
     __call__ = forward
@@ -201,14 +229,17 @@ class BatchNorm:
         """
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() first")
-        x, saved, batch = self._saved
-        dx, dgamma, dbeta = bn_backward(dy, x, saved.mean, saved.invstd, self.gamma, axis=self.axis,
+        x, saved, batch, gamma, corrections = self._saved
+        dx, dgamma, dbeta = bn_backward(dy, x, saved.mean, saved.invstd, gamma, axis=self.axis,
                                         training=batch, backend=self.backend)
+        if corrections is not None:  # renorm: y = (xhat * r + d) * gamma + beta, r and d constants
+            r, d = corrections
+            dgamma = r * np.asarray(dgamma, np.float64) + d * np.asarray(dbeta, np.float64)
         self.grad_gamma = None if self.gamma is None else dgamma.astype(self.dtype)
         self.grad_beta = None if self.beta is None else dbeta.astype(self.dtype)
         return dx
 
-    _STATE_KEYS = ("gamma", "beta", "running_mean", "running_var")
+    _STATE_KEYS = ("gamma", "beta", "running_mean", "running_var", "renorm_mean", "renorm_stddev")
 
     def state_dict(self) -> dict:
         """Copies of the parameters and running statistics as plain arrays
@@ -223,7 +254,8 @@ class BatchNorm:
         """The keys of this layer's state (a lazy one's: those it will have)."""
         if self.lazy:
             have = {"gamma": self._has_gamma, "beta": self._has_beta,
-                    "running_mean": self.track_running_stats, "running_var": self.track_running_stats}
+                    "running_mean": self.track_running_stats, "running_var": self.track_running_stats,
+                    "renorm_mean": self.renorm, "renorm_stddev": self.renorm}
         else:
             have = {k: getattr(self, k) is not None for k in self._STATE_KEYS}
         keys = {k for k, present in have.items() if present}
