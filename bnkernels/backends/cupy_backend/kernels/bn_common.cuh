@@ -3,7 +3,8 @@
 //
 // Layout: every kernel sees a contiguous input as the canonical view
 // (outer, C, inner); "planes" kernels handle inner > 1 (NCHW-like),
-// "rows" kernels inner == 1 (NHWC, 2-D). All indices are 64-bit.
+// "rows" kernels inner == 1 (NHWC, 2-D). Indices are 64-bit except in the
+// reductions' hot loops (bn_scan.cuh: 32-bit offsets within a slab).
 #pragma once
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #include <cuda_fp16.h>
@@ -33,6 +34,27 @@ template <> struct Vec16<double> { using type = double2; static constexpr int n 
 template <> struct Vec16<__half> { using type = uint4; static constexpr int n = 8; };
 
 // ---- Welford / Chan ---------------------------------------------------------
+// a / b where both are whole numbers (counts, exact in ACC), b >= 1: for a
+// Welford/Chan weight an error of an ulp or two is harmless, and IEEE
+// division has a slow-path call whose calling convention spills registers.
+// The host harness (no __CUDA_ARCH__) divides exactly.
+template <typename ACC>
+__device__ __forceinline__ ACC count_ratio(ACC a, ACC b) { return a / b; }
+#ifdef __CUDA_ARCH__
+template <>
+__device__ __forceinline__ float count_ratio<float>(float a, float b) { return __fdividef(a, b); }
+// double: a float reciprocal refined by two Newton steps (2^-21 -> 2^-42 ->
+// below double's 2^-53), then one multiply: within an ulp or two of a / b,
+// for b >= 1 a whole number, with no slow-path call.
+template <>
+__device__ __forceinline__ double count_ratio<double>(double a, double b) {
+    double r = static_cast<double>(__fdividef(1.0f, static_cast<float>(b)));
+    r = fma(r, fma(-b, r, 1.0), r);
+    r = fma(r, fma(-b, r, 1.0), r);
+    return a * r;
+}
+#endif
+
 // Welford's update of (n, m, q) with value v, given the reciprocal of the
 // new count: accumulators that count alike (the unrolled ones of one
 // thread) share one division per step instead of one per value.
@@ -51,7 +73,7 @@ __device__ __forceinline__ void welford_merge(ACC& n, ACC& m, ACC& q, ACC nb, AC
     const ACC total = n + nb;
     if (total == ACC(0)) return;
     const ACC delta = mb - m;
-    const ACC r = nb / total;
+    const ACC r = count_ratio(nb, total);
     q = q + qb + delta * delta * n * r;
     m = m + delta * r;
     n = total;
@@ -83,38 +105,61 @@ struct BlockScratch {
     int last;
 };
 
-// Reduce a triple over the ty lanes of each tx column of a 2-D block: warp
-// shuffles (lanes lane and lane + offset hold the same channel while offset
-// >= blockDim.x), then shared memory across warps. The result is valid in
-// threads with threadIdx.y == 0. Every thread of the block must call it
-// (barriers); blockDim.x is a power of two <= 32, the block a whole number
-// of warps.
-template <typename Op, typename ACC>
-__device__ __forceinline__ void block_reduce(ACC& a, ACC& b, ACC& c, BlockScratch<ACC>& sh) {
+// Reduce triples over the lanes of a block that hold the same channels.
+// Thread lin = threadIdx.x + threadIdx.y * blockDim.x holds NV triples, of
+// channels (lin % lanes) * NV + j (j < NV) of the block's group: warp
+// shuffles first (lanes lane and lane + offset hold the same channels while
+// offset >= lanes), then shared memory [warp][channel] across warps. The
+// result of channel x is valid in thread lin == x (threadIdx.y == 0,
+// threadIdx.x == x), in a[0], b[0], c[0]. Every thread of the block must
+// call it (barriers); lanes * NV == blockDim.x <= 32, lanes a power of two,
+// the block a whole number of warps.
+template <typename Op, int NV, typename ACC>
+__device__ __forceinline__ void block_reduce_n(ACC (&a)[NV], ACC (&b)[NV], ACC (&c)[NV], BlockScratch<ACC>& sh,
+                                               unsigned lanes) {
     const unsigned width = blockDim.x;
     const unsigned lin = threadIdx.x + threadIdx.y * width;
     const unsigned lane = lin % kWarp;
     const unsigned warp = lin / kWarp;
     const unsigned nwarps = (width * blockDim.y) / kWarp;
-    for (unsigned offset = kWarp / 2; offset >= width; offset /= 2) {
-        const ACC a2 = __shfl_down_sync(kFullMask, a, offset);
-        const ACC b2 = __shfl_down_sync(kFullMask, b, offset);
-        const ACC c2 = __shfl_down_sync(kFullMask, c, offset);
-        Op::merge(a, b, c, a2, b2, c2);
+    for (unsigned offset = kWarp / 2; offset >= lanes; offset /= 2) {
+#pragma unroll
+        for (int j = 0; j < NV; ++j) {
+            const ACC a2 = __shfl_down_sync(kFullMask, a[j], offset);
+            const ACC b2 = __shfl_down_sync(kFullMask, b[j], offset);
+            const ACC c2 = __shfl_down_sync(kFullMask, c[j], offset);
+            Op::merge(a[j], b[j], c[j], a2, b2, c2);
+        }
     }
-    if (lane < width) {
-        sh.a[warp][lane] = a;
-        sh.b[warp][lane] = b;
-        sh.c[warp][lane] = c;
+    if (lane < lanes) {
+#pragma unroll
+        for (int j = 0; j < NV; ++j) {
+            sh.a[warp][lane * NV + j] = a[j];
+            sh.b[warp][lane * NV + j] = b[j];
+            sh.c[warp][lane * NV + j] = c[j];
+        }
     }
     __syncthreads();
     if (warp == 0 && lane < width) {
-        a = sh.a[0][lane];
-        b = sh.b[0][lane];
-        c = sh.c[0][lane];
-        for (unsigned w = 1; w < nwarps; ++w) Op::merge(a, b, c, sh.a[w][lane], sh.b[w][lane], sh.c[w][lane]);
+        a[0] = sh.a[0][lane];
+        b[0] = sh.b[0][lane];
+        c[0] = sh.c[0][lane];
+        // not unrolled: its trip count would be computed once and held (or
+        // spilled) through the whole kernel
+#pragma unroll 1
+        for (unsigned w = 1; w < nwarps; ++w) Op::merge(a[0], b[0], c[0], sh.a[w][lane], sh.b[w][lane], sh.c[w][lane]);
     }
     __syncthreads();  // the shared slots may be reused after this
+}
+
+// One triple per thread, of channel threadIdx.x (lanes == blockDim.x).
+template <typename Op, typename ACC>
+__device__ __forceinline__ void block_reduce(ACC& a, ACC& b, ACC& c, BlockScratch<ACC>& sh) {
+    ACC a1[1] = {a}, b1[1] = {b}, c1[1] = {c};
+    block_reduce_n<Op, 1>(a1, b1, c1, sh, blockDim.x);
+    a = a1[0];
+    b = b1[0];
+    c = c1[0];
 }
 
 // Count this block's arrival at channel group g (after its partials were
@@ -131,47 +176,19 @@ __device__ __forceinline__ bool last_to_arrive(unsigned int* counters, long long
     return last;
 }
 
-// Where this thread starts walking its channel's values and its stride, in
-// (o, i) coordinates of the (outer, inner) plane: values j0, j0 + S, ...
-// with j0 = blockIdx.x * blockDim.y + threadIdx.y, S = gridDim.x * blockDim.y.
-struct Walk {
-    long long o, i, so, si;
+// Where block b's partial of channel c lies in a staging buffer of C *
+// gridDim.x values: (C, splits) for channel planes (the lanes of the one
+// channel of a block read consecutive partials), (splits, C) for channel
+// fastest (the lanes of a row, neighbouring channels, read consecutive
+// partials).
+struct Staging {
+    long long base, step;
+    __device__ __forceinline__ long long at(unsigned b) const { return base + b * step; }
 };
 
-// The geometry of a reduction block: blockDim.x channels per group (tx is
-// this thread's), groups along gridDim.y, splits along gridDim.x.
-struct ReduceGrid {
-    long long width, tx, ty, splits, groups;
-};
-
-__device__ __forceinline__ ReduceGrid reduce_grid(long long C) {
-    ReduceGrid r;
-    r.width = blockDim.x;
-    r.tx = threadIdx.x;
-    r.ty = threadIdx.y;
-    r.splits = gridDim.x;
-    r.groups = (C + r.width - 1) / r.width;
-    return r;
-}
-
-__device__ __forceinline__ Walk walk_start(long long inner) {
-    const long long S = static_cast<long long>(gridDim.x) * blockDim.y;
-    const long long j0 = static_cast<long long>(blockIdx.x) * blockDim.y + threadIdx.y;
-    Walk w;
-    w.o = j0 / inner;
-    w.i = j0 - w.o * inner;
-    w.so = S / inner;
-    w.si = S - w.so * inner;
-    return w;
-}
-
-__device__ __forceinline__ void walk_step(long long& o, long long& i, const Walk& w, long long inner) {
-    i += w.si;
-    o += w.so;
-    if (i >= inner) {
-        i -= inner;
-        ++o;
-    }
+template <bool CHANNELS_LAST>
+__device__ __forceinline__ Staging staging(long long c, long long C) {
+    return CHANNELS_LAST ? Staging{c, C} : Staging{c * gridDim.x, 1};
 }
 
 // Channel tracking of a flat index: (i, c) = position in its plane and its

@@ -1,18 +1,152 @@
 // Per-channel reductions on a 2-D grid: blockIdx.y walks channel groups
 // (blockDim.x channels each), blockIdx.x splits each group's values. Each
-// block writes one partial per channel to a staging buffer (C, gridDim.x);
-// the last block of a group to arrive merges them and finalizes the
-// channel, so no extra per-channel launch is needed.
+// block writes one partial per channel to a staging buffer of C * gridDim.x
+// values (bn::staging); the last block of a group to arrive merges them and
+// finalizes the channel, so no extra per-channel launch is needed.
 #pragma once
 #include "bn_common.cuh"
+#include "bn_scan.cuh"
 
-// Training statistics: Welford per thread (4 independent accumulators, one
-// shared reciprocal of the count per step) around k0, the channel's first value, then Chan merges across warp, block
-// and grid. The last block writes the apply coefficients
+namespace bn {
+
+// The items of the vector walks: 16-byte vectors, except for the statistics
+// of half in channel-fastest layouts: there a thread owns every channel of
+// its item, 3 registers each, and 8 channels (16 bytes) with 4 items in
+// flight spill on sm_80 at 64 registers; 8-byte items of 4 channels, 8 in
+// flight, move as many bytes per step.
+template <typename T, bool ROWS, bool STATS>
+struct ScanItem {
+    using type = typename Vec16<T>::type;
+    static constexpr int n = Vec16<T>::n;
+};
+template <>
+struct ScanItem<__half, true, true> {
+    using type = uint2;
+    static constexpr int n = 4;
+};
+
+// Items per step: loads in flight per thread (per array). More would not
+// fit in 64 registers (rows: 3 registers per owned channel for statistics;
+// the backward sums read 2 arrays).
+template <typename Item>
+struct StatsUnroll { static constexpr int value = 4; };
+template <>
+struct StatsUnroll<uint2> { static constexpr int value = 8; };  // 8-byte items: 8 in flight
+template <int NV, bool ROWS>
+constexpr int bwd_unroll() { return ROWS && NV >= 8 ? 2 : 4; }
+
+// Whether this launch reads vectors of N values: the pointers aligned to
+// 16 bytes, and every run of every channel starting on a vector boundary
+// (planes: inner % N == 0; rows: C % N == 0, and a thread's N channels
+// within its group). The same for every block: no divergence.
+template <int N, bool ROWS>
+__device__ __forceinline__ bool use_vectors(const void* p, long long C, long long inner) {
+    return aligned16(p) && (ROWS ? (C % N == 0 && blockDim.x % N == 0) : inner % N == 0);
+}
+
+// This block's partial statistics of channel c = g * blockDim.x + threadIdx.x
+// (n, mean - k0, M2 with k0 = x[c * inner]), valid in threads with
+// threadIdx.y == 0; NV values per item (Item: ScanItem's type or T).
+template <typename T, typename ACC, bool ROWS, int NV, typename Item>
+__device__ __forceinline__ void stats_partial(const T* x, long long outer, long long C, long long inner,
+                                              long long g, ACC& n, ACC& m, ACC& q, BlockScratch<ACC>& sh) {
+    constexpr int CH = ROWS ? NV : 1;
+    constexpr int U = StatsUnroll<Item>::value;
+    const unsigned width = blockDim.x;
+    const unsigned lanes = width / CH;  // threads side by side in a row
+    const unsigned lin = threadIdx.x + threadIdx.y * width;
+    const long long per_block = (width * blockDim.y) / lanes;  // threads per channel per block
+    const long long t = blockIdx.x * per_block + lin / lanes, P = gridDim.x * per_block;
+    const long long c0 = g * width + (lin % lanes) * CH;  // first channel owned
+    ACC a[CH], b[CH], c[CH];
+#pragma unroll
+    for (int j = 0; j < CH; ++j) a[j] = b[j] = c[j] = ACC(0);
+    if (c0 < C) {
+        ACC k[CH];
+        const Item* first = reinterpret_cast<const Item*>(x + c0 * inner);
+        if constexpr (ROWS) {
+            unpack<ACC, T, NV>(first[0], k);  // row 0
+        } else {
+            k[0] = to_acc<ACC>(x[c0 * inner]);
+        }
+        StatsScan<T, ACC, Item, NV, ROWS> st(first, k);
+        if constexpr (ROWS)
+            scan<U, true>(outer, 1, C / NV, t, P, st);
+        else
+            scan<U, false>(outer, inner / NV, C * inner / NV, t, P, st);
+#pragma unroll
+        for (int j = 0; j < CH; ++j) {
+            a[j] = st.n;
+            b[j] = st.m[j];
+            c[j] = st.q[j];
+        }
+    }
+    block_reduce_n<WelfordOp, CH>(a, b, c, sh, lanes);
+    n = a[0];
+    m = b[0];
+    q = c[0];
+}
+
+// The same for the backward sums: sum(dy), sum(dy * (x - k)) with k the
+// saved mean in ACC.
+template <typename T, typename ACC, typename S, bool ROWS, int NV, typename Item>
+__device__ __forceinline__ void bwd_partial(const T* dy, const T* x, const S* saved_mean, long long outer,
+                                            long long C, long long inner, long long g, ACC& s, ACC& t,
+                                            BlockScratch<ACC>& sh) {
+    constexpr int CH = ROWS ? NV : 1;
+    constexpr int U = bwd_unroll<NV, ROWS>();
+    const unsigned width = blockDim.x;
+    const unsigned lanes = width / CH;
+    const unsigned lin = threadIdx.x + threadIdx.y * width;
+    const long long per_block = (width * blockDim.y) / lanes;
+    const long long tt = blockIdx.x * per_block + lin / lanes, P = gridDim.x * per_block;
+    const long long c0 = g * width + (lin % lanes) * CH;
+    ACC a[CH], b[CH], c[CH];
+#pragma unroll
+    for (int j = 0; j < CH; ++j) a[j] = b[j] = c[j] = ACC(0);
+    if (c0 < C) {
+        ACC k[CH];
+#pragma unroll
+        for (int j = 0; j < CH; ++j) k[j] = static_cast<ACC>(saved_mean[c0 + j]);
+        BwdScan<T, ACC, Item, NV, ROWS, U> bs(reinterpret_cast<const Item*>(dy + c0 * inner),
+                                              reinterpret_cast<const Item*>(x + c0 * inner), k);
+        if constexpr (ROWS)
+            scan<U, true>(outer, 1, C / NV, tt, P, bs);
+        else
+            scan<U, false>(outer, inner / NV, C * inner / NV, tt, P, bs);
+        if constexpr (ROWS) {
+#pragma unroll
+            for (int j = 0; j < CH; ++j) {
+                a[j] = bs.s[j];
+                b[j] = bs.t[j];
+            }
+        } else {
+#pragma unroll
+            for (int u = 1; u < BwdScan<T, ACC, Item, NV, ROWS, U>::SL; ++u) {
+                bs.s[0] += bs.s[u];
+                bs.t[0] += bs.t[u];
+            }
+            a[0] = bs.s[0];
+            b[0] = bs.t[0];
+        }
+    }
+    block_reduce_n<SumOp, CH>(a, b, c, sh, lanes);
+    s = a[0];
+    t = b[0];
+}
+
+}  // namespace bn
+
+// Training statistics: per thread, chunks of values reduced around their
+// own first value and merged by Chan's formula (bn_scan.cuh: StatsScan),
+// relative to k0, the channel's first value; then Chan merges across warp,
+// block and grid. The last block writes the apply coefficients
 // (y = (x - k) * scale + shift), the saved mean/invstd, mean - k and M2,
 // and updates the running statistics.
+// __launch_bounds__(1024): at most 64 registers, so that 4 blocks of 256
+// threads stay resident per SM (the unrolled loads would take more).
 template <typename T, typename ACC, typename R, bool CHANNELS_LAST>
-__global__ void bn_stats(const T* __restrict__ x,              // (outer, C, inner) contiguous
+__global__ void __launch_bounds__(1024, 1) bn_stats(const T* __restrict__ x,              // (outer, C, inner) contiguous
                          long long outer, long long C, long long inner,
                          double inv_n,                         // 1 / (outer * inner)
                          double unbias,                        // n / (n - 1)
@@ -29,73 +163,43 @@ __global__ void bn_stats(const T* __restrict__ x,              // (outer, C, inn
                          ACC* __restrict__ invstd_out,         // (C,) saved invstd
                          ACC* __restrict__ dmean_out,          // (C,) mean - k
                          ACC* __restrict__ m2_out,             // (C,) sum of squared deviations
-                         ACC* stage_n,                         // (C, gridDim.x) partial counts
-                         ACC* stage_m,                         // (C, gridDim.x) partial means (of x - k)
-                         ACC* stage_q,                         // (C, gridDim.x) partial M2
+                         ACC* stage_n,                         // (C * gridDim.x) partial counts (bn::staging)
+                         ACC* stage_m,                         // (C * gridDim.x) partial means (of x - k)
+                         ACC* stage_q,                         // (C * gridDim.x) partial M2
                          unsigned int* counters)               // (groups,) zero between launches
 {
     __shared__ bn::BlockScratch<ACC> sh;
-    const bn::ReduceGrid rg = bn::reduce_grid(C);
-    const long long width = rg.width, tx = rg.tx, ty = rg.ty, splits = rg.splits, groups = rg.groups;
-    const bn::Walk walk = bn::walk_start(inner);
-    for (long long g = blockIdx.y; g < groups; g += gridDim.y) {
+    const unsigned width = blockDim.x, tx = threadIdx.x, ty = threadIdx.y;
+    using Item = bn::ScanItem<T, CHANNELS_LAST, true>;
+    const bool vec = bn::use_vectors<Item::n, CHANNELS_LAST>(x, C, inner);
+    for (long long g = blockIdx.y; g * width < C; g += gridDim.y) {
         const long long c = g * width + tx;
         const bool active = c < C;
-        ACC n[4] = {ACC(0), ACC(0), ACC(0), ACC(0)};
-        ACC m[4] = {ACC(0), ACC(0), ACC(0), ACC(0)};
-        ACC q[4] = {ACC(0), ACC(0), ACC(0), ACC(0)};
-        ACC k0 = ACC(0);
-        if (active) {
-            k0 = bn::to_acc<ACC>(x[c * inner]);
-            long long o = walk.o, i = walk.i;
-            while (o < outer) {
-                long long oo[4], ii[4];
-                ACC v[4];
-                oo[0] = o;
-                ii[0] = i;
-#pragma unroll
-                for (int u = 1; u < 4; ++u) {
-                    oo[u] = oo[u - 1];
-                    ii[u] = ii[u - 1];
-                    bn::walk_step(oo[u], ii[u], walk, inner);
-                }
-#pragma unroll
-                for (int u = 0; u < 4; ++u) {  // all loads first: 4 in flight
-                    const long long row = oo[u] * C + c;
-                    v[u] = oo[u] < outer ? bn::to_acc<ACC>(x[CHANNELS_LAST ? row : row * inner + ii[u]]) - k0
-                                         : ACC(0);
-                }
-                // the 4 accumulators count alike until the last step (where
-                // the later ones may be past the end): one division per step
-                const ACC r = ACC(1) / (n[0] + ACC(1));
-#pragma unroll
-                for (int u = 0; u < 4; ++u)
-                    if (oo[u] < outer) bn::welford_add_r(n[u], m[u], q[u], v[u], r);
-                o = oo[3];
-                i = ii[3];
-                bn::walk_step(o, i, walk, inner);
-            }
-            bn::welford_merge(n[0], m[0], q[0], n[1], m[1], q[1]);
-            bn::welford_merge(n[2], m[2], q[2], n[3], m[3], q[3]);
-            bn::welford_merge(n[0], m[0], q[0], n[2], m[2], q[2]);
-        }
-        bn::block_reduce<bn::WelfordOp>(n[0], m[0], q[0], sh);
+        ACC n0, m0, q0;
+        if (vec)
+            bn::stats_partial<T, ACC, CHANNELS_LAST, Item::n, typename Item::type>(
+                x, outer, C, inner, g, n0, m0, q0, sh);
+        else
+            bn::stats_partial<T, ACC, CHANNELS_LAST, 1, T>(x, outer, C, inner, g, n0, m0, q0, sh);
+        const bn::Staging st = bn::staging<CHANNELS_LAST>(c, C);
         if (ty == 0 && active) {
-            stage_n[c * splits + blockIdx.x] = n[0];
-            stage_m[c * splits + blockIdx.x] = m[0];
-            stage_q[c * splits + blockIdx.x] = q[0];
+            stage_n[st.at(blockIdx.x)] = n0;
+            stage_m[st.at(blockIdx.x)] = m0;
+            stage_q[st.at(blockIdx.x)] = q0;
         }
         if (bn::last_to_arrive(counters, g, &sh.last)) {
             ACC nn = ACC(0), mm = ACC(0), qq = ACC(0);
             if (active) {
                 // volatile: other blocks' partials, never from a stale cache line
-                const volatile ACC* sn = stage_n + c * splits;
-                const volatile ACC* sm = stage_m + c * splits;
-                const volatile ACC* sq = stage_q + c * splits;
-                for (long long b = ty; b < splits; b += blockDim.y) bn::welford_merge(nn, mm, qq, sn[b], sm[b], sq[b]);
+                const volatile ACC* sn = stage_n;
+                const volatile ACC* sm = stage_m;
+                const volatile ACC* sq = stage_q;
+                for (unsigned b = ty; b < gridDim.x; b += blockDim.y)
+                    bn::welford_merge(nn, mm, qq, sn[st.at(b)], sm[st.at(b)], sq[st.at(b)]);
             }
             bn::block_reduce<bn::WelfordOp>(nn, mm, qq, sh);
             if (ty == 0 && active) {
+                const ACC k0 = bn::to_acc<ACC>(x[c * inner]);  // the shift of the partials
                 const double var = static_cast<double>(qq) * inv_n;
                 const ACC invstd = static_cast<ACC>(1.0 / sqrt(var + eps));
                 const ACC gm = gamma ? gamma[c] : ACC(1);
@@ -128,7 +232,7 @@ __global__ void bn_stats(const T* __restrict__ x,              // (outer, C, inn
 // forward returned them (float, or double for double input, or double from
 // a caller), read in place: no cast before the launch.
 template <typename T, typename ACC, typename S, bool CHANNELS_LAST>
-__global__ void bn_bwd_reduce(const T* __restrict__ dy,              // (outer, C, inner) contiguous
+__global__ void __launch_bounds__(1024, 1) bn_bwd_reduce(const T* __restrict__ dy,              // (outer, C, inner) contiguous
                               const T* __restrict__ x,               // (outer, C, inner) contiguous
                               long long outer, long long C, long long inner,
                               double inv_n,                          // 1 / (outer * inner)
@@ -141,64 +245,42 @@ __global__ void bn_bwd_reduce(const T* __restrict__ dy,              // (outer, 
                               ACC* __restrict__ a_out,               // (C,)
                               ACC* __restrict__ b_out,               // (C,)
                               ACC* __restrict__ c_out,               // (C,)
-                              ACC* stage_s,                          // (C, gridDim.x) partial sum(dy)
-                              ACC* stage_t,                          // (C, gridDim.x) partial sum(dy * (x - k))
+                              ACC* stage_s,                          // (C * gridDim.x) partial sum(dy)
+                              ACC* stage_t,                          // (C * gridDim.x) partial sum(dy * (x - k))
                               unsigned int* counters)                // (groups,) zero between launches
 {
     __shared__ bn::BlockScratch<ACC> sh;
-    const bn::ReduceGrid rg = bn::reduce_grid(C);
-    const long long width = rg.width, tx = rg.tx, ty = rg.ty, splits = rg.splits, groups = rg.groups;
-    const bn::Walk walk = bn::walk_start(inner);
-    for (long long g = blockIdx.y; g < groups; g += gridDim.y) {
+    const unsigned width = blockDim.x, tx = threadIdx.x, ty = threadIdx.y;
+    using Item = bn::ScanItem<T, CHANNELS_LAST, false>;
+    const bool vec = bn::use_vectors<Item::n, CHANNELS_LAST>(x, C, inner) && bn::aligned16(dy);
+    for (long long g = blockIdx.y; g * width < C; g += gridDim.y) {
         const long long c = g * width + tx;
         const bool active = c < C;
-        ACC s[2] = {ACC(0), ACC(0)};
-        ACC t[2] = {ACC(0), ACC(0)};
-        ACC k = ACC(0);
-        if (active) {
-            k = static_cast<ACC>(saved_mean[c]);
-            long long o = walk.o, i = walk.i;
-            while (o < outer) {
-                long long oo[2] = {o, o}, ii[2] = {i, i};
-                bn::walk_step(oo[1], ii[1], walk, inner);
-                ACC g_[2], d_[2];
-#pragma unroll
-                for (int u = 0; u < 2; ++u) {
-                    const long long row = oo[u] * C + c;
-                    const long long p = CHANNELS_LAST ? row : row * inner + ii[u];
-                    const bool ok = oo[u] < outer;
-                    g_[u] = ok ? bn::to_acc<ACC>(dy[p]) : ACC(0);
-                    d_[u] = ok ? bn::to_acc<ACC>(x[p]) - k : ACC(0);
-                }
-#pragma unroll
-                for (int u = 0; u < 2; ++u) {
-                    s[u] += g_[u];
-                    t[u] += g_[u] * d_[u];
-                }
-                o = oo[1];
-                i = ii[1];
-                bn::walk_step(o, i, walk, inner);
-            }
-        }
-        ACC s0 = s[0] + s[1], t0 = t[0] + t[1], unused = ACC(0);
-        bn::block_reduce<bn::SumOp>(s0, t0, unused, sh);
+        ACC s0, t0, unused = ACC(0);
+        if (vec)
+            bn::bwd_partial<T, ACC, S, CHANNELS_LAST, Item::n, typename Item::type>(
+                dy, x, saved_mean, outer, C, inner, g, s0, t0, sh);
+        else
+            bn::bwd_partial<T, ACC, S, CHANNELS_LAST, 1, T>(dy, x, saved_mean, outer, C, inner, g, s0, t0, sh);
+        const bn::Staging st = bn::staging<CHANNELS_LAST>(c, C);
         if (ty == 0 && active) {
-            stage_s[c * splits + blockIdx.x] = s0;
-            stage_t[c * splits + blockIdx.x] = t0;
+            stage_s[st.at(blockIdx.x)] = s0;
+            stage_t[st.at(blockIdx.x)] = t0;
         }
         if (bn::last_to_arrive(counters, g, &sh.last)) {
             ACC ss = ACC(0), tt = ACC(0);
             unused = ACC(0);
             if (active) {
-                const volatile ACC* vs = stage_s + c * splits;
-                const volatile ACC* vt = stage_t + c * splits;
-                for (long long b = ty; b < splits; b += blockDim.y) {
-                    ss += vs[b];
-                    tt += vt[b];
+                const volatile ACC* vs = stage_s;
+                const volatile ACC* vt = stage_t;
+                for (unsigned b = ty; b < gridDim.x; b += blockDim.y) {
+                    ss += vs[st.at(b)];
+                    tt += vt[st.at(b)];
                 }
             }
             bn::block_reduce<bn::SumOp>(ss, tt, unused, sh);
             if (ty == 0 && active) {
+                const ACC k = static_cast<ACC>(saved_mean[c]);  // the shift of the partials
                 const double invstd = static_cast<double>(saved_invstd[c]);
                 const double delta = static_cast<double>(saved_mean[c]) - static_cast<double>(k);  // beyond ACC
                 const double sum_dy = ss;
