@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import axes, call_cache, engine, memory_order
+from . import axes, call_cache, engine, masking, memory_order
 from . import validation as v
 from .backends import resolve, runs_on_gpu
 from .backends.interface import Moments
@@ -52,7 +52,7 @@ class ChannelStats(Moments):
 
 def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *, training=True,
                momentum=0.1, eps=1e-5, axis=1, activation=None, backend="auto",
-               return_saved=False, num_batches_tracked=None, out=None):
+               return_saved=False, num_batches_tracked=None, out=None, mask=None):
     """Batch normalization forward.
 
     ``y = (x - mean) / sqrt(var + eps) * gamma + beta`` per channel, then the
@@ -91,6 +91,10 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
             arrays, page-faulting) a new output on every call; the
             ``numba`` backend writes into a C-contiguous ``out`` directly,
             the others copy their result into it.
+        mask: Keras masking: a boolean array of x's shape without the
+            channel axis (and of x's library); in training the statistics
+            use only the positions where it is true (``bnkernels.masking``),
+            the output is computed everywhere. Ignored in inference.
 
     Returns:
         ``y`` with the shape and dtype of ``x`` (half input is computed in
@@ -100,6 +104,9 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
         TypeError, ValueError: bad arguments (message names the argument).
         BackendUnavailableError: a named backend cannot run here.
     """
+    if mask is not None:
+        return _forward_masked(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, activation,
+                               backend, return_saved, num_batches_tracked, out, mask)
     perm = memory_order.order(x)
     if perm is not None:  # run in x's memory order: no copy, y with x's strides
         y, saved = bn_forward(memory_order.permute(x, perm), gamma, beta, running_mean, running_var,
@@ -150,6 +157,57 @@ def _prepared():
     from . import prepared
 
     return prepared
+
+
+def _forward_masked(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, activation, backend,
+                    return_saved, num_batches_tracked, out, mask):
+    """:func:`bn_forward` with a ``mask``: every check, then the statistics
+    of the masked positions (a copy of them), then ``finalize ->
+    normalize`` on all of x (``engine.forward_with_moments``)."""
+    c = _check_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, activation,
+                       backend, num_batches_tracked, out)
+    return_saved = v.check_flag(return_saved, "return_saved")
+    masking.check(mask, x, c.layout)
+    if not c.training:  # inference: the running statistics, the mask plays no part (as Keras)
+        return bn_forward(x, gamma, beta, running_mean, running_var, training=False, momentum=momentum, eps=eps,
+                          axis=axis, activation=activation, backend=backend, return_saved=return_saved,
+                          num_batches_tracked=num_batches_tracked, out=out)
+    stats = channel_stats(masking.selected(x, c.layout, mask), axis=-1, backend=c.impl.name)
+    if stats.count == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got 1 position of mask of shape "
+                         f"{tuple(mask.shape)}")
+    C = c.layout.channels
+    # fully masked: mean 0, variance 0, as Keras computes them (a count of 1 with M2 0 is variance 0 to
+    # finalize; no running statistics are updated from it)
+    moments = (Moments(stats.count, stats.mean, stats.m2) if stats.count
+               else Moments(1, np.zeros(C), np.zeros(C)))
+    running = (None if c.running_mean is None or stats.count == 0
+               else (c.running_mean, c.running_var, c.factor))
+    y, mean, invstd = engine.forward_with_moments(c.impl, c.x, c.layout, moments, c.gamma, c.beta, c.eps, c.relu,
+                                                  running, c.out_view)
+    y = out if out is not None else y
+    return (y, SavedStats(mean, invstd)) if return_saved else y
+
+
+def _backward_masked(dy, x, saved_mean, saved_invstd, gamma, axis, backend, out, mask):
+    """:func:`bn_backward` with a ``mask`` (``bnkernels.masking``): dx =
+    gamma * invstd * dy everywhere, batch norm's correction at the masked
+    positions, from the sums over all of them."""
+    c = _check_backward(dy, x, saved_mean, saved_invstd, gamma, axis, backend, out)
+    masking.check(mask, x, c.layout)
+    impl, layout = c.impl, c.layout
+    sums = impl.backward_reduce(c.dy, c.x, layout, c.saved_mean, c.saved_invstd)
+    dx, dgamma, dbeta = impl.backward_apply(c.dy, c.x, layout, c.saved_mean, c.saved_invstd, c.gamma, sums,
+                                            layout.count, c.out_view, frozen=True)
+    dx = out if out is not None else dx
+    n = masking.count(mask)
+    if n:
+        rows = [masking.selected(a, layout, mask) for a in (dy, x)]
+        sub = v.channel_layout(rows[1].shape, -1)
+        dx_rows, _, _ = impl.backward_apply(*(impl.asarray(r) for r in rows), sub, c.saved_mean, c.saved_invstd,
+                                            c.gamma, sums, n)
+        masking.scatter(dx, layout, mask, dx_rows)
+    return dx, dgamma, dbeta
 
 
 def _forward_on_axes(x, gamma, beta, running_mean, running_var, *, axis, training, out, return_saved, **options):
@@ -235,7 +293,7 @@ def check_forward_aliasing(arrays: dict, given: dict, training: bool, out_view=N
 
 
 def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, training=True, backend="auto",
-                out=None):
+                out=None, mask=None):
     """Gradients of :func:`bn_forward` (without activation): of the training
     forward, or with ``training=False`` of the inference forward.
 
@@ -253,6 +311,8 @@ def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, training
             invstd``; ``dgamma`` and ``dbeta`` as in training. How frozen
             batch norm is fine-tuned (torchvision's ``FrozenBatchNorm2d``).
         axis, backend: as in :func:`bn_forward`.
+        mask: the forward's ``mask`` (training): the gradient of statistics
+            of the masked positions only.
         out: where to write ``dx``, as in :func:`bn_forward` (``dy`` or
             ``x`` itself for an in-place result).
 
@@ -261,6 +321,8 @@ def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, training
         and ``dbeta = sum(dy)`` per channel, shape (C,), float32 (float64 for
         float64 input). They are returned even when ``gamma`` is None.
     """
+    if mask is not None and training is True:
+        return _backward_masked(dy, x, saved_mean, saved_invstd, gamma, axis, backend, out, mask)
     perm = memory_order.order(x)
     if perm is not None:  # in x's memory order, as bn_forward
         p = memory_order.permute

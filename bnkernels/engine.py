@@ -59,6 +59,15 @@ def forward_train(impl, x, layout: ChannelLayout, gamma, beta, eps: float, relu:
     if exchange is None:
         return impl.forward_train(x, layout, gamma, beta, eps, relu, running, out)
     moments = exchange.moments(impl.statistics(x, layout))
+    return forward_with_moments(impl, x, layout, moments, gamma, beta, eps, relu, running, out)
+
+
+def forward_with_moments(impl, x, layout: ChannelLayout, moments: Moments, gamma, beta, eps: float, relu: bool,
+                         running, out=None):
+    """A training forward normalizing with given ``moments`` (merged from
+    other processes, or of the masked positions only): ``finalize ->
+    normalize``; returns ``(y, mean, invstd)``."""
+    require_affine_per_group(layout, gamma, beta)
     norm = impl.finalize(x, layout, moments, gamma, beta, eps, running)
     return impl.normalize(x, layout, norm, relu, out), norm.mean, norm.invstd
 
@@ -139,5 +148,6 @@ def backward(impl, dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None, 
     return impl.backward_apply(dy, x, layout, mean, invstd, gamma, sums, count, out)
 
 
-__all__ = ["GradSums", "Moments", "backward", "forward_infer", "forward_train", "merge", "merge_pair",
+__all__ = ["GradSums", "Moments", "backward", "forward_infer", "forward_train", "forward_with_moments", "merge",
+           "merge_pair",
            "prepare_backward", "prepare_forward_infer", "prepare_forward_train"]

@@ -167,8 +167,9 @@ class BatchNorm:
             raise ValueError(f"BatchNorm({self.num_features}) expects {self.num_features} channels along axis "
                              f"{self.axis} of x, got x of shape {tuple(shape)} with {got}")
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
         """Normalize ``x`` (channels on ``self.axis``); returns y like x.
+        ``mask``: Keras masking (``bn_forward``'s), in training.
 
         As in PyTorch: training normalizes with the batch statistics and,
         while ``track_running_stats`` is true and running statistics exist,
@@ -182,14 +183,14 @@ class BatchNorm:
         if lazy:
             self._materialize(self._features_of(np.shape(x)))
         try:
-            return self._forward(x)
+            return self._forward(x, mask)
         except BaseException:
             if lazy:
                 self.num_features = self.gamma = self.beta = self.running_mean = self.running_var = None
                 self.renorm_mean = self.renorm_stddev = None
             raise
 
-    def _forward(self, x):
+    def _forward(self, x, mask):
         have_running = self.running_mean is not None
         batch = self.training or not have_running
         update = self.training and self.track_running_stats and have_running
@@ -207,13 +208,13 @@ class BatchNorm:
             self.running_var if use_running else None,
             training=batch, momentum=self.momentum, eps=self.eps, axis=self.axis,
             backend=self.backend, return_saved=True,
-            num_batches_tracked=self.num_batches_tracked if update else None)
+            num_batches_tracked=self.num_batches_tracked if update else None, mask=mask if batch else None)
         if update:
             self.num_batches_tracked += 1
         if corrections is not None:
             renormalization.update(self.renorm_mean, self.renorm_stddev, stats.mean, stats.var, self.eps,
                           self.renorm_momentum)
-        self._saved = (x, saved, batch, gamma, corrections)
+        self._saved = (x, saved, batch, gamma, corrections, mask if batch else None)
         return y
 
     __call__ = forward
@@ -229,9 +230,9 @@ class BatchNorm:
         """
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() first")
-        x, saved, batch, gamma, corrections = self._saved
+        x, saved, batch, gamma, corrections, mask = self._saved
         dx, dgamma, dbeta = bn_backward(dy, x, saved.mean, saved.invstd, gamma, axis=self.axis,
-                                        training=batch, backend=self.backend)
+                                        training=batch, backend=self.backend, mask=mask)
         if corrections is not None:  # renorm: y = (xhat * r + d) * gamma + beta, r and d constants
             r, d = corrections
             dgamma = r * np.asarray(dgamma, np.float64) + d * np.asarray(dbeta, np.float64)

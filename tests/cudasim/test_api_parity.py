@@ -94,3 +94,22 @@ def test_results_keep_the_inputs_memory_order(rng):
     y = bn_forward(x, backend=BACKEND)
     assert y.strides == x.strides
     assert_close(y, reference_forward(x)[0], np.float32, "y")
+
+
+def test_masking_on_the_gpu_backend(rng):
+    """Host arrays on the numba-cuda backend: the staged members (finalize,
+    normalize, backward_reduce, backward_apply) with the masked statistics;
+    Numba device arrays have no boolean indexing: a clear error."""
+    from helpers import make_input
+
+    x = make_input((4, 7, 3), np.float64, rng, mean=2.0)
+    mask = rng.random((4, 7)) < 0.6
+    y, saved = bn_forward(x, axis=-1, mask=mask, backend=BACKEND, return_saved=True)
+    y_ref, saved_ref = bn_forward(x, axis=-1, mask=mask, backend="numpy", return_saved=True)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(x.shape)
+    dx = bn_backward(dy, x, saved.mean, saved.invstd, axis=-1, mask=mask, backend=BACKEND)[0]
+    dx_ref = bn_backward(dy, x, saved_ref.mean, saved_ref.invstd, axis=-1, mask=mask, backend="numpy")[0]
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-9, atol=1e-9)
+    with pytest.raises(TypeError, match="Numba device arrays do not have"):
+        bn_forward(cuda.to_device(x), axis=-1, mask=cuda.to_device(mask), backend=BACKEND)
