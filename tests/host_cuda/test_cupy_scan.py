@@ -1,6 +1,8 @@
 """The reductions' hot loops (``kernels/bn_scan.cuh``) on the host harness:
 each way a thread can walk its values gives the float64 reference's
-statistics and backward sums.
+statistics and backward sums (and the elementwise passes after them, whose
+vector loops keep a vector's coefficients in registers when it lies in one
+channel plane).
 
 - 16-byte vectors (planes with ``inner % N == 0``, rows with ``C % N == 0``,
   aligned pointers) and single values (anything else, or a misaligned view),
@@ -118,8 +120,11 @@ def _check_walk(shape, axis, dtype, aligned, gpu, rng):
     flat_x, flat_dy = (_flat(x), _flat(dy)) if aligned else (_misaligned(x), _misaligned(dy))
     assert gpu.aligned(flat_x, flat_dy) == aligned
     gamma, beta = make_params(C, rng)
-    out = plans.run_stats(gpu, flat_x, lay, gamma.astype(acc), beta.astype(acc), None, 1e-5)
+    relu = aligned  # both forms of bn_apply, on both of its vector walks (inner % N == 0 or not)
+    y, out = plans.run_forward_train(gpu, flat_x, lay, gamma.astype(acc), beta.astype(acc), None, 1e-5, relu)
     _check_stats(out, x, axis, dtype)
+    ref = reference_forward(x, gamma, beta, axis=axis, activation="relu" if relu else None)
+    assert_close(y.reshape(shape), ref[0], dtype, "y")
 
     mean64, invstd64 = out["mean"].astype(np.float64), out["invstd"].astype(np.float64)
     dx, bout = plans.run_backward(gpu, flat_dy, flat_x, lay, gamma.astype(acc), mean64, invstd64)

@@ -33,32 +33,54 @@ __global__ void bn_apply(const T* __restrict__ x,          // (total,) input, co
     constexpr int N = bn::Vec16<T>::n;
     const long long threads = static_cast<long long>(gridDim.x) * blockDim.x;
     const long long tid = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-    long long done = 0;
     if (vectorized) {
         const long long nvec = total / N;
         const V* __restrict__ xv = reinterpret_cast<const V*>(x);
         V* __restrict__ yv = reinterpret_cast<V*>(y);
         bn::Track t = bn::track_at(tid * N, C, inner);
         const bn::Track stride = bn::track_at(threads * N, C, inner);
-        for (long long v = tid; v < nvec; v += threads) {
-            const V in = xv[v];
-            V out;
-            const T* xi = reinterpret_cast<const T*>(&in);
-            T* yo = reinterpret_cast<T*>(&out);
-            bn::Track e = t;
+        if (inner % N == 0) {
+            // every vector lies in one channel plane: its 3 coefficients
+            // are loaded once, into registers, for its N values
+            for (long long v = tid; v < nvec; v += threads) {
+                const V in = xv[v];
+                const ACC kk = k[t.c], sc = scale[t.c], sf = shift[t.c];
+                V out;
+                const T* xi = reinterpret_cast<const T*>(&in);
+                T* yo = reinterpret_cast<T*>(&out);
 #pragma unroll
-            for (int j = 0; j < N; ++j) {
-                yo[j] = bn::from_acc<T>(bn::affine(bn::to_acc<ACC>(xi[j]), e.c, k, scale, shift, relu));
-                bn::track_next(e, C, inner);
+                for (int j = 0; j < N; ++j) {
+                    const ACC r = (bn::to_acc<ACC>(xi[j]) - kk) * sc + sf;
+                    yo[j] = bn::from_acc<T>((relu && r < ACC(0)) ? ACC(0) : r);
+                }
+                yv[v] = out;
+                bn::track_advance(t, stride, C, inner);
             }
-            yv[v] = out;
-            bn::track_advance(t, stride, C, inner);
+        } else {
+            for (long long v = tid; v < nvec; v += threads) {
+                const V in = xv[v];
+                V out;
+                const T* xi = reinterpret_cast<const T*>(&in);
+                T* yo = reinterpret_cast<T*>(&out);
+                bn::Track e = t;
+#pragma unroll
+                for (int j = 0; j < N; ++j) {
+                    yo[j] = bn::from_acc<T>(bn::affine(bn::to_acc<ACC>(xi[j]), e.c, k, scale, shift, relu));
+                    bn::track_next(e, C, inner);
+                }
+                yv[v] = out;
+                bn::track_advance(t, stride, C, inner);
+            }
         }
-        done = nvec * N;
+        // fewer than N values are left: at most one per thread, no loop
+        const long long p = nvec * N + tid;
+        if (p < total) y[p] = bn::from_acc<T>(bn::affine(bn::to_acc<ACC>(x[p]), bn::track_at(p, C, inner).c, k,
+                                                         scale, shift, relu));
+        return;
     }
-    bn::Track t = bn::track_at(done + tid, C, inner);
+    bn::Track t = bn::track_at(tid, C, inner);
     const bn::Track stride = bn::track_at(threads, C, inner);
-    for (long long p = done + tid; p < total; p += threads) {
+    for (long long p = tid; p < total; p += threads) {
         y[p] = bn::from_acc<T>(bn::affine(bn::to_acc<ACC>(x[p]), t.c, k, scale, shift, relu));
         bn::track_advance(t, stride, C, inner);
     }
@@ -104,7 +126,6 @@ __global__ void bn_dx(const T* __restrict__ dy,       // (total,) contiguous
     constexpr int N = bn::Vec16<T>::n;
     const long long threads = static_cast<long long>(gridDim.x) * blockDim.x;
     const long long tid = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-    long long done = 0;
     if (vectorized) {
         const long long nvec = total / N;
         const V* __restrict__ gv = reinterpret_cast<const V*>(dy);
@@ -112,28 +133,54 @@ __global__ void bn_dx(const T* __restrict__ dy,       // (total,) contiguous
         V* __restrict__ ov = reinterpret_cast<V*>(dx);
         bn::Track t = bn::track_at(tid * N, C, inner);
         const bn::Track stride = bn::track_at(threads * N, C, inner);
-        for (long long v = tid; v < nvec; v += threads) {
-            const V gin = gv[v];
-            const V xin = xv[v];
-            V out;
-            const T* gi = reinterpret_cast<const T*>(&gin);
-            const T* xi = reinterpret_cast<const T*>(&xin);
-            T* o = reinterpret_cast<T*>(&out);
-            bn::Track e = t;
+        if (inner % N == 0) {
+            // every vector lies in one channel plane: its 4 coefficients
+            // are loaded once, into registers, for its N values
+            for (long long v = tid; v < nvec; v += threads) {
+                const V gin = gv[v];
+                const V xin = xv[v];
+                const ACC kk = k[t.c], ca = a[t.c], cb = b[t.c], cc0 = cc[t.c];
+                V out;
+                const T* gi = reinterpret_cast<const T*>(&gin);
+                const T* xi = reinterpret_cast<const T*>(&xin);
+                T* o = reinterpret_cast<T*>(&out);
 #pragma unroll
-            for (int j = 0; j < N; ++j) {
-                const long long c = e.c;
-                o[j] = bn::from_acc<T>(bn::to_acc<ACC>(gi[j]) * a[c] + (bn::to_acc<ACC>(xi[j]) - k[c]) * b[c] + cc[c]);
-                bn::track_next(e, C, inner);
+                for (int j = 0; j < N; ++j)
+                    o[j] = bn::from_acc<T>(bn::to_acc<ACC>(gi[j]) * ca + (bn::to_acc<ACC>(xi[j]) - kk) * cb + cc0);
+                ov[v] = out;
+                bn::track_advance(t, stride, C, inner);
             }
-            ov[v] = out;
-            bn::track_advance(t, stride, C, inner);
+        } else {
+            for (long long v = tid; v < nvec; v += threads) {
+                const V gin = gv[v];
+                const V xin = xv[v];
+                V out;
+                const T* gi = reinterpret_cast<const T*>(&gin);
+                const T* xi = reinterpret_cast<const T*>(&xin);
+                T* o = reinterpret_cast<T*>(&out);
+                bn::Track e = t;
+#pragma unroll
+                for (int j = 0; j < N; ++j) {
+                    const long long c = e.c;
+                    o[j] = bn::from_acc<T>(bn::to_acc<ACC>(gi[j]) * a[c] + (bn::to_acc<ACC>(xi[j]) - k[c]) * b[c] +
+                                           cc[c]);
+                    bn::track_next(e, C, inner);
+                }
+                ov[v] = out;
+                bn::track_advance(t, stride, C, inner);
+            }
         }
-        done = nvec * N;
+        // fewer than N values are left: at most one per thread, no loop
+        const long long p = nvec * N + tid;
+        if (p < total) {
+            const long long c = bn::track_at(p, C, inner).c;
+            dx[p] = bn::from_acc<T>(bn::to_acc<ACC>(dy[p]) * a[c] + (bn::to_acc<ACC>(x[p]) - k[c]) * b[c] + cc[c]);
+        }
+        return;
     }
-    bn::Track t = bn::track_at(done + tid, C, inner);
+    bn::Track t = bn::track_at(tid, C, inner);
     const bn::Track stride = bn::track_at(threads, C, inner);
-    for (long long p = done + tid; p < total; p += threads) {
+    for (long long p = tid; p < total; p += threads) {
         const long long c = t.c;
         dx[p] = bn::from_acc<T>(bn::to_acc<ACC>(dy[p]) * a[c] + (bn::to_acc<ACC>(x[p]) - k[c]) * b[c] + cc[c]);
         bn::track_advance(t, stride, C, inner);
