@@ -99,8 +99,16 @@ def _torch_us(calls: int) -> float | None:
         import torch.nn.functional as F
     except (ImportError, OSError):
         return None
-    x = torch.randn(2, 4, 1, 1)
-    return _best_us(lambda: F.batch_norm(x, None, None, training=True), calls)
+    # one thread: the figure is dispatch, which is what bnkernels' Python is
+    # compared with (intra-op threads only add their wake-ups, and on a busy
+    # machine turn a 15 µs call into hundreds)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = torch.randn(2, 4, 1, 1)
+        return _best_us(lambda: F.batch_norm(x, None, None, training=True), calls)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def measure(shape=SHAPE, dtype="float16", calls: int = 200) -> dict:

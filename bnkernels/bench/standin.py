@@ -246,6 +246,9 @@ def install():
         pass
     else:
         numba.cuda = sys.modules["numba.cuda"] = _fake_numba_cuda()
+        # what the kernels module imports to build its intrinsics (never compiled here)
+        extending = sys.modules["numba.cuda.extending"] = types.ModuleType("numba.cuda.extending")
+        extending.intrinsic = lambda fn: fn
     from .. import backends
 
     backends.BACKENDS = tuple(replace(s, requirement=lambda: None) if s.device == "gpu" else s
