@@ -158,6 +158,23 @@ class _Kernel:
         return self
 
 
+class _MadeCurrent:
+    """A context manager that makes ``value`` the current one of ``slot`` (a
+    one-item list: the stand-in's current device or stream) while entered."""
+
+    def __init__(self, slot: list, value):
+        self._slot, self._value, self._previous = slot, value, []
+
+    def __enter__(self):
+        self._previous.append(self._slot[0])
+        self._slot[0] = self._value
+        return self
+
+    def __exit__(self, *exc):
+        self._slot[0] = self._previous.pop()
+        return False
+
+
 def _fake_cupy():
     cp = types.ModuleType("cupy")
     cp.__version__ = "stand-in"
@@ -170,22 +187,13 @@ def _fake_cupy():
     cp.full = lambda shape, value, dtype=None: _new(DeviceArray, shape, dtype, value)
     cp.asnumpy = lambda a: np.array(_host(a))
 
-    class Device:
+    class Device(_MadeCurrent):
         attributes = {"MultiProcessorCount": 132, "MaxThreadsPerBlock": 1024, "MaxThreadsPerMultiProcessor": 2048,
                       "MaxGridDimX": 2**31 - 1, "MaxGridDimY": 65535}
 
         def __init__(self, device_id=None):
             self.id = _CURRENT[0] if device_id is None else device_id
-            self._previous = []
-
-        def __enter__(self):
-            self._previous.append(_CURRENT[0])
-            _CURRENT[0] = self.id
-            return self
-
-        def __exit__(self, *exc):
-            _CURRENT[0] = self._previous.pop()
-            return False
+            super().__init__(_CURRENT, self.id)
 
     class RawModule:
         def __init__(self, **kwargs):
@@ -194,21 +202,13 @@ def _fake_cupy():
         def get_function(self, name):
             return _Kernel()
 
-    class ExternalStream:
+    class ExternalStream(_MadeCurrent):
         """A stream by handle (torch's, for the cupy backend); as a context
         manager, the current stream."""
 
         def __init__(self, ptr, device_id=None):
-            self.ptr, self._previous = ptr, []
-
-        def __enter__(self):
-            self._previous.append(_STREAM[0])
-            _STREAM[0] = self.ptr
-            return self
-
-        def __exit__(self, *exc):
-            _STREAM[0] = self._previous.pop()
-            return False
+            self.ptr = ptr
+            super().__init__(_STREAM, ptr)
 
     cp.cuda = types.SimpleNamespace(Device=Device, ExternalStream=ExternalStream,
                                     get_current_stream=lambda: types.SimpleNamespace(ptr=_STREAM[0],
