@@ -267,3 +267,114 @@ def test_prepared_calls_on_device_arrays(dtype, rng, monkeypatch):
     assert_close(dx.copy_to_host(), rdx, dtype, "dx", scale=10)
     assert_close(db.copy_to_host(), rdb, dtype, "dbeta", scale=np.abs(rdb).max() + 1)
     assert len(programs) == (0 if dtype == np.float64 else 3)
+
+
+# --------------------------------------------------------------------------
+# The kernel variants bind.py chooses among: index width, vector paths
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", [CASES[0], CASES[2], CASES[3]])
+def test_64_bit_index_kernels(shape, axis, dtype, rng, monkeypatch):
+    """The uint64-index kernels, which bind.py takes for tensors near or
+    over 2^31 elements only, give the same results (here forced on small
+    data: every launch then exceeds the limit)."""
+    from bnkernels.backends.numba_cuda import bind
+
+    chosen = []
+    index_type = bind.index_type
+    monkeypatch.setattr(bind, "INDEX32_LIMIT", 0)
+    monkeypatch.setattr(bind, "index_type", lambda launch: chosen.append(index_type(launch)) or chosen[-1])
+    x = make_input(shape, dtype, rng)
+    C = shape[axis]
+    gamma, beta = make_params(C, rng)
+    ref = reference_forward(x, gamma, beta, axis=axis)
+    y, saved = bn_forward(x, gamma, beta, axis=axis, backend=BACKEND, return_saved=True)
+    assert_close(y, ref[0], dtype, "y")
+    dy = make_input(shape, dtype, rng, mean=0.5, std=1.0)
+    dx, dgamma, dbeta = bn_backward(dy, x, saved.mean, saved.invstd, gamma, axis=axis, backend=BACKEND)
+    rdx, rdgamma, rdbeta = reference_backward(dy, x, saved.mean, saved.invstd, gamma, axis=axis)
+    term = float(np.abs(dy.astype(np.float64)).max() * gamma.max() * saved.invstd.astype(np.float64).max())
+    n = x.size // C
+    assert_close(dx, rdx, dtype, "dx", scale=3 * term)
+    assert_close(dbeta, rdbeta, dtype, "dbeta", scale=np.abs(dy.astype(np.float64)).max() * n)
+    import numba
+
+    assert chosen and set(chosen) == {numba.uint64}
+
+
+def test_index_width_follows_the_launch_size():
+    from bnkernels.backends.gpu.plans import Launch
+    from bnkernels.backends.numba_cuda import bind
+    import numba
+
+    def stats(outer, C, inner, grid=(64, 1, 1), block=(1, 256, 1)):
+        args = {"outer": np.int64(outer), "channels": np.int64(C), "inner": np.int64(inner)}
+        return Launch("stats", grid, block, args)
+
+    def apply(total, grid=(2112, 1, 1), block=(256, 1, 1)):
+        return Launch("apply", grid, block, {"total": np.int64(total), "inner": np.int64(1)})
+
+    assert bind.index_type(stats(128, 64, 56 * 56)) == numba.uint32  # a ResNet activation
+    assert bind.index_type(stats(1, 1, 2**31)) == numba.uint64
+    assert bind.index_type(stats(2**20, 2**10, 1)) == numba.uint32  # 2^30 values + the steps past the end
+    assert bind.index_type(stats(2**21 - 1, 2**10, 1)) == numba.uint64  # just under 2^31 values: the steps
+    assert bind.index_type(apply(2**30)) == numba.uint32
+    assert bind.index_type(apply(2**31 - 1000)) == numba.uint64
+
+
+def _apply_reference(x, C, inner, k, scale, shift, relu):
+    xs = x.astype(np.float64).reshape(-1, C, inner)
+    y = (xs - k[None, :, None]) * scale[None, :, None] + shift[None, :, None]
+    return (np.where(y < 0, 0, y) if relu else y).reshape(-1)
+
+
+@pytest.mark.parametrize("idx", ["uint32", "uint64"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("outer,C,inner", [(3, 5, 11), (2, 3, 8), (4, 6, 1), (3, 2, 5), (1, 1, 37)])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_apply_and_dx_vector_and_scalar_paths(outer, C, inner, offset, dtype, idx, rng):
+    """The elementwise kernels straight: 16-byte aligned arrays take the
+    vector path (a vector's elements in one or two channels, or tracked one
+    by one when ``inner < VEC``) and the rest single elements; arrays one
+    element off alignment (``offset``) take single elements only."""
+    import numba
+    from bnkernels.backends.numba_cuda import kernels
+
+    idx = getattr(numba, idx)
+    acc = numba.float64 if dtype == np.float64 else numba.float32
+    acc_np = np.float64 if dtype == np.float64 else np.float32
+    ks = kernels.get_kernels(acc, idx)
+    planes = inner >= kernels.VEC
+    total = outer * C * inner
+    x = make_input((total + offset,), dtype, rng)
+    dy = make_input((total + offset,), dtype, rng, mean=0.5)
+    k, scale, shift = (rng.standard_normal(C).astype(acc_np) for _ in range(3))
+    b, cc = rng.standard_normal(C).astype(acc_np), rng.standard_normal(C).astype(acc_np)
+    d_x, d_dy = cuda.to_device(x)[offset:], cuda.to_device(dy)[offset:]
+    xv, dyv = x[offset:], dy[offset:]
+    for relu in (0, 1):
+        d_y = cuda.to_device(np.full(total + offset, np.nan, dtype))[offset:]
+        apply = ks.apply_planes if planes else ks.apply_rows
+        apply[2, 32](d_x, d_y, C, inner, cuda.to_device(k), cuda.to_device(scale), cuda.to_device(shift), relu)
+        assert_close(d_y.copy_to_host(), _apply_reference(xv, C, inner, k, scale, shift, relu), dtype, "y")
+    d_out = cuda.to_device(np.full(total + offset, np.nan, dtype))[offset:]
+    dx = ks.dx_planes if planes else ks.dx_rows
+    dx[2, 32](d_dy, d_x, d_out, C, inner, *(cuda.to_device(a) for a in (k, scale, b, cc)))
+    expected = (dyv.astype(np.float64).reshape(-1, C, inner) * scale[None, :, None]
+                + _apply_reference(xv, C, inner, k, b, cc, 0).reshape(-1, C, inner))
+    assert_close(d_out.copy_to_host(), expected.reshape(-1), dtype, "dx", scale=10)
+
+
+def test_vector_path_alignment_check():
+    """``aligned16`` reads the data pointers (in the simulator: the NumPy
+    arrays' addresses, as on the device)."""
+    from bnkernels.backends.numba_cuda import kernels
+
+    if not ON_SIMULATOR:
+        pytest.skip("the simulator's Python alignment check")
+    a = np.zeros(64, np.float32)
+    base = a.__array_interface__["data"][0]
+    view = a[(-base % 16) // 4:]
+    assert kernels.aligned16(view, view)
+    assert not kernels.aligned16(view[1:], view)

@@ -1,33 +1,48 @@
 """Numba CUDA kernels of the ``numba-cuda`` backend.
 
-All kernels take the input as a flat contiguous 1-D array holding the
-canonical view ``(outer, C, inner)`` (see ``launch.py``); indices are int64,
-so tensors over 2^31 elements are safe. ``acc`` is the accumulation type:
-float32 for float16/float32 storage, float64 for float64.
+Every kernel takes flat contiguous 1-D arrays holding the canonical view
+``(outer, C, inner)`` (``gpu/plans.py``); ``acc``, the accumulation type,
+is float32 for float16/float32 storage, float64 for float64. The streaming
+kernels exist per index type (:func:`get_kernels`): uint32 in the hot loops
+when the tensor and the steps past its end stay below 2^31
+(``bind.index_type``), else uint64. Unsigned indices need no negative-index
+wrap; every index expression is cast back to the index type, since Numba
+widens integer arithmetic to 64 bits (the cast lets NVVM narrow it).
 
-Kernels (built per ``acc`` by :func:`get_kernels`):
-
-- ``stats_planes`` / ``stats_rows``: per-channel Welford statistics for
-  ``inner > 1`` and ``inner == 1`` data, on a 2-D grid (channel groups on y,
-  splits on x). Each thread runs 4 independent Welford accumulators around
-  the shift ``k0`` (the channel's first value), merged by Chan's formula
-  across the thread, the warp (shuffles), the block (shared memory) and the
-  grid: blocks write partials to a staging buffer and the last block of a
-  group (atomic counter after a memory fence) merges them and finalizes:
-  saved mean/invstd, the apply coefficients and the running statistics.
-  It then resets the counter for the next launch.
-- ``apply``: ``y = (x - k) * scale + shift`` [ReLU], one pass, layout
-  agnostic (the channel of each flat index is tracked incrementally, with no
-  division in the loop), 4 loads in flight per thread. Loads are scalar:
-  Numba emits no vector (16-byte) loads, even through complex views.
-- ``infer_coeffs``: per-channel ``k, scale, shift`` from running statistics.
-- ``bwd_planes`` / ``bwd_rows``: ``sum(dy)`` and ``sum(dy * (x - k))`` per
-  channel with the same grid and last-block merge; the last block writes
+- ``stats_planes`` / ``stats_rows`` (``inner > 1`` / ``== 1``): per-channel
+  Welford statistics on a 2-D grid (channel groups on y, splits on x). A
+  thread walks its channel's values by flat address (an add per step, a
+  wrap to the next plane), 4 loads in flight, into 4 Welford accumulators
+  around the shift ``k0`` (the channel's first value) that share one
+  reciprocal of the count per step; Chan's merge across the thread, the
+  warp (shuffles), the block (shared memory) and the grid: the last block
+  of a group to arrive (atomic counter after a fence) merges the staged
+  partials, finalizes (saved statistics, apply coefficients, running
+  statistics) and resets the counter.
+- ``bwd_planes`` / ``bwd_rows``: ``sum(dy)``, ``sum(dy * (x - k))`` with
+  the same walk (8 loads in flight), grid and merge; the last block writes
   dgamma, dbeta and the dx coefficients.
-- ``dx``: ``dx = dy * a + (x - k) * b + c`` per channel, one pass.
+- ``apply_*`` (``y = (x - k) * scale + shift`` [ReLU]) and ``dx_*``
+  (``dy * a + (x - k) * b + c``), one pass: with 16-byte aligned arrays,
+  vectors of ``VEC = 8`` elements by 16-byte loads and stores. ``_planes``
+  (``inner >= VEC``): a vector spans at most two channels, whose
+  coefficients are loaded once per vector and chosen by selects; ``_rows``:
+  each element's channel is tracked. The rest is a grid-stride loop over
+  single elements. Channels are tracked without division.
+- ``infer_coeffs``: per-channel ``k, scale, shift`` from running statistics.
 
-Applying as ``(x - k) * scale + shift'`` with ``k`` a value of the data
-type and ``shift'`` absorbing ``mean - k`` keeps float32 exact near the mean
+16-byte accesses: Numba emits scalar loads and stores for array elements
+(its array model has no vector view; ``numba.cuda``'s ``float32x4`` etc.
+are values, its cache-hint loads ``ldcg``... scalars). ``load8`` /
+``store8`` are intrinsics emitting LLVM ``<4 x i32>`` loads/stores in the
+global address space (inline PTX for float16, which NVVM would split in
+two); a CUDA C++ device function linked with ``cuda.declare_device`` and
+``link=`` would be a call per access unless LTO inlines it. The reductions
+read scalars: a thread's values of one channel lie a stride apart. Under
+the simulator the same functions are Python, element by element.
+
+``(x - k) * scale + shift'``, with ``k`` a value of the data type and
+``shift'`` absorbing ``mean - k``, keeps float32 exact near the mean
 however large it is (``x - k`` is exact by Sterbenz' lemma).
 """
 from __future__ import annotations
@@ -36,11 +51,114 @@ import functools
 from types import SimpleNamespace
 
 import numba
-from numba import cuda
+import numpy as np
+from numba import config, cuda, types
 
 WARP = 32
 MAX_WARPS = 32  # 1024 threads per block at most
 FULL_MASK = 0xFFFFFFFF
+
+#: Elements per vector of ``apply`` and ``dx``: 1, 2, 4 aligned 16-byte accesses of float16, 32, 64.
+VEC = 8
+
+if config.ENABLE_CUDASIM:
+    # The simulator runs kernels as Python: the same accesses element by
+    # element (its arrays are NumPy arrays; alignment as on the device).
+    def aligned16(a, b):
+        return (a.__array_interface__["data"][0] | b.__array_interface__["data"][0]) % 16 == 0
+
+    def load8(a, v):
+        acc = np.float32 if a.dtype == np.float16 else a.dtype.type
+        return tuple(acc(a[VEC * v + j]) for j in range(VEC))
+
+    def store8(a, v, *values):
+        for j, value in enumerate(values):
+            a[VEC * v + j] = value
+else:
+    from llvmlite import ir
+    from numba.cuda.extending import intrinsic
+
+    def _vectors(context, builder, aryty, ary, v):
+        """``(pointer, element vector type)`` of each 16-byte vector of
+        elements 8 v ... 8 v + 7: pointers to ``<4 x i32>`` in global memory
+        (``addrspace(1)``: ``ld.global``, where a generic ``ld.v4`` would be
+        an ``LD.E.128``, not an ``LDG``), the values bitcast."""
+        data = context.make_array(aryty)(context, builder, ary).data
+        elem = context.get_data_type(aryty.dtype)
+        n = 16 // context.get_abi_sizeof(elem)
+        words = ir.VectorType(ir.IntType(32), 4)
+        i64 = ir.IntType(64)
+        first = builder.mul(builder.zext(v, i64) if v.type.width < 64 else v, ir.Constant(i64, VEC))
+        out = []
+        for part in range(VEC // n):
+            ptr = builder.gep(data, [builder.add(first, ir.Constant(i64, part * n))])
+            ptr = builder.addrspacecast(builder.bitcast(ptr, words.as_pointer()), words.as_pointer(1))
+            out.append((ptr, ir.VectorType(elem, n)))
+        return out
+
+    def _load_words(builder, ptr, dtype):
+        """A 16-byte load; float16 by inline PTX (NVVM folds the bitcast
+        into an ``<8 x half>`` load, which it splits in two)."""
+        if dtype != types.float16:
+            return builder.load(ptr, align=16)
+        i32 = ir.IntType(32)
+        asm = ir.InlineAsm(ir.FunctionType(ir.LiteralStructType([i32] * 4), [ptr.type]),
+                           "ld.global.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l")
+        words = builder.call(asm, [ptr])
+        vector = ir.Constant(ptr.type.pointee, ir.Undefined)
+        for j in range(4):
+            vector = builder.insert_element(vector, builder.extract_value(words, j), ir.Constant(i32, j))
+        return vector
+
+    def _store_words(builder, ptr, vector, dtype):
+        """A 16-byte store (float16: inline PTX with a memory clobber)."""
+        if dtype != types.float16:
+            builder.store(vector, ptr, align=16)
+            return
+        i32 = ir.IntType(32)
+        asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [ptr.type] + [i32] * 4),
+                           "st.global.v4.u32 [$0], {$1, $2, $3, $4};", "l,r,r,r,r,~{memory}", side_effect=True)
+        builder.call(asm, [ptr, *[builder.extract_element(vector, ir.Constant(i32, j)) for j in range(4)]])
+
+    @intrinsic
+    def aligned16(typingctx, a, b):
+        """Whether both arrays' data are 16-byte aligned."""
+        def codegen(context, builder, sig, args):
+            i64 = ir.IntType(64)
+            ptrs = [builder.ptrtoint(context.make_array(t)(context, builder, x).data, i64)
+                    for t, x in zip(sig.args, args)]
+            low = builder.and_(builder.or_(*ptrs), ir.Constant(i64, 15))
+            return builder.icmp_unsigned("==", low, ir.Constant(i64, 0))
+        return types.boolean(a, b), codegen
+
+    @intrinsic
+    def load8(typingctx, a, v):
+        """Elements 8 v ... 8 v + 7 of ``a`` (16-byte aligned, unsigned
+        ``v``) in the accumulation type, by 16-byte loads."""
+        acc = types.float64 if a.dtype == types.float64 else types.float32
+
+        def codegen(context, builder, sig, args):
+            values = []
+            for ptr, vtype in _vectors(context, builder, sig.args[0], args[0], args[1]):
+                vector = builder.bitcast(_load_words(builder, ptr, a.dtype), vtype)
+                values += [context.cast(builder, builder.extract_element(vector, ir.Constant(ir.IntType(32), j)),
+                                        a.dtype, acc) for j in range(vtype.count)]
+            return context.make_tuple(builder, sig.return_type, values)
+        return types.UniTuple(acc, VEC)(a, v), codegen
+
+    @intrinsic
+    def store8(typingctx, a, v, y0, y1, y2, y3, y4, y5, y6, y7):
+        """Store 8 values (converted to ``a``'s dtype as Numba converts)
+        into elements 8 v ... 8 v + 7 of ``a``, by 16-byte stores."""
+        def codegen(context, builder, sig, args):
+            values = [context.cast(builder, x, t, a.dtype) for x, t in zip(args[2:], sig.args[2:])]
+            for ptr, vtype in _vectors(context, builder, sig.args[0], args[0], args[1]):
+                vector = ir.Constant(vtype, ir.Undefined)
+                for j in range(vtype.count):
+                    vector = builder.insert_element(vector, values.pop(0), ir.Constant(ir.IntType(32), j))
+                _store_words(builder, ptr, builder.bitcast(vector, ptr.type.pointee), a.dtype)
+            return context.get_dummy_value()
+        return types.void(a, v, y0, y1, y2, y3, y4, y5, y6, y7), codegen
 
 
 @cuda.jit(device=True, inline=True)
@@ -72,51 +190,44 @@ def sum_combine(a1, b1, c1, a2, b2, c2):
     return a1 + a2, b1 + b2, c1 + c2
 
 
-@cuda.jit(device=True, inline=True)
-def step(o, i, so, si, inner):
-    """Advance position (o, i) of the (outer, inner) plane by (so, si)."""
-    i += si
-    o += so
-    if i >= inner:
-        i -= inner
-        o += 1
-    return o, i
+@functools.cache
+def _tracking(idx):
+    """Channel tracking in ``idx`` arithmetic (results and constants cast to
+    ``idx``: Numba types uint64 with int64 as float64): ``(start, advance,
+    next_element)``. ``start(p, T, C, inner)`` (int64): plane position
+    ``i`` and channel ``c`` of flat index ``p``, and the parts ``(ti, tc)``
+    of the stride ``T``; ``advance``: (i, c) of ``p + T``; ``next_element``:
+    of ``p + 1``. No division."""
+    one = idx(1)
 
+    @cuda.jit(device=True, inline=True)
+    def start(p, T, C, inner):
+        q = p // inner
+        tq = T // inner
+        return idx(p - q * inner), idx(q % C), idx(T - tq * inner), idx(tq % C)
 
-@cuda.jit(device=True, inline=True)
-def advance(i, c, ti, tc, inner, C):
-    """Channel tracking of a grid-stride loop: the position ``i`` within a
-    plane and the channel ``c`` of flat index ``p + T``, given those of ``p``
-    and the decomposition ``(ti, tc)`` of the stride ``T``. No division."""
-    i += ti
-    c += tc
-    if i >= inner:
-        i -= inner
-        c += 1
-    if c >= C:
-        c -= C
-    return i, c
+    @cuda.jit(device=True, inline=True)
+    def advance(i, c, ti, tc, inner, C):
+        i = idx(i + ti)
+        c = idx(c + tc)
+        if i >= inner:
+            i = idx(i - inner)
+            c = idx(c + one)
+        if c >= C:
+            c = idx(c - C)
+        return i, c
 
+    @cuda.jit(device=True, inline=True)
+    def next_element(i, c, inner, C):
+        i = idx(i + one)
+        if i >= inner:
+            i = idx(0)
+            c = idx(c + one)
+            if c >= C:
+                c = idx(0)
+        return i, c
 
-@cuda.jit(device=True, inline=True)
-def stride_parts(p, T, C, inner):
-    """(i, c) of flat index p and (ti, tc) of the stride T."""
-    q = p // inner
-    tq = T // inner
-    return p - q * inner, q % C, T - tq * inner, tq % C
-
-
-@cuda.jit(device=True, inline=True)
-def walk(inner):
-    """Where this thread starts walking the values of its channel, and its
-    stride, in (o, i) coordinates of the (outer, inner) plane: values
-    j0, j0 + S, ... with S = gridDim.x * blockDim.y. Returns (o, i, so, si)."""
-    height = cuda.blockDim.y
-    S = numba.int64(cuda.gridDim.x) * height
-    j0 = numba.int64(cuda.blockIdx.x) * height + cuda.threadIdx.y
-    o = j0 // inner
-    so = S // inner
-    return o, j0 - o * inner, so, S - so * inner
+    return start, advance, next_element
 
 
 @cuda.jit(device=True, inline=True)
@@ -183,18 +294,62 @@ sum_block_reduce = _make_block_reduce(sum_combine)
 
 
 @functools.cache
-def get_kernels(acc):
-    """The kernel set for accumulation type ``acc`` (numba.float32/float64)."""
-    stats_planes = _make_stats_kernel(acc, channels_last=False)
-    stats_rows = _make_stats_kernel(acc, channels_last=True)
-    bwd_planes = _make_backward_kernel(acc, channels_last=False)
-    bwd_rows = _make_backward_kernel(acc, channels_last=True)
-    return SimpleNamespace(stats_planes=stats_planes, stats_rows=stats_rows, apply=_make_apply_kernel(acc),
-                           infer_coeffs=_make_infer_coeffs_kernel(acc), bwd_planes=bwd_planes,
-                           bwd_rows=bwd_rows, dx=_make_dx_kernel(acc))
+def _plane_step(idx, rows):
+    """The step of a channel walk in ``idx`` arithmetic (cast as in
+    :func:`_tracking`): address ``a`` and plane position ``i`` move on by
+    ``da`` and ``si``; past the plane's end they wrap to the next plane of
+    the same channel (``wrap = C * inner - inner`` further). ``rows``
+    (``inner == 1``): never."""
+
+    @cuda.jit(device=True, inline=True)
+    def plane_step(a, i, da, si, inner, wrap):
+        a = idx(a + da)
+        if not rows:
+            i = idx(i + si)
+            if i >= inner:
+                i = idx(i - inner)
+                a = idx(a + wrap)
+        return a, i
+
+    return plane_step
 
 
-def _make_stats_kernel(acc, channels_last):
+@cuda.jit(device=True, inline=True)
+def walk_start(outer, C, inner, c):
+    """Where this thread starts walking the values of channel ``c``, and its
+    step: values j0, j0 + S, ... of the channel's (outer, inner) plane with
+    S = gridDim.x * blockDim.y, as flat address ``a`` and plane position
+    ``i``, stepping by ``da`` and ``si`` (and a wrap, see :func:`_plane_step`).
+    ``a`` is at most the size (then the walk is empty), so that it fits a
+    32-bit index whenever the tensor does. int64 results."""
+    height = cuda.blockDim.y
+    S = numba.int64(cuda.gridDim.x) * height
+    j0 = numba.int64(cuda.blockIdx.x) * height + cuda.threadIdx.y
+    o, so = j0 // inner, S // inner
+    i, si = j0 - o * inner, S - so * inner
+    CI = C * inner
+    return min((o * C + c) * inner + i, outer * CI), i, so * CI + si, si
+
+
+@functools.cache
+def get_kernels(acc, idx=numba.uint64):
+    """The kernel set for accumulation type ``acc`` (numba.float32/float64)
+    and index type ``idx``: numba.uint32 when every flat index, plus a grid
+    stride, is below 2^32 (``bind.py`` decides), else numba.uint64."""
+    stats_planes = _make_stats_kernel(acc, idx, channels_last=False)
+    stats_rows = _make_stats_kernel(acc, idx, channels_last=True)
+    bwd_planes = _make_backward_kernel(acc, idx, channels_last=False)
+    bwd_rows = _make_backward_kernel(acc, idx, channels_last=True)
+    apply_planes, dx_planes = _make_elementwise_kernels(acc, idx, planes=True)
+    apply_rows, dx_rows = _make_elementwise_kernels(acc, idx, planes=False)
+    return SimpleNamespace(stats_planes=stats_planes, stats_rows=stats_rows, apply_planes=apply_planes,
+                           apply_rows=apply_rows, infer_coeffs=_make_infer_coeffs_kernel(acc),
+                           bwd_planes=bwd_planes, bwd_rows=bwd_rows, dx_planes=dx_planes, dx_rows=dx_rows)
+
+
+def _make_stats_kernel(acc, idx, channels_last):
+    plane_step = _plane_step(idx, channels_last)
+
     @cuda.jit
     def stats(x,  # (outer * C * inner,) input, any float dtype
               outer, C, inner,  # int64: the canonical view
@@ -218,7 +373,11 @@ def _make_stats_kernel(acc, channels_last):
         zero = acc(0)
         one = acc(1)
         groups = (C + width - 1) // width
-        o_start, i_start, so, si = walk(inner)
+        # The hot loop walks flat addresses in idx arithmetic: a value is
+        # in the tensor exactly when its address is below the size.
+        total = idx(outer * C * inner)
+        inner_i = idx(inner)
+        wrap = idx(C * inner - inner)
         for g in range(cuda.blockIdx.y, groups, cuda.gridDim.y):
             c = numba.int64(g) * width + tx
             active = c < C
@@ -229,32 +388,26 @@ def _make_stats_kernel(acc, channels_last):
             k0 = zero
             if active:
                 k0 = acc(x[c * inner])  # shift: the channel's first value
-                o, i = o_start, i_start
-                while o < outer:
-                    base = o * C + c
-                    v0 = acc(x[base if channels_last else base * inner + i]) - k0
-                    o1, i1 = step(o, i, so, si, inner)
-                    o2, i2 = step(o1, i1, so, si, inner)
-                    o3, i3 = step(o2, i2, so, si, inner)
-                    v1 = v2 = v3 = zero
-                    if o1 < outer:
-                        base = o1 * C + c
-                        v1 = acc(x[base if channels_last else base * inner + i1]) - k0
-                    if o2 < outer:
-                        base = o2 * C + c
-                        v2 = acc(x[base if channels_last else base * inner + i2]) - k0
-                    if o3 < outer:
-                        base = o3 * C + c
-                        v3 = acc(x[base if channels_last else base * inner + i3]) - k0
+                a_start, i_start, da_, si_ = walk_start(outer, C, inner, c)
+                a, i, da, si = idx(a_start), idx(i_start), idx(da_), idx(si_)
+                while a < total:
+                    a1, i1 = plane_step(a, i, da, si, inner_i, wrap)
+                    a2, i2 = plane_step(a1, i1, da, si, inner_i, wrap)
+                    a3, i3 = plane_step(a2, i2, da, si, inner_i, wrap)
+                    # 4 loads in flight before the arithmetic
+                    v0 = acc(x[a]) - k0
+                    v1 = acc(x[a1]) - k0 if a1 < total else zero
+                    v2 = acc(x[a2]) - k0 if a2 < total else zero
+                    v3 = acc(x[a3]) - k0 if a3 < total else zero
                     r = one / (n0 + one)  # the 4 count alike until the last step
                     n0, m0, q0 = welford_add(n0, m0, q0, v0, one, r)
-                    if o1 < outer:
+                    if a1 < total:
                         n1, m1, q1 = welford_add(n1, m1, q1, v1, one, r)
-                    if o2 < outer:
+                    if a2 < total:
                         n2, m2, q2 = welford_add(n2, m2, q2, v2, one, r)
-                    if o3 < outer:
+                    if a3 < total:
                         n3, m3, q3 = welford_add(n3, m3, q3, v3, one, r)
-                    o, i = step(o3, i3, so, si, inner)
+                    a, i = plane_step(a3, i3, da, si, inner_i, wrap)
                 n0, m0, q0 = welford_combine(n0, m0, q0, n1, m1, q1)
                 n2, m2, q2 = welford_combine(n2, m2, q2, n3, m3, q3)
                 n0, m0, q0 = welford_combine(n0, m0, q0, n2, m2, q2)
@@ -294,7 +447,9 @@ def _make_stats_kernel(acc, channels_last):
     return stats
 
 
-def _make_backward_kernel(acc, channels_last):
+def _make_backward_kernel(acc, idx, channels_last):
+    plane_step = _plane_step(idx, channels_last)
+
     @cuda.jit
     def bwd(dy, x,  # (outer * C * inner,) same dtype
             outer, C, inner,  # int64: the canonical view
@@ -316,34 +471,37 @@ def _make_backward_kernel(acc, channels_last):
         bx = cuda.blockIdx.x
         zero = acc(0)
         groups = (C + width - 1) // width
-        o_start, i_start, so, si = walk(inner)
+        total = idx(outer * C * inner)  # as in ``stats``
+        inner_i = idx(inner)
+        wrap = idx(C * inner - inner)
         for g in range(cuda.blockIdx.y, groups, cuda.gridDim.y):
             c = numba.int64(g) * width + tx
             active = c < C
-            s0 = t0 = s1 = t1 = zero
+            s0 = t0 = s1 = t1 = s2 = t2 = s3 = t3 = zero
             k = zero
             if active:
                 k = acc(saved_mean[c])
-                o, i = o_start, i_start
-                while o < outer:
-                    base = o * C + c
-                    p0 = base if channels_last else base * inner + i
-                    o1, i1 = step(o, i, so, si, inner)
-                    g0 = acc(dy[p0])
-                    d0 = acc(x[p0]) - k
-                    g1 = d1 = zero
-                    if o1 < outer:
-                        base = o1 * C + c
-                        p1 = base if channels_last else base * inner + i1
-                        g1 = acc(dy[p1])
-                        d1 = acc(x[p1]) - k
+                a_start, i_start, da_, si_ = walk_start(outer, C, inner, c)
+                a, i, da, si = idx(a_start), idx(i_start), idx(da_), idx(si_)
+                while a < total:  # unrolled by 4: 8 loads in flight
+                    a1, i1 = plane_step(a, i, da, si, inner_i, wrap)
+                    a2, i2 = plane_step(a1, i1, da, si, inner_i, wrap)
+                    a3, i3 = plane_step(a2, i2, da, si, inner_i, wrap)
+                    g0, d0 = acc(dy[a]), acc(x[a]) - k
+                    g1, d1 = (acc(dy[a1]), acc(x[a1]) - k) if a1 < total else (zero, zero)
+                    g2, d2 = (acc(dy[a2]), acc(x[a2]) - k) if a2 < total else (zero, zero)
+                    g3, d3 = (acc(dy[a3]), acc(x[a3]) - k) if a3 < total else (zero, zero)
                     s0 += g0
                     t0 += g0 * d0
                     s1 += g1
                     t1 += g1 * d1
-                    o, i = step(o1, i1, so, si, inner)
-                s0 += s1
-                t0 += t1
+                    s2 += g2
+                    t2 += g2 * d2
+                    s3 += g3
+                    t3 += g3 * d3
+                    a, i = plane_step(a3, i3, da, si, inner_i, wrap)
+                s0 += s1 + (s2 + s3)
+                t0 += t1 + (t2 + t3)
             s0, t0, u0 = sum_block_reduce(s0, t0, zero, sh_a, sh_b, sh_c)
             if ty == 0 and active:
                 stage_s[c, bx] = s0
@@ -375,58 +533,113 @@ def _make_backward_kernel(acc, channels_last):
     return bwd
 
 
-def _make_apply_kernel(acc):
+@functools.cache
+def _make_elementwise_kernels(acc, idx, planes):
+    """``(apply, dx)`` for ``acc`` and index type ``idx``, one loop for both.
+    ``planes``: ``inner >= VEC``, so that the ``VEC`` elements of one vector
+    lie in at most two channels (coefficients loaded once per vector for
+    each, chosen by selects); else each element's channel is tracked
+    (``inner < VEC``, e.g. channels-last data, ``inner == 1``)."""
+    track_start, advance, next_element = _tracking(idx)
+
+    def make(two_inputs):
+        @cuda.jit(device=True, inline=True)
+        def op(g, v, kk, p1, p2, p3, flag):
+            if two_inputs:  # dx = dy * a + (x - k) * b + c
+                return g * p1 + (v - kk) * p2 + p3
+            v = (v - kk) * p1 + p2  # y = (x - k) * scale + shift
+            if flag and v < acc(0):  # ReLU; NaN < 0 is False: NaN propagates
+                v = acc(0)
+            return v
+
+        @cuda.jit(device=True, inline=True)
+        def tracked(g, v, e, d, k, p1, p2, p3, flag, inner, C):
+            """``op`` on the element at (e, d) and the position of the next."""
+            y = op(g, v, k[d], p1[d], p2[d], p3[d], flag)
+            e, d = next_element(e, d, inner, C)
+            return y, e, d
+
+        @cuda.jit(device=True, inline=True)
+        def loop(dy, x, out, C, inner, k, p1, p2, p3, flag):
+            total = idx(x.size)
+            T = idx(cuda.gridDim.x * cuda.blockDim.x)
+            tid = idx(cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x)
+            C_i, inner_i = idx(C), idx(inner)
+            zero = acc(0)
+            done = idx(0)
+            if aligned16(x, out) and (not two_inputs or aligned16(dy, dy)):
+                # Vector v: elements VEC * v ... VEC * v + VEC - 1, in one or
+                # more 16-byte accesses, coalesced across the warp.
+                nvec = idx(total // idx(VEC))
+                i, c, ti, tc = track_start(numba.int64(tid) * VEC, numba.int64(T) * VEC, C, inner)
+                # element j of a vector from plane position i is in the
+                # vector's first channel when i < inner - j
+                lim1 = lim2 = lim3 = lim4 = lim5 = lim6 = lim7 = idx(0)
+                if planes:
+                    lim1, lim2, lim3, lim4 = idx(inner - 1), idx(inner - 2), idx(inner - 3), idx(inner - 4)
+                    lim5, lim6, lim7 = idx(inner - 5), idx(inner - 6), idx(inner - 7)
+                v = tid
+                while v < nvec:
+                    g0 = g1 = g2 = g3 = g4 = g5 = g6 = g7 = zero
+                    if two_inputs:
+                        g0, g1, g2, g3, g4, g5, g6, g7 = load8(dy, v)
+                    x0, x1, x2, x3, x4, x5, x6, x7 = load8(x, v)
+                    if planes:
+                        c1 = idx(c + idx(1)) if c + idx(1) < C_i else idx(0)
+                        ka, pa1, pa2, pa3 = k[c], p1[c], p2[c], p3[c]
+                        kb, pb1, pb2, pb3 = k[c1], p1[c1], p2[c1], p3[c1]
+                        y0 = op(g0, x0, ka, pa1, pa2, pa3, flag)
+                        y1 = op(g1, x1, ka, pa1, pa2, pa3, flag) if i < lim1 else op(g1, x1, kb, pb1, pb2, pb3, flag)
+                        y2 = op(g2, x2, ka, pa1, pa2, pa3, flag) if i < lim2 else op(g2, x2, kb, pb1, pb2, pb3, flag)
+                        y3 = op(g3, x3, ka, pa1, pa2, pa3, flag) if i < lim3 else op(g3, x3, kb, pb1, pb2, pb3, flag)
+                        y4 = op(g4, x4, ka, pa1, pa2, pa3, flag) if i < lim4 else op(g4, x4, kb, pb1, pb2, pb3, flag)
+                        y5 = op(g5, x5, ka, pa1, pa2, pa3, flag) if i < lim5 else op(g5, x5, kb, pb1, pb2, pb3, flag)
+                        y6 = op(g6, x6, ka, pa1, pa2, pa3, flag) if i < lim6 else op(g6, x6, kb, pb1, pb2, pb3, flag)
+                        y7 = op(g7, x7, ka, pa1, pa2, pa3, flag) if i < lim7 else op(g7, x7, kb, pb1, pb2, pb3, flag)
+                    else:
+                        y0, e, d = tracked(g0, x0, i, c, k, p1, p2, p3, flag, inner_i, C_i)
+                        y1, e, d = tracked(g1, x1, e, d, k, p1, p2, p3, flag, inner_i, C_i)
+                        y2, e, d = tracked(g2, x2, e, d, k, p1, p2, p3, flag, inner_i, C_i)
+                        y3, e, d = tracked(g3, x3, e, d, k, p1, p2, p3, flag, inner_i, C_i)
+                        y4, e, d = tracked(g4, x4, e, d, k, p1, p2, p3, flag, inner_i, C_i)
+                        y5, e, d = tracked(g5, x5, e, d, k, p1, p2, p3, flag, inner_i, C_i)
+                        y6, e, d = tracked(g6, x6, e, d, k, p1, p2, p3, flag, inner_i, C_i)
+                        y7, e, d = tracked(g7, x7, e, d, k, p1, p2, p3, flag, inner_i, C_i)
+                    store8(out, v, y0, y1, y2, y3, y4, y5, y6, y7)
+                    v = idx(v + T)
+                    i, c = advance(i, c, ti, tc, inner_i, C_i)
+                done = idx(nvec * idx(VEC))
+            # The rest (all of it when a pointer is not 16-byte aligned): a
+            # grid-stride loop over single elements.
+            p = idx(done + tid)
+            i, c, ti, tc = track_start(numba.int64(p), numba.int64(T), C, inner)
+            while p < total:
+                g = acc(dy[p]) if two_inputs else zero
+                out[p] = op(g, acc(x[p]), k[c], p1[c], p2[c], p3[c], flag)
+                p = idx(p + T)
+                i, c = advance(i, c, ti, tc, inner_i, C_i)
+
+        return loop
+
+    apply_loop, dx_loop = make(False), make(True)
+
     @cuda.jit
     def apply(x, y,  # (outer * C * inner,) input and output, same dtype
               C, inner,  # int64
               k, scale, shift,  # (C,) acc
               relu):  # int flag
-        # Grid-stride loop unrolled by 4: all loads are issued before
-        # the stores (more bytes in flight per thread); coalesced in every
-        # layout, since consecutive threads take consecutive addresses.
-        total = x.size
-        T = numba.int64(cuda.gridDim.x) * cuda.blockDim.x
-        p = numba.int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-        i0, c0, ti, tc = stride_parts(p, T, C, inner)
-        zero = acc(0)
-        while p < total:
-            i1, c1 = advance(i0, c0, ti, tc, inner, C)
-            i2, c2 = advance(i1, c1, ti, tc, inner, C)
-            i3, c3 = advance(i2, c2, ti, tc, inner, C)
-            v0 = acc(x[p])
-            v1 = v2 = v3 = zero
-            if p + T < total:
-                v1 = acc(x[p + T])
-            if p + 2 * T < total:
-                v2 = acc(x[p + 2 * T])
-            if p + 3 * T < total:
-                v3 = acc(x[p + 3 * T])
-            v0 = (v0 - k[c0]) * scale[c0] + shift[c0]
-            v1 = (v1 - k[c1]) * scale[c1] + shift[c1]
-            v2 = (v2 - k[c2]) * scale[c2] + shift[c2]
-            v3 = (v3 - k[c3]) * scale[c3] + shift[c3]
-            if relu:  # NaN < 0 is False: NaN propagates
-                if v0 < zero:
-                    v0 = zero
-                if v1 < zero:
-                    v1 = zero
-                if v2 < zero:
-                    v2 = zero
-                if v3 < zero:
-                    v3 = zero
-            y[p] = v0
-            if p + T < total:
-                y[p + T] = v1
-            if p + 2 * T < total:
-                y[p + 2 * T] = v2
-            if p + 3 * T < total:
-                y[p + 3 * T] = v3
-            p += 4 * T
-            i0, c0 = advance(i3, c3, ti, tc, inner, C)
+        apply_loop(x, x, y, C, inner, k, scale, shift, shift, relu)
 
-    return apply
+    @cuda.jit
+    def dx(dy, x, out,  # (outer * C * inner,) same dtype
+           C, inner,  # int64
+           k, a, b, cc):  # (C,) acc: out = dy * a + (x - k) * b + cc
+        dx_loop(dy, x, out, C, inner, k, a, b, cc, 0)
+
+    return apply, dx
 
 
+@functools.cache
 def _make_infer_coeffs_kernel(acc):
     @cuda.jit
     def infer_coeffs(running_mean, running_var,  # (C,) float32/float64
@@ -451,34 +664,6 @@ def _make_infer_coeffs_kernel(acc):
     return infer_coeffs
 
 
-def _make_dx_kernel(acc):
-    @cuda.jit
-    def dx(dy, x, out,  # (outer * C * inner,) same dtype
-           C, inner,  # int64
-           k, a, b, cc):  # (C,) acc: out = dy * a + (x - k) * b + cc
-        # Unrolled grid-stride loop as in ``apply``.
-        total = x.size
-        T = numba.int64(cuda.gridDim.x) * cuda.blockDim.x
-        p = numba.int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-        i0, c0, ti, tc = stride_parts(p, T, C, inner)
-        zero = acc(0)
-        while p < total:
-            i1, c1 = advance(i0, c0, ti, tc, inner, C)
-            g0 = acc(dy[p])
-            v0 = acc(x[p])
-            g1 = v1 = zero
-            if p + T < total:
-                g1 = acc(dy[p + T])
-                v1 = acc(x[p + T])
-            out[p] = g0 * a[c0] + (v0 - k[c0]) * b[c0] + cc[c0]
-            if p + T < total:
-                out[p + T] = g1 * a[c1] + (v1 - k[c1]) * b[c1] + cc[c1]
-            p += 2 * T
-            i0, c0 = advance(i1, c1, ti, tc, inner, C)
-
-    return dx
-
-
 def compile_targets():
     """Every kernel specialization the backend launches, for ahead-of-time
     compile checks: ``(kernel name, storage dtype name, python function,
@@ -488,28 +673,27 @@ def compile_targets():
     at run time; the checks use float32 for them (float64 with float64
     storage), which is what layers hold.
     """
-    from numba import types
-
     def arr(t, ndim=1):
         return types.Array(t, ndim, "C")
-
     i64, f64, i32 = types.int64, types.float64, types.int32
     out = []
     for storage, acc in ((types.float16, numba.float32), (types.float32, numba.float32),
                          (types.float64, numba.float64)):
-        k = get_kernels(acc)
+        kernels = {bits: get_kernels(acc, numba.uint32 if bits == 32 else numba.uint64) for bits in (64, 32)}
         param = arr(f64 if storage == types.float64 else types.float32)
         a, s = arr(acc), arr(storage)
         stats_args = (s, i64, i64, i64, f64, f64, f64, f64, i64, i64, i64, param, param, param, param,
                       *[a] * 7, *[arr(acc, 2)] * 3, arr(i32))
         bwd_args = (s, s, i64, i64, i64, f64, i64, param, a, a, *[a] * 6, *[arr(acc, 2)] * 2, arr(i32))
-        for kname, kernel, args in (
-                ("stats_planes", k.stats_planes, stats_args),
-                ("stats_rows", k.stats_rows, stats_args),
-                ("apply", k.apply, (s, s, i64, i64, a, a, a, i64)),
-                ("infer_coeffs", k.infer_coeffs, (param, param, f64, i64, i64, param, param, a, a, a, a)),
-                ("bwd_planes", k.bwd_planes, bwd_args),
-                ("bwd_rows", k.bwd_rows, bwd_args),
-                ("dx", k.dx, (s, s, s, i64, i64, a, a, a, a))):
-            out.append((kname, str(storage), kernel.py_func, args))
+        apply_args, dx_args = (s, s, i64, i64, a, a, a, i64), (s, s, s, i64, i64, a, a, a, a)
+        for kname, args in (
+                ("stats_planes", stats_args), ("stats_rows", stats_args),
+                ("apply_planes", apply_args), ("apply_rows", apply_args),
+                ("infer_coeffs", (param, param, f64, i64, i64, param, param, a, a, a, a)),
+                ("bwd_planes", bwd_args), ("bwd_rows", bwd_args), ("dx_planes", dx_args), ("dx_rows", dx_args)):
+            for bits, k in kernels.items():
+                kernel = getattr(k, kname)
+                if bits == 32 and kernel is getattr(kernels[64], kname):
+                    continue  # no index-width variants
+                out.append((kname + ("_i32" if bits == 32 else ""), str(storage), kernel.py_func, args))
     return out
