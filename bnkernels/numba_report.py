@@ -22,7 +22,8 @@ this
    ``"<kernel>[<storage dtype>]"``, e.g. ``"stats_planes[float16]"``.
 
 PTX is compiled once per (kernel, storage, architecture) in a process
-(about 2-3 s each with numba-cuda 0.30: a minute per architecture).
+(2-5 s each with numba-cuda 0.30), by :func:`compile_all` in as many
+worker processes as there are CPUs.
 
 Needs numba-cuda (not the simulator: ``NUMBA_ENABLE_CUDASIM`` unset), a
 ptxas that accepts numba-cuda's PTX version (``pip install "cuda-toolkit[nvcc]"``)
@@ -32,7 +33,10 @@ and cuobjdump/nvdisasm (``pip install "cuda-toolkit[cuobjdump,nvdisasm]"``).
 from __future__ import annotations
 
 import functools
+import json
 import os
+import subprocess
+import sys
 from typing import NamedTuple
 
 from . import kernel_report as kr
@@ -95,13 +99,55 @@ def _cc(arch: str) -> tuple[int, int]:
     return int(digits[:-1]), int(digits[-1])
 
 
-@functools.cache
-def ptx(target: Target, arch: str) -> str:
-    """The PTX of ``target`` for ``arch``, compiled once per process."""
+_PTX: dict[tuple[int, str], str] = {}
+
+
+def _compile_ptx(index: int, arch: str) -> str:
     from numba import cuda
 
+    target = targets()[index]
     text, _ = cuda.compile_ptx(target.func, target.argtypes, cc=_cc(arch))
     return text
+
+
+def ptx(target: Target, arch: str) -> str:
+    """The PTX of ``target`` for ``arch``, compiled once per process."""
+    arch = kr.normalize_arch(arch)
+    key = (targets().index(target), arch)
+    if key not in _PTX:
+        _PTX[key] = _compile_ptx(*key)
+    return _PTX[key]
+
+
+def _serve(jobs: str) -> None:
+    """A worker of :func:`compile_all`: ``jobs``, ``[[index, arch], ...]``
+    as JSON; writes ``[ptx, ...]`` as JSON to stdout."""
+    json.dump([_compile_ptx(index, arch) for index, arch in json.loads(jobs)], sys.stdout)
+
+
+def compile_all(archs, workers: int | None = None) -> None:
+    """Compile the PTX of every target for each of ``archs`` that is not
+    compiled yet, in up to ``workers`` (default: the CPUs this process may
+    use) Python processes at once: Numba compiles one kernel at a time,
+    a few seconds each. Worker processes are plain ``python -c`` (not
+    multiprocessing, which would run ``python -m bnkernels`` again in each)."""
+    jobs = [[i, kr.normalize_arch(a)] for a in archs for i in range(len(targets()))
+            if (i, kr.normalize_arch(a)) not in _PTX]
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, min(workers, len(jobs) // 4))  # a worker's start (imports) costs about one compile
+    if workers > 1:
+        code = "import sys; from bnkernels.numba_report import _serve; _serve(sys.argv[1])"
+        shares = [jobs[w::workers] for w in range(workers)]
+        procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps(share)], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for share in shares]
+        for proc, share in zip(procs, shares):
+            out, _ = proc.communicate()  # reads and closes stdout, waits
+            if proc.returncode == 0:
+                _PTX.update({(i, a): text for (i, a), text in zip(share, json.loads(out))})
+            # else: compiled again below, in this process, where the error shows
+    for i, a in jobs:
+        ptx(targets()[i], a)
 
 
 def compile_target(target: Target, arch: str) -> kr.CompiledModule:
@@ -123,23 +169,26 @@ def compile_target(target: Target, arch: str) -> kr.CompiledModule:
 
 
 @functools.cache
-def inspect_with_sass(arch: str = "sm_90") -> tuple[list[kr.KernelReport], str]:
+def inspect_with_sass(arch: str = "sm_90") -> tuple[list[kr.KernelReport], list[str]]:
     """One :class:`KernelReport` per numba-cuda kernel specialization for
-    ``arch`` (``backend == "numba-cuda"``) and the SASS of all of them (one
-    ``Function :`` section each), computed once per process. Raises
-    :class:`kernel_report.KernelToolError` when a tool is missing and
+    ``arch`` (``backend == "numba-cuda"``) and the SASS of each, in the same
+    order, computed once per process. Each kernel is its own cubin, and
+    their symbols are not unique: Numba mangles a kernel's qualified name
+    and argument types, the same for the uint32 and uint64 index variants.
+    Raises :class:`kernel_report.KernelToolError` when a tool is missing and
     :class:`kernel_report.KernelCompileError` when a kernel does not build."""
     arch = kr.normalize_arch(arch)
     reason = missing()
     if reason:
         raise kr.KernelToolError(reason)
+    compile_all([arch])
     reports, texts = [], []
     for target in targets():
         compiled = compile_target(target, arch)
         sass = kr.disassemble(compiled.cubin)
         reports += kr.build_reports(compiled, sass, arch, backend=BACKEND)
         texts.append(sass)
-    return reports, "\n".join(texts)
+    return reports, texts
 
 
 def numba_cuda_version() -> str:

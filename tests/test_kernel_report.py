@@ -448,13 +448,15 @@ def test_numba_target_names_and_compute_capabilities():
     if nr.numba_cuda_missing() is None:
         targets = nr.targets()
         names = [t.name_expression for t in targets]
-        assert len(set(names)) == len(names) == 21  # 7 kernels x 3 storage dtypes
-        assert "stats_planes[float16]" in names and "dx[float64]" in names
+        # 9 kernels x 3 storage dtypes, 8 of the 9 also with 32-bit indices
+        assert len(set(names)) == len(names) == 51
+        assert {"stats_planes[float16]", "stats_planes_i32[float16]", "dx_rows[float64]",
+                "infer_coeffs[float32]"} <= set(names) and "infer_coeffs_i32[float32]" not in names
 
 
 @pytest.fixture(scope="module", params=ARCHS)
 def numba_reports(request):
-    """(arch, KernelReports, SASS) of every numba-cuda specialization."""
+    """(arch, KernelReports, the SASS of each) of every numba-cuda specialization."""
     if NUMBA_MISSING:
         pytest.skip(NUMBA_MISSING)
     return request.param, *nr.inspect_with_sass(request.param)
@@ -462,22 +464,22 @@ def numba_reports(request):
 
 @needs_numba
 def test_every_numba_kernel_is_reported_without_spills_or_local_memory(numba_reports):
-    arch, reports, sass = numba_reports
+    arch, reports, texts = numba_reports
     assert [r.name_expression for r in reports] == [t.name_expression for t in nr.targets()]
     assert all(r.backend == "numba-cuda" and r.arch == arch for r in reports)
     assert all(r.registers > 0 for r in reports)
     bad = {r.name_expression: (r.spill_bytes, r.local_loads, r.local_stores, r.stack_bytes) for r in reports
            if r.spill_bytes or r.local_memory_ops or r.stack_bytes}
     assert not bad, f"{arch}: (spill bytes, LDL, STL, stack bytes) per kernel: {bad}"
-    # Each kernel's SASS is in the text, under its own symbol.
-    for r in reports:
-        assert f"Function : {r.lowered_name}" in sass, r.name_expression
+    # Each kernel's SASS: one function, under its symbol.
+    for r, sass in zip(reports, texts):
+        assert sass.count("Function : ") == 1 and f"Function : {r.lowered_name}" in sass, r.name_expression
         assert r.scalar_global_loads + r.vector_loads > 0, r.name_expression
     shared = {r.name_expression: r.shared_bytes for r in reports}
     # 3 (32 x 32) accumulator arrays + the last-block flag, in the reducing kernels only
-    assert shared["stats_planes[float32]"] == shared["bwd_rows[float16]"] == 3 * 32 * 32 * 4 + 4
+    assert shared["stats_planes[float32]"] == shared["bwd_rows_i32[float16]"] == 3 * 32 * 32 * 4 + 4
     assert shared["stats_rows[float64]"] == 3 * 32 * 32 * 8 + 4
-    assert shared["apply[float32]"] == shared["dx[float64]"] == shared["infer_coeffs[float16]"] == 0
+    assert shared["apply_planes[float32]"] == shared["dx_rows_i32[float64]"] == shared["infer_coeffs[float16]"] == 0
 
 
 @needs_numba
@@ -501,14 +503,36 @@ def test_numba_hot_loops(numba_reports):
     """The streaming loops are found in the SASS, with the bytes they load."""
     from bnkernels import sass_loops
 
-    arch, reports, sass = numba_reports
-    fns = sass_loops.functions(sass)
-    loops = {r.name_expression: sass_loops.hot_loops(fns[r.lowered_name]) for r in reports}
+    arch, reports, texts = numba_reports
+    loops = {r.name_expression: sass_loops.hot_loops(sass_loops.functions(sass)[r.lowered_name])
+             for r, sass in zip(reports, texts)}
     for name, found in loops.items():
         if name.startswith("infer_coeffs"):
             assert found == [], name  # one channel per thread: no loop
         else:
             assert found and all(lp.instructions > 0 and lp.load_bytes > 0 for lp in found), name
+
+
+@needs_numba
+def test_numba_elementwise_kernels_use_16_byte_accesses(numba_reports):
+    """apply and dx move their data by 16-byte loads and stores (the vector
+    intrinsics of ``kernels.py``), in every dtype, layout and index width;
+    the 32-bit index reductions spend fewer instructions per iteration of
+    their streaming loop than the 64-bit ones."""
+    from bnkernels import sass_loops
+
+    arch, reports, texts = numba_reports
+    elementwise = [r for r in reports if r.name_expression.startswith(("apply_", "dx_"))]
+    assert len(elementwise) == 4 * 2 * 3
+    for r in elementwise:
+        assert r.vector_loads > 0 and r.vector_stores > 0, (r.name_expression, r.global_load_widths)
+        assert r.global_store_widths.get(128, 0) >= 1
+    first = {r.name_expression: sass_loops.hot_loops(sass_loops.functions(sass)[r.lowered_name])[0]
+             for r, sass in zip(reports, texts) if r.name_expression.startswith(("stats_", "bwd_"))}
+    for name, loop in first.items():
+        if "_i32" in name:
+            wide = first[name.replace("_i32", "")]
+            assert loop.load_bytes == wide.load_bytes and loop.instructions < wide.instructions, name
 
 
 @needs_numba

@@ -31,8 +31,9 @@ def run_kernels(args) -> int:
         archs = [kr.normalize_arch(a) for a in archs]
         inspected = [("cupy", arch, *kr.inspect_with_sass(arch)) for arch in archs]
         version = "%d.%d" % kr.nvrtc_version()
-        if numba_skipped is None:
-            inspected += [(nr.BACKEND, arch, *nr.inspect_with_sass(arch)) for arch in archs]
+        if numba_skipped is None:  # one cubin per kernel, so one SASS text each
+            inspected += [(nr.BACKEND, arch, [r], sass) for arch in archs
+                          for r, sass in zip(*nr.inspect_with_sass(arch))]
     except ValueError as exc:
         print(f"bnkernels kernels: --arch: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -43,7 +44,7 @@ def run_kernels(args) -> int:
     numba_info = {"version": nr.numba_cuda_version(), "ptxas": nr.ptxas_version(), "skipped": numba_skipped}
     if args.json:
         options = kr.bnkernels_sources().options
-        kernels = [{**r.to_dict(), "hot_loops": [lp.to_dict() for lp in loops[(r.backend, r.arch, r.lowered_name)]],
+        kernels = [{**r.to_dict(), "hot_loops": [lp.to_dict() for lp in loops[(r.backend, r.arch, r.name_expression)]],
                     "blocks_per_sm": blocks_per_sm(r)} for r in reports]
         print(json.dumps({"nvrtc_version": version, "archs": archs,
                           "nvrtc_options": {a: list(kr.compile_options(options, a)) for a in archs},
@@ -79,7 +80,7 @@ def run_kernels(args) -> int:
 
 def _hot_loops(inspected, sass_dir):
     """All reports, in order, and the hot loops of each by (backend, arch,
-    symbol); writes the SASS files when ``sass_dir`` is given: the CuPy
+    name expression); writes the SASS files when ``sass_dir`` is given: the CuPy
     kernels' to ``DIR/<arch>/``, the numba-cuda ones' to ``DIR/numba-cuda/<arch>/``."""
     from .. import sass_loops
 
@@ -88,7 +89,7 @@ def _hot_loops(inspected, sass_dir):
         fns = sass_loops.functions(sass)
         for r in arch_reports:
             reports.append(r)
-            loops[(backend, arch, r.lowered_name)] = sass_loops.hot_loops(fns.get(r.lowered_name, []))
+            loops[(backend, arch, r.name_expression)] = sass_loops.hot_loops(fns.get(r.lowered_name, []))
         if sass_dir:
             folder = Path(sass_dir) / arch if backend == "cupy" else Path(sass_dir) / backend / arch
             _write_sass(folder, arch_reports, sass_loops.function_texts(sass))
@@ -100,7 +101,7 @@ def _print_table(reports, loops) -> None:
 
     rows = []
     for r in reports:
-        w = sass_loops.worst(loops[(r.backend, r.arch, r.lowered_name)])
+        w = sass_loops.worst(loops[(r.backend, r.arch, r.name_expression)])
         hot = "-" if w is None else f"{w.instructions}/{w.load_bytes}={w.per_byte:.1f}"
         rows.append([r.name_expression, r.arch, str(r.registers), str(r.shared_bytes), str(r.stack_bytes),
                      str(r.spill_bytes), str(r.local_memory_ops), str(blocks_per_sm(r)), hot,

@@ -26,6 +26,13 @@ TARGETS = numba_report.targets()
 PTXAS = ptxas.find_ptxas()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compiled():
+    """All PTX at once, in parallel processes (``numba_report.compile_all``)."""
+    if PTXAS is not None:
+        numba_report.compile_all(ARCHS)
+
+
 @pytest.fixture(scope="module")
 def report():
     """Resource table collected by the tests, printed at the end."""
