@@ -137,6 +137,28 @@ def _check_walk(shape, axis, dtype, aligned, gpu, rng):
     assert not gpu.counter_array.any(), "the last blocks reset their counters"
 
 
+#: Planes with inner % N != 0 (every dtype unless noted) and at least one
+#: whole vector whatever the plane's first position: the split walk (vector
+#: bodies from each plane's first 16-byte boundary, the values around them
+#: one by one). ResNet's late planes (7x7; 14x14: float16 only), B = 1 for
+#: float16 (inner = 15, 17), several planes per thread and a plane per step.
+SPLIT_LAYOUTS = [((5, 4, 49), 1), ((3, 5, 196), 1), ((16, 3, 15), 1), ((4, 2, 23), 1), ((33, 2, 17), 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", SPLIT_LAYOUTS)
+def test_the_split_walk_of_misaligned_planes(shape, axis, dtype, gpu, rng):
+    _check_walk(shape, axis, dtype, True, gpu, rng)
+
+
+def test_the_split_layouts_take_the_split_walk():
+    """Each dtype has split cases: inner % N != 0 and inner >= 2N - 1 (the
+    kernels' rule, bn_reduce.cuh: use_split)."""
+    for dtype in DTYPES:
+        n = VEC[np.dtype(dtype)]
+        assert any(lay[2] % n and lay[2] >= 2 * n - 1 for lay, _ in SPLIT_LAYOUTS)
+
+
 def test_the_layouts_take_the_vector_walk_where_they_should():
     """What the cases above cover: the vector walk for each dtype, and the
     single-value walk (the kernels choose by the same rule)."""
@@ -167,7 +189,8 @@ def _large_mean_data(shape, dtype, rng, outlier):
 
 @pytest.mark.parametrize("outlier", [False, True], ids=["plain", "outlier-first"])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
-@pytest.mark.parametrize("shape,axis", [((40, 3, 128), 1), ((7, 3, 17), 1), ((300, 16), 1), ((90, 12), 1)])
+@pytest.mark.parametrize("shape,axis", [((40, 3, 128), 1), ((7, 3, 17), 1), ((300, 16), 1), ((90, 12), 1),
+                                        ((5, 4, 49), 1), ((3, 5, 196), 1)])
 def test_large_mean_and_an_outlier_first_value_are_exact(shape, axis, dtype, outlier, gpu, rng):
     x = _large_mean_data(shape, dtype, rng, outlier)
     lay = channel_layout(shape, axis)
@@ -189,8 +212,16 @@ def test_large_mean_and_an_outlier_first_value_are_exact(shape, axis, dtype, out
 tsan = pytest.mark.skipif(not runner.tsan_available(), reason="g++ has no libtsan here")
 
 
+@pytest.mark.parametrize("outlier", [False, True], ids=["plain", "outlier-first"])
+@pytest.mark.parametrize("shape,axis", [((5, 4, 49), 1), ((16, 3, 15), 1)])
+def test_large_mean_float64_split_walk(shape, axis, outlier, gpu, rng):
+    """float64 on the split walk (one edge value per plane): large mean,
+    an outlier first value."""
+    test_large_mean_and_an_outlier_first_value_are_exact(shape, axis, np.float64, outlier, gpu, rng)
+
+
 @tsan
-@pytest.mark.parametrize("shape", [(8, 3, 16), (33, 8)], ids=["planes", "rows"])
+@pytest.mark.parametrize("shape", [(8, 3, 16), (33, 8), (9, 3, 17)], ids=["planes", "rows", "split-planes"])
 def test_vector_reductions_are_race_free(shape, rng):
     """The vector walks (16-byte loads, rows: 4 channels per thread and the
     reduction across lanes that hold the same channels) under

@@ -44,10 +44,20 @@ __device__ __forceinline__ bool use_vectors(const void* p, long long C, long lon
     return aligned16(p) && (ROWS ? (C % N == 0 && blockDim.x % N == 0) : inner % N == 0);
 }
 
+// Whether planes with inner % N != 0 take the split walk (bn_scan.cuh:
+// vector bodies, scalar edges): aligned pointers, planes of at least one
+// whole vector whatever their first element's position, and every element
+// index (and a step past the last) below 2^31. Else single values.
+template <int N, bool ROWS>
+__device__ __forceinline__ bool use_split(const void* p, long long outer, long long C, long long inner) {
+    return !ROWS && aligned16(p) && inner % N != 0 && inner >= 2 * N - 1 &&
+           outer * C * inner + 8LL * gridDim.x * blockDim.x * blockDim.y < kIndex32Limit;
+}
+
 // This block's partial statistics of channel c = g * blockDim.x + threadIdx.x
 // (n, mean - k0, M2 with k0 = x[c * inner]), valid in threads with
 // threadIdx.y == 0; NV values per item (Item: ScanItem's type or T).
-template <typename T, typename ACC, bool ROWS, int NV, typename Item>
+template <typename T, typename ACC, bool ROWS, int NV, typename Item, bool SPLIT = false>
 __device__ __forceinline__ void stats_partial(const T* x, long long outer, long long C, long long inner,
                                               long long g, ACC& n, ACC& m, ACC& q, BlockScratch<ACC>& sh) {
     constexpr int CH = ROWS ? NV : 1;
@@ -69,6 +79,19 @@ __device__ __forceinline__ void stats_partial(const T* x, long long outer, long 
         } else {
             k[0] = to_acc<ACC>(x[c0 * inner]);
         }
+        if constexpr (SPLIT) {  // planes, inner % NV != 0: the split walk (bn_scan.cuh)
+            StatsScan<T, ACC, Item, NV, false> st(reinterpret_cast<const Item*>(x), k);
+            const unsigned B = static_cast<unsigned>((inner - (NV - 1)) / NV);
+            const unsigned L = static_cast<unsigned>(inner) - B * NV;
+            const unsigned ci = static_cast<unsigned>(C * inner), c1 = static_cast<unsigned>(c0 * inner);
+            scan_split32<NV, U>(static_cast<unsigned>(outer), B, ci, c1, static_cast<unsigned>(t),
+                                static_cast<unsigned>(P), st);
+            scan_edges32<NV>(x, static_cast<unsigned>(outer), B, L, ci, c1, static_cast<unsigned>(t),
+                             static_cast<unsigned>(P), st);
+            a[0] = st.n;
+            b[0] = st.m[0];
+            c[0] = st.q[0];
+        } else {
         StatsScan<T, ACC, Item, NV, ROWS> st(first, k);
         if constexpr (ROWS)
             scan<U, true>(outer, 1, C / NV, t, P, st);
@@ -80,6 +103,7 @@ __device__ __forceinline__ void stats_partial(const T* x, long long outer, long 
             b[j] = st.m[j];
             c[j] = st.q[j];
         }
+        }
     }
     block_reduce_n<WelfordOp, CH>(a, b, c, sh, lanes);
     n = a[0];
@@ -89,7 +113,7 @@ __device__ __forceinline__ void stats_partial(const T* x, long long outer, long 
 
 // The same for the backward sums: sum(dy), sum(dy * (x - k)) with k the
 // saved mean in ACC.
-template <typename T, typename ACC, typename S, bool ROWS, int NV, typename Item>
+template <typename T, typename ACC, typename S, bool ROWS, int NV, typename Item, bool SPLIT = false>
 __device__ __forceinline__ void bwd_partial(const T* dy, const T* x, const S* saved_mean, long long outer,
                                             long long C, long long inner, long long g, ACC& s, ACC& t,
                                             BlockScratch<ACC>& sh) {
@@ -108,12 +132,22 @@ __device__ __forceinline__ void bwd_partial(const T* dy, const T* x, const S* sa
         ACC k[CH];
 #pragma unroll
         for (int j = 0; j < CH; ++j) k[j] = static_cast<ACC>(saved_mean[c0 + j]);
-        BwdScan<T, ACC, Item, NV, ROWS, U> bs(reinterpret_cast<const Item*>(dy + c0 * inner),
-                                              reinterpret_cast<const Item*>(x + c0 * inner), k);
-        if constexpr (ROWS)
+        const long long base = SPLIT ? 0 : c0 * inner;  // split: offsets from the tensors' starts
+        BwdScan<T, ACC, Item, NV, ROWS, U> bs(reinterpret_cast<const Item*>(dy + base),
+                                              reinterpret_cast<const Item*>(x + base), k);
+        if constexpr (SPLIT) {  // planes, inner % NV != 0: the split walk (bn_scan.cuh)
+            const unsigned B = static_cast<unsigned>((inner - (NV - 1)) / NV);
+            const unsigned L = static_cast<unsigned>(inner) - B * NV;
+            const unsigned ci = static_cast<unsigned>(C * inner), c1 = static_cast<unsigned>(c0 * inner);
+            scan_split32<NV, U>(static_cast<unsigned>(outer), B, ci, c1, static_cast<unsigned>(tt),
+                                static_cast<unsigned>(P), bs);
+            scan_edges2_32<NV>(dy, x, static_cast<unsigned>(outer), B, L, ci, c1, static_cast<unsigned>(tt),
+                               static_cast<unsigned>(P), bs);
+        } else if constexpr (ROWS) {
             scan<U, true>(outer, 1, C / NV, tt, P, bs);
-        else
+        } else {
             scan<U, false>(outer, inner / NV, C * inner / NV, tt, P, bs);
+        }
         if constexpr (ROWS) {
 #pragma unroll
             for (int j = 0; j < CH; ++j) {
@@ -172,12 +206,16 @@ __global__ void __launch_bounds__(1024, 1) bn_stats(const T* __restrict__ x,    
     const unsigned width = blockDim.x, tx = threadIdx.x, ty = threadIdx.y;
     using Item = bn::ScanItem<T, CHANNELS_LAST, true>;
     const bool vec = bn::use_vectors<Item::n, CHANNELS_LAST>(x, C, inner);
+    const bool split = !vec && bn::use_split<Item::n, CHANNELS_LAST>(x, outer, C, inner);
     for (long long g = blockIdx.y; g * width < C; g += gridDim.y) {
         const long long c = g * width + tx;
         const bool active = c < C;
         ACC n0, m0, q0;
         if (vec)
             bn::stats_partial<T, ACC, CHANNELS_LAST, Item::n, typename Item::type>(
+                x, outer, C, inner, g, n0, m0, q0, sh);
+        else if (split)
+            bn::stats_partial<T, ACC, CHANNELS_LAST, Item::n, typename Item::type, !CHANNELS_LAST>(
                 x, outer, C, inner, g, n0, m0, q0, sh);
         else
             bn::stats_partial<T, ACC, CHANNELS_LAST, 1, T>(x, outer, C, inner, g, n0, m0, q0, sh);
@@ -253,12 +291,16 @@ __global__ void __launch_bounds__(1024, 1) bn_bwd_reduce(const T* __restrict__ d
     const unsigned width = blockDim.x, tx = threadIdx.x, ty = threadIdx.y;
     using Item = bn::ScanItem<T, CHANNELS_LAST, false>;
     const bool vec = bn::use_vectors<Item::n, CHANNELS_LAST>(x, C, inner) && bn::aligned16(dy);
+    const bool split = !vec && bn::use_split<Item::n, CHANNELS_LAST>(x, outer, C, inner) && bn::aligned16(dy);
     for (long long g = blockIdx.y; g * width < C; g += gridDim.y) {
         const long long c = g * width + tx;
         const bool active = c < C;
         ACC s0, t0, unused = ACC(0);
         if (vec)
             bn::bwd_partial<T, ACC, S, CHANNELS_LAST, Item::n, typename Item::type>(
+                dy, x, saved_mean, outer, C, inner, g, s0, t0, sh);
+        else if (split)
+            bn::bwd_partial<T, ACC, S, CHANNELS_LAST, Item::n, typename Item::type, !CHANNELS_LAST>(
                 dy, x, saved_mean, outer, C, inner, g, s0, t0, sh);
         else
             bn::bwd_partial<T, ACC, S, CHANNELS_LAST, 1, T>(dy, x, saved_mean, outer, C, inner, g, s0, t0, sh);

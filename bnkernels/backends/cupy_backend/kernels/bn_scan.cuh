@@ -229,6 +229,119 @@ __device__ __forceinline__ void scan(long long outer, long long width, long long
     }
 }
 
+// Planes whose inner % NV != 0 (pointers 16-byte aligned): a plane starts
+// anywhere in a vector, so each plane is split. Its body: the B =
+// (inner - NV + 1) / NV whole vectors from its first vector boundary (every
+// plane holds that many, whatever its first element's position); its edges:
+// the L = inner - B * NV values around the body (NV - 1 <= L <= 2 NV - 2),
+// some before it, the rest after. The bodies are walked as the aligned
+// planes are (items j = t, t + P, ... in (plane, position) order), the
+// item's offset from the plane's first element a rounded up to a vector:
+// a / NV + i with a kept biased by NV - 1 (a shift and an add per item,
+// instead of a fixed stride between runs). Elements below 2^31 (32-bit a).
+template <int NV>
+struct SplitWalk {
+    unsigned a, i, B, si, da, ci;
+    __device__ __forceinline__ unsigned item() const { return a / NV + i; }
+    __device__ __forceinline__ void advance() {
+        a += da;
+        i += si;
+        if (i >= B) {
+            i -= B;
+            a += ci;
+        }
+    }
+};
+
+// Calls f.step / f.tail as scan32 does, for the bodies of `outer` planes of
+// B items, `ci` elements apart from element `first`.
+template <int NV, int U, typename F>
+__device__ __forceinline__ void scan_split32(unsigned outer, unsigned B, unsigned ci, unsigned first, unsigned t,
+                                             unsigned P, F& f) {
+    const unsigned total = outer * B;
+    if (t >= total) return;
+    int left = static_cast<int>(total - t);
+    const int p = static_cast<int>(P);
+    SplitWalk<NV> w;
+    const unsigned o = t / B;
+    w.i = t - o * B;
+    w.a = first + o * ci + (NV - 1);
+    w.B = B;
+    w.si = P % B;
+    w.da = (P / B) * ci;
+    w.ci = ci;
+    unsigned off[U];
+    for (; left > (U - 1) * p; left -= U * p) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            off[u] = w.item();
+            w.advance();  // past the thread's last item it may wrap, unused
+        }
+        f.template step<U, true>(off, U);
+    }
+    if (left > 0) {
+        int k = 0;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            off[u] = w.item();
+            w.advance();
+            k += left > u * p;
+        }
+        f.template tail<U>(off, k);
+    }
+}
+
+// The edges of the planes: thread t of P takes planes t, t + P, ...; the L
+// values of a plane (those before its first vector boundary, then those
+// after its B body vectors) as one chunk, straight-line: f.edge(v, L).
+template <int NV, typename T, typename F>
+__device__ __forceinline__ void scan_edges32(const T* x, unsigned outer, unsigned B, unsigned L, unsigned ci,
+                                             unsigned first, unsigned t, unsigned P, F& f) {
+    constexpr int M = 2 * NV - 2;
+    using ACC = typename F::acc;
+    for (unsigned o = t; o < outer; o += P) {
+        const unsigned a = first + o * ci;
+        const unsigned h = (0u - a) & (NV - 1);  // values before the body
+        const T* pl = x + a;
+        T e[M];
+#pragma unroll
+        for (int j = 0; j < M; ++j)
+            if (j < static_cast<int>(L)) e[j] = load(pl + j + (static_cast<unsigned>(j) >= h ? B * NV : 0u));
+        ACC v[M];
+#pragma unroll
+        for (int j = 0; j < M; ++j) v[j] = j < static_cast<int>(L) ? to_acc<ACC>(e[j]) : ACC(0);
+        f.template edge<M>(v, L);
+    }
+}
+
+// The same for two arrays at the same offsets (dy and x of the backward
+// sums): f.edge2(g, v, L).
+template <int NV, typename T, typename F>
+__device__ __forceinline__ void scan_edges2_32(const T* g, const T* x, unsigned outer, unsigned B, unsigned L,
+                                               unsigned ci, unsigned first, unsigned t, unsigned P, F& f) {
+    constexpr int M = 2 * NV - 2;
+    using ACC = typename F::acc;
+    for (unsigned o = t; o < outer; o += P) {
+        const unsigned a = first + o * ci;
+        const unsigned h = (0u - a) & (NV - 1);
+        T ge[M], xe[M];
+#pragma unroll
+        for (int j = 0; j < M; ++j)
+            if (j < static_cast<int>(L)) {
+                const unsigned at = a + j + (static_cast<unsigned>(j) >= h ? B * NV : 0u);
+                ge[j] = load(g + at);
+                xe[j] = load(x + at);
+            }
+        ACC gv[M], xv[M];
+#pragma unroll
+        for (int j = 0; j < M; ++j) {
+            gv[j] = j < static_cast<int>(L) ? to_acc<ACC>(ge[j]) : ACC(0);
+            xv[j] = j < static_cast<int>(L) ? to_acc<ACC>(xe[j]) : ACC(0);
+        }
+        f.template edge2<M>(gv, xv, L);
+    }
+}
+
 // ---- statistics: (n, mean - k0, M2) per owned channel ------------------------
 // Per step, for each channel the thread owns, the chunk of values it
 // loaded (U * NV values of one channel for planes, U for rows) is reduced
@@ -247,6 +360,7 @@ __device__ __forceinline__ void scan(long long outer, long long width, long long
 template <typename T, typename ACC, typename Item, int NV, bool ROWS>
 struct StatsScan {
     static constexpr int CH = ROWS ? NV : 1;  // channels owned
+    using acc = ACC;
     const Item* b;                            // the channel's (or channels') first item
     ACC n = ACC(0);
     ACC m[CH], q[CH], k0[CH];
@@ -331,6 +445,29 @@ struct StatsScan {
         n = total;
     }
 
+    // A plane's L edge values (split walk: 0 < L <= M <= 32, v[j] = 0 for
+    // j >= L) as one chunk around its first value, exact as a step's.
+    template <int M>
+    __device__ __forceinline__ void edge(const ACC (&v)[M], unsigned L) {
+        ACC s1 = ACC(0), q2 = q[0];
+#pragma unroll
+        for (int j = 1; j < M; ++j) {
+            const ACC e = j < static_cast<int>(L) ? v[j] - v[0] : ACC(0);
+            s1 += e;
+            q2 = fma(e, e, q2);
+        }
+        const ACC c = ACC(static_cast<int>(L));
+        const ACC total = n + c;
+        const ACC r = count_ratio(c, total);
+        const ACC w = n * r;
+        const ACC t = s1 * count_ratio(ACC(1), c);
+        q2 = fma(-t, s1, q2);
+        const ACC delta = ((v[0] - k0[0]) - m[0]) + t;
+        m[0] = fma(delta, r, m[0]);
+        q[0] = fma(delta * w, delta, q2);
+        n = total;
+    }
+
     // The last k < U items, one chunk each (planes: its NV values around its
     // first; rows: one value per channel, a Welford step).
     template <int U, typename A>
@@ -378,6 +515,7 @@ template <typename T, typename ACC, typename Item, int NV, bool ROWS, int U>
 struct BwdScan {
     static constexpr int CH = ROWS ? NV : 1;
     static constexpr int SL = ROWS ? NV : 2;  // partial sums (more would spill)
+    using acc = ACC;
     const Item* gb;
     const Item* xb;
     unsigned long long dist;  // bytes from x to dy (the 64-bit walks follow x)
@@ -419,6 +557,17 @@ struct BwdScan {
                     s[sl] += g[j];
                     t[sl] = fma(g[j], x[j] - k[ROWS ? j : 0], t[sl]);
                 }
+            }
+    }
+
+    // A plane's L edge values of dy and x (split walk; zero for j >= L).
+    template <int M>
+    __device__ __forceinline__ void edge2(const ACC (&g)[M], const ACC (&x)[M], unsigned L) {
+#pragma unroll
+        for (int j = 0; j < M; ++j)
+            if (j < static_cast<int>(L)) {
+                s[j % SL] += g[j];
+                t[j % SL] = fma(g[j], x[j] - k[0], t[j % SL]);
             }
     }
 
