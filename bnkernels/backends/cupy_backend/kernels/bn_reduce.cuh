@@ -291,7 +291,10 @@ __global__ void __launch_bounds__(1024, 1) bn_bwd_reduce(const T* __restrict__ d
     const unsigned width = blockDim.x, tx = threadIdx.x, ty = threadIdx.y;
     using Item = bn::ScanItem<T, CHANNELS_LAST, false>;
     const bool vec = bn::use_vectors<Item::n, CHANNELS_LAST>(x, C, inner) && bn::aligned16(dy);
-    const bool split = !vec && bn::use_split<Item::n, CHANNELS_LAST>(x, outer, C, inner) && bn::aligned16(dy);
+    // float (N = 4): not split; at 64 registers the split walk's body spilled
+    // (24 bytes on sm_90 with 4 items per array in flight, 10 on sm_80 with 2)
+    constexpr bool kSplit = !CHANNELS_LAST && Item::n != 4;
+    const bool split = kSplit && !vec && bn::use_split<Item::n, CHANNELS_LAST>(x, outer, C, inner) && bn::aligned16(dy);
     for (long long g = blockIdx.y; g * width < C; g += gridDim.y) {
         const long long c = g * width + tx;
         const bool active = c < C;
@@ -300,7 +303,7 @@ __global__ void __launch_bounds__(1024, 1) bn_bwd_reduce(const T* __restrict__ d
             bn::bwd_partial<T, ACC, S, CHANNELS_LAST, Item::n, typename Item::type>(
                 dy, x, saved_mean, outer, C, inner, g, s0, t0, sh);
         else if (split)
-            bn::bwd_partial<T, ACC, S, CHANNELS_LAST, Item::n, typename Item::type, !CHANNELS_LAST>(
+            bn::bwd_partial<T, ACC, S, CHANNELS_LAST, Item::n, typename Item::type, kSplit>(
                 dy, x, saved_mean, outer, C, inner, g, s0, t0, sh);
         else
             bn::bwd_partial<T, ACC, S, CHANNELS_LAST, 1, T>(dy, x, saved_mean, outer, C, inner, g, s0, t0, sh);

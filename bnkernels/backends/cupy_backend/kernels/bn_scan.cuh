@@ -315,7 +315,8 @@ __device__ __forceinline__ void scan_edges32(const T* x, unsigned outer, unsigne
 }
 
 // The same for two arrays at the same offsets (dy and x of the backward
-// sums): f.edge2(g, v, L).
+// sums): f.edge2(g, v) per value, no arrays (2 x 14 values held for a
+// chunk spilled at 64 registers; plain sums need no chunk).
 template <int NV, typename T, typename F>
 __device__ __forceinline__ void scan_edges2_32(const T* g, const T* x, unsigned outer, unsigned B, unsigned L,
                                                unsigned ci, unsigned first, unsigned t, unsigned P, F& f) {
@@ -324,21 +325,12 @@ __device__ __forceinline__ void scan_edges2_32(const T* g, const T* x, unsigned 
     for (unsigned o = t; o < outer; o += P) {
         const unsigned a = first + o * ci;
         const unsigned h = (0u - a) & (NV - 1);
-        T ge[M], xe[M];
 #pragma unroll
         for (int j = 0; j < M; ++j)
             if (j < static_cast<int>(L)) {
                 const unsigned at = a + j + (static_cast<unsigned>(j) >= h ? B * NV : 0u);
-                ge[j] = load(g + at);
-                xe[j] = load(x + at);
+                f.edge2(j, to_acc<ACC>(load(g + at)), to_acc<ACC>(load(x + at)));
             }
-        ACC gv[M], xv[M];
-#pragma unroll
-        for (int j = 0; j < M; ++j) {
-            gv[j] = j < static_cast<int>(L) ? to_acc<ACC>(ge[j]) : ACC(0);
-            xv[j] = j < static_cast<int>(L) ? to_acc<ACC>(xe[j]) : ACC(0);
-        }
-        f.template edge2<M>(gv, xv, L);
     }
 }
 
@@ -560,15 +552,10 @@ struct BwdScan {
             }
     }
 
-    // A plane's L edge values of dy and x (split walk; zero for j >= L).
-    template <int M>
-    __device__ __forceinline__ void edge2(const ACC (&g)[M], const ACC (&x)[M], unsigned L) {
-#pragma unroll
-        for (int j = 0; j < M; ++j)
-            if (j < static_cast<int>(L)) {
-                s[j % SL] += g[j];
-                t[j % SL] = fma(g[j], x[j] - k[0], t[j % SL]);
-            }
+    // Edge value j of a plane (split walk), dy and x.
+    __device__ __forceinline__ void edge2(int j, ACC g, ACC x) {
+        s[j % SL] += g;
+        t[j % SL] = fma(g, x - k[0], t[j % SL]);
     }
 
     // The last k < U items, one by one.
