@@ -122,18 +122,18 @@ _SM_LIMITS = {"sm_80": (65536, 164 * 1024, 2048, 32), "sm_90": (65536, 228 * 102
 
 def blocks_per_sm(report) -> int | None:
     """Resident blocks of :data:`BLOCK_THREADS` threads per SM for a kernel,
-    from its registers (allocated per warp in units of 256) and static
-    shared memory (plus the 1 KiB the system reserves per block); None for
-    an architecture without limits here."""
+    by the rules the plans size grids with (``gpu.geometry.resident_blocks``:
+    registers per warp in units of 256, static shared memory plus 1 KiB per
+    block); None for an architecture without limits here."""
+    from ..backends.gpu import geometry
+
     limits = _SM_LIMITS.get(report.arch)
     if limits is None:
         return None
-    regs_per_sm, smem_per_sm, threads_per_sm, max_blocks = limits
-    warps = BLOCK_THREADS // 32
-    regs_per_warp = -(-max(report.registers, 1) * 32 // 256) * 256
-    by_regs = regs_per_sm // (regs_per_warp * warps)
-    by_smem = smem_per_sm // (report.shared_bytes + 1024) if report.shared_bytes else max_blocks
-    return min(by_regs, by_smem, threads_per_sm // BLOCK_THREADS, max_blocks)
+    registers, shared, threads, blocks = limits
+    device = geometry.DeviceLimits(sm_count=1, max_threads_per_sm=threads, registers_per_sm=registers,
+                                   shared_per_sm=shared, max_blocks_per_sm=blocks)
+    return geometry.resident_blocks(device, BLOCK_THREADS, report.registers, report.shared_bytes)
 
 
 def h100_geometry() -> list[dict]:
