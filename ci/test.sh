@@ -45,10 +45,12 @@ if .venv/bin/python -c "import numba.cuda" 2>/dev/null; then
 else
   echo "ci/test.sh: numba-cuda is not installed: simulator tests not run" >&2
 fi
-# 3. Record the resource report of the CUDA C++ kernels in the log (when
-#    NVRTC and cuobjdump are installed; BNKERNELS_TEST_EXTRAS may leave them out).
+# 3. Record the resource report of both GPU backends' kernels in the log, for
+#    sm_90 (when NVRTC and cuobjdump are installed; BNKERNELS_TEST_EXTRAS may
+#    leave them out). sm_80 is checked by the tests; printing it too would
+#    compile every numba-cuda kernel once more (minutes).
 if .venv/bin/python -c "from bnkernels import kernel_report as k; k.nvrtc_version(); k.find_cuobjdump()" 2>/dev/null; then
-  .venv/bin/bnkernels kernels --arch sm_80 --arch sm_90 || status=$?
+  .venv/bin/bnkernels kernels --arch sm_90 || status=$?
 else
   echo "ci/test.sh: NVRTC or cuobjdump is not installed: kernel resource report not printed" >&2
 fi
