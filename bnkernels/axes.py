@@ -22,20 +22,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .memory_order import inverse, permute
+from .validation import is_numba_device_array, is_torch
+
 
 def is_several(axis) -> bool:
     """Whether ``axis`` names several axes (a tuple or list)."""
     return isinstance(axis, (tuple, list))
 
 
-def _is_torch(a) -> bool:
-    return type(a).__module__.split(".")[0] == "torch"
-
-
 def _contiguous(a) -> bool:
-    if _is_torch(a):
+    if is_torch(a):
         return a.is_contiguous()
-    if hasattr(a, "is_c_contiguous"):  # Numba device arrays
+    if is_numba_device_array(a):
         return a.is_c_contiguous()
     flags = getattr(a, "flags", None)
     return bool(flags is not None and flags.c_contiguous)
@@ -68,10 +67,10 @@ class MergedAxes:
         if not hasattr(a, "reshape"):
             a = np.asarray(a)  # a list: read-only input
         if not self.adjacent:
-            if hasattr(a, "is_c_contiguous") and not _is_torch(a):
+            if is_numba_device_array(a):
                 raise TypeError(f"{name} is a Numba device array, which cannot be permuted: give axis adjacent "
                                 f"axes, or a CuPy/torch/NumPy array")
-            a = a.permute(*self.perm) if _is_torch(a) else a.transpose(self.perm)
+            a = permute(a, self.perm)
         return a.reshape(self.merged)
 
     def written_view(self, a, name: str):
@@ -88,8 +87,7 @@ class MergedAxes:
         y = y.reshape(permuted)
         if self.adjacent:
             return y
-        inverse = tuple(int(i) for i in np.argsort(self.perm))
-        return y.permute(*inverse) if _is_torch(y) else y.transpose(inverse)
+        return permute(y, inverse(self.perm))
 
     def flat_param(self, p, name: str, written: bool = False):
         """A parameter or statistic of :attr:`param_shape` as (C,) (None

@@ -22,6 +22,7 @@ from collections import OrderedDict
 import numpy as np
 
 from .backends import ENV_VAR, runs_on_gpu
+from .validation import is_torch
 
 #: Argument descriptions kept (least recently used dropped beyond this).
 MAX_ENTRIES = 64
@@ -48,7 +49,7 @@ def describe(a):
         return kind, a.shape, a.strides, a.dtype, a.flags.writeable
     if kind in _PLAIN_KINDS:
         return kind, a.shape, getattr(a, "strides", None), a.dtype
-    if kind.__module__.split(".")[0] == "torch":
+    if is_torch(a):
         return kind, a.shape, a.stride(), a.dtype, a.is_cuda
     _PLAIN_KINDS.add(kind)
     return kind, a.shape, getattr(a, "strides", None), a.dtype

@@ -21,10 +21,7 @@ import numpy as np
 
 from .backends.interface import ChannelLayout
 from .memory_order import permute
-
-
-def _library(a) -> str:
-    return type(a).__module__.split(".")[0]
+from .validation import is_numba_device_array, library
 
 
 def check(mask, x, layout: ChannelLayout):
@@ -39,9 +36,9 @@ def check(mask, x, layout: ChannelLayout):
     if tuple(mask.shape) != expected:
         raise ValueError(f"mask must have x's shape without the channel axis {layout.axis}, {expected}, got "
                          f"{tuple(mask.shape)}")
-    if _library(mask) != _library(x) and not (isinstance(mask, np.ndarray) and isinstance(x, (np.ndarray, list))):
-        raise TypeError(f"mask must be an array of x's library ({_library(x)}), got {type(mask).__name__}")
-    if hasattr(x, "is_c_contiguous") and _library(x) != "torch":
+    if library(mask) != library(x) and not (isinstance(mask, np.ndarray) and isinstance(x, (np.ndarray, list))):
+        raise TypeError(f"mask must be an array of x's library ({library(x)}), got {type(mask).__name__}")
+    if is_numba_device_array(x):
         raise TypeError("mask needs boolean indexing, which Numba device arrays do not have: pass CuPy or torch "
                         "arrays")
     return mask

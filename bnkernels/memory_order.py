@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _is_torch(a) -> bool:
-    return type(a).__module__.split(".")[0] == "torch"
+from .validation import is_numba_device_array, is_torch
 
 
 def _byte_strides(a):
     """``a``'s strides in bytes, or None when it has none to read (a list,
     an array type without them)."""
-    if _is_torch(a):
+    if is_torch(a):
         return tuple(s * a.element_size() for s in a.stride())
     strides = getattr(a, "strides", None)
     if strides is None and hasattr(a, "__cuda_array_interface__"):
@@ -36,10 +34,10 @@ def order(a) -> tuple | None:
     positive strides), when that is not its own order; None otherwise (C
     order already, or no such order: then the backends copy, as for any
     strided input). Size-1 axes keep their place among the others."""
-    if _is_torch(a):
+    if is_torch(a):
         if a.is_contiguous():
             return None
-    elif hasattr(a, "is_c_contiguous"):
+    elif is_numba_device_array(a):
         return None  # a Numba device array: it cannot be permuted (then it is copied, as any strided input)
     else:
         flags = getattr(a, "flags", None)
@@ -51,7 +49,7 @@ def order(a) -> tuple | None:
     strides = _byte_strides(a)
     if strides is None or len(strides) != len(shape):
         return None
-    itemsize = np.dtype(str(a.dtype).replace("torch.", "")).itemsize if _is_torch(a) else a.dtype.itemsize
+    itemsize = np.dtype(str(a.dtype).replace("torch.", "")).itemsize if is_torch(a) else a.dtype.itemsize
     big = [i for i in range(len(shape)) if shape[i] > 1]
     ranked = sorted(big, key=lambda i: -strides[i])  # outermost first (stable: ties keep axis order)
     expected = itemsize
@@ -70,7 +68,7 @@ def permute(a, perm):
     """``a`` with its axes in ``perm``'s order (a view)."""
     if a is None:
         return None
-    return a.permute(*perm) if _is_torch(a) else a.transpose(perm)
+    return a.permute(*perm) if is_torch(a) else a.transpose(perm)
 
 
 def inverse(perm) -> tuple:

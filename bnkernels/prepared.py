@@ -87,7 +87,7 @@ class _Prepared:
 def _addressable(a) -> bool:
     """Whether :func:`validation.data_pointer` reads ``a`` (an array, not
     a list made into one)."""
-    return type(a).__module__.split(".")[0] == "torch" or hasattr(a, "__array_interface__") or hasattr(
+    return v.is_torch(a) or hasattr(a, "__array_interface__") or hasattr(
         a, "__cuda_array_interface__")
 
 

@@ -300,8 +300,19 @@ def _self_overlapping(iface) -> bool:
     return False
 
 
-def _is_torch(a) -> bool:
-    return type(a).__module__.split(".")[0] == "torch"
+def library(a) -> str:
+    """The top-level module of an array's type (``"numpy"``, ``"cupy"``, ``"torch"``, ``"numba"``...)."""
+    return type(a).__module__.split(".")[0]
+
+
+def is_torch(a) -> bool:
+    return library(a) == "torch"
+
+
+def is_numba_device_array(a) -> bool:
+    """A Numba device array (the simulator's too): no permutation, no
+    boolean indexing."""
+    return hasattr(a, "is_c_contiguous") and not is_torch(a)
 
 
 def _pointer_reader(kind):
@@ -329,7 +340,7 @@ def data_pointer(a) -> int:
 def extent_offsets(a) -> tuple[int, int]:
     """``(lo, hi)``: the bytes an array can touch, relative to
     :func:`data_pointer` (fixed by its shape, strides and dtype)."""
-    if _is_torch(a):  # its array interfaces are refused for tensors that require grad
+    if is_torch(a):  # its array interfaces are refused for tensors that require grad
         itemsize = a.element_size()
         iface = {"data": (0, False), "shape": tuple(a.shape), "typestr": f"<f{itemsize}",
                  "strides": tuple(st * itemsize for st in a.stride())}

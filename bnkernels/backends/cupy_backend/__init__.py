@@ -28,6 +28,7 @@ import math
 
 import numpy as np
 
+from ...validation import is_torch as _is_torch
 from ..gpu import geometry
 from ..gpu.workspace import CounterCache, ScratchCache
 from ..gpu.members import GpuBackend
@@ -189,10 +190,6 @@ def _pointer(a) -> int:
     """A kernel argument's address: a CuPy array's, or a pointer passed as
     it is (``Arrays.kernel_array``)."""
     return int(a) if isinstance(a, np.integer) else a.data.ptr
-
-
-def _is_torch(x) -> bool:
-    return type(x).__module__.split(".")[0] == "torch"
 
 
 class Arrays:
