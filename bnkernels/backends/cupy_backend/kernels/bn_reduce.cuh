@@ -82,12 +82,11 @@ __device__ __forceinline__ void stats_partial(const T* x, long long outer, long 
         if constexpr (SPLIT) {  // planes, inner % NV != 0: the split walk (bn_scan.cuh)
             StatsScan<T, ACC, Item, NV, false> st(reinterpret_cast<const Item*>(x), k);
             const unsigned B = static_cast<unsigned>((inner - (NV - 1)) / NV);
-            const unsigned L = static_cast<unsigned>(inner) - B * NV;
             const unsigned ci = static_cast<unsigned>(C * inner), c1 = static_cast<unsigned>(c0 * inner);
             scan_split32<NV, U>(static_cast<unsigned>(outer), B, ci, c1, static_cast<unsigned>(t),
                                 static_cast<unsigned>(P), st);
-            scan_edges32<NV>(x, static_cast<unsigned>(outer), B, L, ci, c1, static_cast<unsigned>(t),
-                             static_cast<unsigned>(P), st);
+            scan_edges32<NV>(x, static_cast<unsigned>(outer), B, static_cast<unsigned>(inner), ci, c1,
+                             static_cast<unsigned>(t), static_cast<unsigned>(P), st);
             a[0] = st.n;
             b[0] = st.m[0];
             c[0] = st.q[0];
@@ -137,12 +136,11 @@ __device__ __forceinline__ void bwd_partial(const T* dy, const T* x, const S* sa
                                               reinterpret_cast<const Item*>(x + base), k);
         if constexpr (SPLIT) {  // planes, inner % NV != 0: the split walk (bn_scan.cuh)
             const unsigned B = static_cast<unsigned>((inner - (NV - 1)) / NV);
-            const unsigned L = static_cast<unsigned>(inner) - B * NV;
             const unsigned ci = static_cast<unsigned>(C * inner), c1 = static_cast<unsigned>(c0 * inner);
             scan_split32<NV, U>(static_cast<unsigned>(outer), B, ci, c1, static_cast<unsigned>(tt),
                                 static_cast<unsigned>(P), bs);
-            scan_edges2_32<NV>(dy, x, static_cast<unsigned>(outer), B, L, ci, c1, static_cast<unsigned>(tt),
-                               static_cast<unsigned>(P), bs);
+            scan_edges2_32<NV>(static_cast<unsigned>(outer), B, static_cast<unsigned>(inner), ci, c1,
+                               static_cast<unsigned>(tt), static_cast<unsigned>(P), bs);
         } else if constexpr (ROWS) {
             scan<U, true>(outer, 1, C / NV, tt, P, bs);
         } else {

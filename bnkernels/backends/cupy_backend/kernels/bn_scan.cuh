@@ -292,45 +292,89 @@ __device__ __forceinline__ void scan_split32(unsigned outer, unsigned B, unsigne
 }
 
 // The edges of the planes: thread t of P takes planes t, t + P, ...; the L
-// values of a plane (those before its first vector boundary, then those
-// after its B body vectors) as one chunk, straight-line: f.edge(v, L).
+// = inner - B * NV values of a plane (those before its first vector
+// boundary, then those after its B body vectors) as one chunk, read as the
+// three 16-byte vectors that hold them, masked: the head vector a / NV
+// (values j >= r = a % NV, none if r = 0) and the two vectors after the
+// body, v1 and v1 + 1 (values j < t1 and j < t1 - NV, t1 = a + inner - v1 *
+// NV <= L); a vector with no value of the plane is not loaded (the last
+// plane's may lie past the tensor). Lanes outside the plane contribute
+// nothing (f.edge_vec selects them out: they may hold anything, NaN too).
+// f.at(off) is the item at offset off from the tensor's first element.
+struct EdgeMask {
+    unsigned lo, t1;  // head vector: lanes j >= lo; tail vectors: lanes j < t1, j + NV < t1
+    template <int NV>
+    __device__ __forceinline__ bool valid(int k, int j) const {
+        return k == 0 ? static_cast<unsigned>(j) >= lo : static_cast<unsigned>(j + (k - 1) * NV) < t1;
+    }
+};
+
+// K: the vectors that may hold edge values (t1 <= L <= 2 NV - 2: a third
+// only for NV > 2).
+template <int NV>
+constexpr int edge_vector_count() { return NV > 2 ? 3 : 2; }
+
+template <int NV, int K>
+__device__ __forceinline__ unsigned edge_vectors(unsigned a, unsigned B, unsigned inner, unsigned (&at)[K],
+                                                 bool (&live)[K], EdgeMask& mk) {
+    const unsigned r = a & (NV - 1);
+    const unsigned v1 = (a + (NV - 1)) / NV + B;  // the first vector after the body
+    mk.lo = r ? r : NV;
+    mk.t1 = a + inner - v1 * NV;
+    at[0] = a / NV;
+    live[0] = r != 0;
+#pragma unroll
+    for (int k = 1; k < K; ++k) {
+        at[k] = v1 + (k - 1);
+        live[k] = mk.t1 > static_cast<unsigned>((k - 1) * NV);
+    }
+    return r ? a : v1 * NV;  // the chunk's first value
+}
+
 template <int NV, typename T, typename F>
-__device__ __forceinline__ void scan_edges32(const T* x, unsigned outer, unsigned B, unsigned L, unsigned ci,
+__device__ __forceinline__ void scan_edges32(const T* x, unsigned outer, unsigned B, unsigned inner, unsigned ci,
                                              unsigned first, unsigned t, unsigned P, F& f) {
-    constexpr int M = 2 * NV - 2;
+    using Item = typename F::item;
     using ACC = typename F::acc;
+    const T* const xs = reinterpret_cast<const T*>(f.origin());  // x, opaque
+    if (t >= outer) return;
+    // L and 1 / L; NV = 2: inner is odd, L = 1 its own reciprocal (a
+    // division held through the loop, or even constants, made ptxas spill
+    // the kernel's walk flag at 64 registers)
+    const ACC cl = ACC(static_cast<int>(inner - B * NV));
+    const ACC inv_l = NV == 2 ? cl : count_ratio(ACC(1), cl);
     for (unsigned o = t; o < outer; o += P) {
-        const unsigned a = first + o * ci;
-        const unsigned h = (0u - a) & (NV - 1);  // values before the body
-        const T* pl = x + a;
-        T e[M];
+        constexpr int K = edge_vector_count<NV>();
+        unsigned at[K];
+        bool live[K];
+        EdgeMask mk;
+        const unsigned s = edge_vectors<NV, K>(first + o * ci, B, inner, at, live, mk);
+        Item e[K];
 #pragma unroll
-        for (int j = 0; j < M; ++j)
-            if (j < static_cast<int>(L)) e[j] = load(pl + j + (static_cast<unsigned>(j) >= h ? B * NV : 0u));
-        ACC v[M];
-#pragma unroll
-        for (int j = 0; j < M; ++j) v[j] = j < static_cast<int>(L) ? to_acc<ACC>(e[j]) : ACC(0);
-        f.template edge<M>(v, L);
+        for (int k = 0; k < K; ++k) e[k] = live[k] ? load(f.at(at[k])) : Item{};
+        f.template edge_vec<K>(e, to_acc<ACC>(load(xs + s)), mk, cl, inv_l);
     }
 }
 
 // The same for two arrays at the same offsets (dy and x of the backward
-// sums): f.edge2(g, v) per value, no arrays (2 x 14 values held for a
-// chunk spilled at 64 registers; plain sums need no chunk).
-template <int NV, typename T, typename F>
-__device__ __forceinline__ void scan_edges2_32(const T* g, const T* x, unsigned outer, unsigned B, unsigned L,
-                                               unsigned ci, unsigned first, unsigned t, unsigned P, F& f) {
-    constexpr int M = 2 * NV - 2;
-    using ACC = typename F::acc;
+// sums): no shift needed (plain sums).
+template <int NV, typename F>
+__device__ __forceinline__ void scan_edges2_32(unsigned outer, unsigned B, unsigned inner, unsigned ci,
+                                               unsigned first, unsigned t, unsigned P, F& f) {
+    using Item = typename F::item;
     for (unsigned o = t; o < outer; o += P) {
-        const unsigned a = first + o * ci;
-        const unsigned h = (0u - a) & (NV - 1);
+        constexpr int K = edge_vector_count<NV>();
+        unsigned at[K];
+        bool live[K];
+        EdgeMask mk;
+        edge_vectors<NV, K>(first + o * ci, B, inner, at, live, mk);
+        Item g[K], x[K];
 #pragma unroll
-        for (int j = 0; j < M; ++j)
-            if (j < static_cast<int>(L)) {
-                const unsigned at = a + j + (static_cast<unsigned>(j) >= h ? B * NV : 0u);
-                f.edge2(j, to_acc<ACC>(load(g + at)), to_acc<ACC>(load(x + at)));
-            }
+        for (int k = 0; k < K; ++k) {
+            g[k] = live[k] ? load(f.gat(at[k])) : Item{};
+            x[k] = live[k] ? load(f.xat(at[k])) : Item{};
+        }
+        f.template edge_vec2<K>(g, x, mk);
     }
 }
 
@@ -353,6 +397,7 @@ template <typename T, typename ACC, typename Item, int NV, bool ROWS>
 struct StatsScan {
     static constexpr int CH = ROWS ? NV : 1;  // channels owned
     using acc = ACC;
+    using item = Item;
     const Item* b;                            // the channel's (or channels') first item
     ACC n = ACC(0);
     ACC m[CH], q[CH], k0[CH];
@@ -437,24 +482,35 @@ struct StatsScan {
         n = total;
     }
 
-    // A plane's L edge values (split walk: 0 < L <= M <= 32, v[j] = 0 for
-    // j >= L) as one chunk around its first value, exact as a step's.
-    template <int M>
-    __device__ __forceinline__ void edge(const ACC (&v)[M], unsigned L) {
-        ACC s1 = ACC(0), q2 = q[0];
+    // A plane's cl = L edge values (split walk: scan_edges32) as one chunk
+    // around its first value x0, exact as a step's: K masked vectors.
+    template <int K>
+    __device__ __forceinline__ void edge_vec(const Item (&e)[K], ACC x0, const EdgeMask& mk, ACC cl, ACC inv_l) {
+        ACC s1[K], s2[K];
 #pragma unroll
-        for (int j = 1; j < M; ++j) {
-            const ACC e = j < static_cast<int>(L) ? v[j] - v[0] : ACC(0);
-            s1 += e;
-            q2 = fma(e, e, q2);
+        for (int k = 0; k < K; ++k) {
+            ACC v[NV];
+            unpack<ACC, T, NV>(e[k], v);
+            s1[k] = ACC(0);
+            s2[k] = k == 0 ? q[0] : ACC(0);
+#pragma unroll
+            for (int j = 0; j < NV; ++j) {
+                const ACC d = mk.valid<NV>(k, j) ? v[j] - x0 : ACC(0);
+                s1[k] += d;
+                s2[k] = fma(d, d, s2[k]);
+            }
         }
-        const ACC c = ACC(static_cast<int>(L));
-        const ACC total = n + c;
-        const ACC r = count_ratio(c, total);
+#pragma unroll
+        for (int k = 1; k < K; ++k) {
+            s1[0] += s1[k];
+            s2[0] += s2[k];
+        }
+        const ACC total = n + cl;
+        const ACC r = count_ratio(cl, total);
         const ACC w = n * r;
-        const ACC t = s1 * count_ratio(ACC(1), c);
-        q2 = fma(-t, s1, q2);
-        const ACC delta = ((v[0] - k0[0]) - m[0]) + t;
+        const ACC t = s1[0] * inv_l;
+        const ACC q2 = fma(-t, s1[0], s2[0]);
+        const ACC delta = ((x0 - k0[0]) - m[0]) + t;
         m[0] = fma(delta, r, m[0]);
         q[0] = fma(delta * w, delta, q2);
         n = total;
@@ -508,6 +564,7 @@ struct BwdScan {
     static constexpr int CH = ROWS ? NV : 1;
     static constexpr int SL = ROWS ? NV : 2;  // partial sums (more would spill)
     using acc = ACC;
+    using item = Item;
     const Item* gb;
     const Item* xb;
     unsigned long long dist;  // bytes from x to dy (the 64-bit walks follow x)
@@ -552,10 +609,26 @@ struct BwdScan {
             }
     }
 
-    // Edge value j of a plane (split walk), dy and x.
-    __device__ __forceinline__ void edge2(int j, ACC g, ACC x) {
-        s[j % SL] += g;
-        t[j % SL] = fma(g, x - k[0], t[j % SL]);
+    // A plane's edge values (split walk: scan_edges2_32), K masked vectors
+    // of dy and x; lanes outside the plane add nothing (both selected out:
+    // 0 * NaN would not be 0).
+    template <int K>
+    __device__ __forceinline__ void edge_vec2(const Item (&gv)[K], const Item (&xv)[K], const EdgeMask& mk) {
+#pragma unroll
+        for (int kk = 0; kk < K; ++kk) {
+            ACC g[NV], x[NV];
+            unpack<ACC, T, NV>(gv[kk], g);
+            unpack<ACC, T, NV>(xv[kk], x);
+#pragma unroll
+            for (int j = 0; j < NV; ++j) {
+                const bool ok = mk.valid<NV>(kk, j);
+                const ACC gg = ok ? g[j] : ACC(0);
+                const ACC d = ok ? x[j] - k[0] : ACC(0);
+                const int sl = (kk * NV + j) % SL;
+                s[sl] += gg;
+                t[sl] = fma(gg, d, t[sl]);
+            }
+        }
     }
 
     // The last k < U items, one by one.
