@@ -11,6 +11,9 @@ channel plane).
   the 64-bit walk and the plane-by-plane walk of planes of 2^32 items and
   more (no CPU test can hold 2^31 elements: ``BN_INDEX32_LIMIT=0`` and
   ``BN_POSITION32_LIMIT=0`` send the same small tensors down those loops);
+  the elementwise passes likewise: 32-bit indices, 64-bit indices with
+  32-bit channel tracking (``BN_INDEX32_LIMIT=0``) and all 64-bit
+  (``BN_TRACK32_LIMIT=0``, planes or channels of 2^31 and more);
 - data whose mean is far larger than its spread, and a first value (the
   shift of the statistics) that is an outlier: the chunked sums around each
   chunk's own first value stay exact.
@@ -51,7 +54,7 @@ LAYOUTS = [
 BUILDS = {
     "32-bit": {},
     "64-bit": {"BN_INDEX32_LIMIT": 0},
-    "plane-by-plane": {"BN_INDEX32_LIMIT": 0, "BN_POSITION32_LIMIT": 0},
+    "plane-by-plane": {"BN_INDEX32_LIMIT": 0, "BN_POSITION32_LIMIT": 0, "BN_TRACK32_LIMIT": 0},
 }
 
 

@@ -193,19 +193,26 @@ __device__ __forceinline__ Staging staging(long long c, long long C) {
 
 // Channel tracking of a flat index: (i, c) = position in its plane and its
 // channel; advancing by a stride decomposed as (ti, tc) needs no division.
-struct Track {
-    long long i, c;
+// I: the index type (unsigned when the walk's indices stay below 2^31:
+// i + ti < 2 inner and c + tc < 2 C fit; else long long).
+template <typename I>
+struct TrackT {
+    I i, c;
 };
+using Track = TrackT<long long>;
 
-__device__ __forceinline__ Track track_at(long long p, long long C, long long inner) {
-    const long long q = p / inner;
-    Track t;
-    t.i = p - q * inner;
-    t.c = q % C;
+// Of flat index p (type P, at least as wide as I).
+template <typename I, typename P>
+__device__ __forceinline__ TrackT<I> track_at(P p, I C, I inner) {
+    const P q = p / static_cast<P>(inner);
+    TrackT<I> t;
+    t.i = static_cast<I>(p - q * static_cast<P>(inner));
+    t.c = static_cast<I>(q % static_cast<P>(C));
     return t;
 }
 
-__device__ __forceinline__ void track_advance(Track& t, const Track& stride, long long C, long long inner) {
+template <typename I>
+__device__ __forceinline__ void track_advance(TrackT<I>& t, const TrackT<I>& stride, I C, I inner) {
     t.i += stride.i;
     t.c += stride.c;
     if (t.i >= inner) {
@@ -216,7 +223,8 @@ __device__ __forceinline__ void track_advance(Track& t, const Track& stride, lon
 }
 
 // Advance by one element (within a 16-byte vector).
-__device__ __forceinline__ void track_next(Track& t, long long C, long long inner) {
+template <typename I>
+__device__ __forceinline__ void track_next(TrackT<I>& t, I C, I inner) {
     if (++t.i == inner) {
         t.i = 0;
         if (++t.c == C) t.c = 0;
