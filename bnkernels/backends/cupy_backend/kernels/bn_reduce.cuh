@@ -32,6 +32,11 @@ template <typename Item>
 struct StatsUnroll { static constexpr int value = 4; };
 template <>
 struct StatsUnroll<uint2> { static constexpr int value = 8; };  // 8-byte items: 8 in flight
+// single values: 8 per step, one Chan merge for more bytes
+template <>
+struct StatsUnroll<__half> { static constexpr int value = 8; };
+template <>
+struct StatsUnroll<float> { static constexpr int value = 8; };
 template <int NV, bool ROWS>
 constexpr int bwd_unroll() { return ROWS && NV >= 8 ? 2 : 4; }
 

@@ -303,9 +303,14 @@ __device__ __forceinline__ void scan_split32(unsigned outer, unsigned B, unsigne
 // f.at(off) is the item at offset off from the tensor's first element.
 struct EdgeMask {
     unsigned lo, t1;  // head vector: lanes j >= lo; tail vectors: lanes j < t1, j + NV < t1
+    // lo >= 1 and t1 <= 2 NV - 2: lane 0 of the head vector and lanes
+    // NV - 2, NV - 1 of the third never hold a value of the plane (known
+    // at compile time: not computed)
     template <int NV>
     __device__ __forceinline__ bool valid(int k, int j) const {
-        return k == 0 ? static_cast<unsigned>(j) >= lo : static_cast<unsigned>(j + (k - 1) * NV) < t1;
+        if (k == 0) return j >= 1 && static_cast<unsigned>(j) >= lo;
+        if (k == 2 && j >= NV - 2) return false;
+        return static_cast<unsigned>(j + (k - 1) * NV) < t1;
     }
 };
 
