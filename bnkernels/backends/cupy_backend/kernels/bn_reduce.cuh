@@ -38,7 +38,7 @@ struct StatsUnroll<__half> { static constexpr int value = 8; };
 template <>
 struct StatsUnroll<float> { static constexpr int value = 8; };
 template <int NV, bool ROWS>
-constexpr int bwd_unroll() { return ROWS && NV >= 8 ? 2 : 4; }
+constexpr int bwd_unroll() { return NV == 1 ? 8 : ROWS && NV >= 8 ? 2 : 4; }  // single values: 8 per array
 
 // Whether this launch reads vectors of N values: the pointers aligned to
 // 16 bytes, and every run of every channel starting on a vector boundary
