@@ -14,14 +14,20 @@ widens integer arithmetic to 64 bits (the cast lets NVVM narrow it).
   thread walks its channel's values by flat address (an add per step, a
   wrap to the next plane), 4 loads in flight, into 4 Welford accumulators
   around the shift ``k0`` (the channel's first value) that share one
-  reciprocal of the count per step; Chan's merge across the thread, the
+  reciprocal of the count per step. Planes of whole 16-byte aligned
+  vectors (``inner % 8 == 0``, ``x`` aligned: checked in the kernel) are
+  walked vector by vector instead, 8 values per vector (``vectors.load8``:
+  1, 2, 4 16-byte loads for float16/32/64), 4 vectors in flight (float64:
+  1), each merged as a chunk of statistics around its first value
+  (``vectors.chan8``), one division per step, the last vectors after the
+  loop. Chan's merge across the thread, the
   warp (shuffles), the block (shared memory) and the grid: the last block
   of a group to arrive (atomic counter after a fence) merges the staged
   partials, finalizes (saved statistics, apply coefficients, running
   statistics) and resets the counter.
 - ``bwd_planes`` / ``bwd_rows``: ``sum(dy)``, ``sum(dy * (x - k))`` with
-  the same walk (8 loads in flight), grid and merge; the last block writes
-  dgamma, dbeta and the dx coefficients.
+  the same walk (8 loads in flight; whole vectors: 2 of each array), grid
+  and merge; the last block writes dgamma, dbeta and the dx coefficients.
 - ``apply_*`` (``y = (x - k) * scale + shift`` [ReLU]) and ``dx_*``
   (``dy * a + (x - k) * b + c``), one pass: with 16-byte aligned arrays,
   vectors of ``VEC = 8`` elements by 16-byte loads and stores. ``_planes``
@@ -31,15 +37,10 @@ widens integer arithmetic to 64 bits (the cast lets NVVM narrow it).
   single elements. Channels are tracked without division.
 - ``infer_coeffs``: per-channel ``k, scale, shift`` from running statistics.
 
-16-byte accesses: Numba emits scalar loads and stores for array elements
-(its array model has no vector view; ``numba.cuda``'s ``float32x4`` etc.
-are values, its cache-hint loads ``ldcg``... scalars). ``load8`` /
-``store8`` are intrinsics emitting LLVM ``<4 x i32>`` loads/stores in the
-global address space (inline PTX for float16, which NVVM would split in
-two); a CUDA C++ device function linked with ``cuda.declare_device`` and
-``link=`` would be a call per access unless LTO inlines it. The reductions
-read scalars: a thread's values of one channel lie a stride apart. Under
-the simulator the same functions are Python, element by element.
+16-byte accesses (``vectors.py``): ``load8`` / ``store8``, Numba
+intrinsics (Python element by element under the simulator). The
+reductions' other layouts read single values: a thread's values of one
+channel lie a stride apart.
 
 ``(x - k) * scale + shift'``, with ``k`` a value of the data type and
 ``shift'`` absorbing ``mean - k``, keeps float32 exact near the mean
@@ -51,114 +52,13 @@ import functools
 from types import SimpleNamespace
 
 import numba
-import numpy as np
-from numba import config, cuda, types
+from numba import cuda, types
+
+from .vectors import VEC, aligned16, chan8, divide64, dot8, fast_divide32, load8, merge8, store8
 
 WARP = 32
 MAX_WARPS = 32  # 1024 threads per block at most
 FULL_MASK = 0xFFFFFFFF
-
-#: Elements per vector of ``apply`` and ``dx``: 1, 2, 4 aligned 16-byte accesses of float16, 32, 64.
-VEC = 8
-
-if config.ENABLE_CUDASIM:
-    # The simulator runs kernels as Python: the same accesses element by
-    # element (its arrays are NumPy arrays; alignment as on the device).
-    def aligned16(a, b):
-        return (a.__array_interface__["data"][0] | b.__array_interface__["data"][0]) % 16 == 0
-
-    def load8(a, v):
-        acc = np.float32 if a.dtype == np.float16 else a.dtype.type
-        return tuple(acc(a[VEC * v + j]) for j in range(VEC))
-
-    def store8(a, v, *values):
-        for j, value in enumerate(values):
-            a[VEC * v + j] = value
-else:
-    from llvmlite import ir
-    from numba.cuda.extending import intrinsic
-
-    def _vectors(context, builder, aryty, ary, v):
-        """``(pointer, element vector type)`` of each 16-byte vector of
-        elements 8 v ... 8 v + 7: pointers to ``<4 x i32>`` in global memory
-        (``addrspace(1)``: ``ld.global``, where a generic ``ld.v4`` would be
-        an ``LD.E.128``, not an ``LDG``), the values bitcast."""
-        data = context.make_array(aryty)(context, builder, ary).data
-        elem = context.get_data_type(aryty.dtype)
-        n = 16 // context.get_abi_sizeof(elem)
-        words = ir.VectorType(ir.IntType(32), 4)
-        i64 = ir.IntType(64)
-        first = builder.mul(builder.zext(v, i64) if v.type.width < 64 else v, ir.Constant(i64, VEC))
-        out = []
-        for part in range(VEC // n):
-            ptr = builder.gep(data, [builder.add(first, ir.Constant(i64, part * n))])
-            ptr = builder.addrspacecast(builder.bitcast(ptr, words.as_pointer()), words.as_pointer(1))
-            out.append((ptr, ir.VectorType(elem, n)))
-        return out
-
-    def _load_words(builder, ptr, dtype):
-        """A 16-byte load; float16 by inline PTX (NVVM folds the bitcast
-        into an ``<8 x half>`` load, which it splits in two)."""
-        if dtype != types.float16:
-            return builder.load(ptr, align=16)
-        i32 = ir.IntType(32)
-        asm = ir.InlineAsm(ir.FunctionType(ir.LiteralStructType([i32] * 4), [ptr.type]),
-                           "ld.global.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l")
-        words = builder.call(asm, [ptr])
-        vector = ir.Constant(ptr.type.pointee, ir.Undefined)
-        for j in range(4):
-            vector = builder.insert_element(vector, builder.extract_value(words, j), ir.Constant(i32, j))
-        return vector
-
-    def _store_words(builder, ptr, vector, dtype):
-        """A 16-byte store (float16: inline PTX with a memory clobber)."""
-        if dtype != types.float16:
-            builder.store(vector, ptr, align=16)
-            return
-        i32 = ir.IntType(32)
-        asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [ptr.type] + [i32] * 4),
-                           "st.global.v4.u32 [$0], {$1, $2, $3, $4};", "l,r,r,r,r,~{memory}", side_effect=True)
-        builder.call(asm, [ptr, *[builder.extract_element(vector, ir.Constant(i32, j)) for j in range(4)]])
-
-    @intrinsic
-    def aligned16(typingctx, a, b):
-        """Whether both arrays' data are 16-byte aligned."""
-        def codegen(context, builder, sig, args):
-            i64 = ir.IntType(64)
-            ptrs = [builder.ptrtoint(context.make_array(t)(context, builder, x).data, i64)
-                    for t, x in zip(sig.args, args)]
-            low = builder.and_(builder.or_(*ptrs), ir.Constant(i64, 15))
-            return builder.icmp_unsigned("==", low, ir.Constant(i64, 0))
-        return types.boolean(a, b), codegen
-
-    @intrinsic
-    def load8(typingctx, a, v):
-        """Elements 8 v ... 8 v + 7 of ``a`` (16-byte aligned, unsigned
-        ``v``) in the accumulation type, by 16-byte loads."""
-        acc = types.float64 if a.dtype == types.float64 else types.float32
-
-        def codegen(context, builder, sig, args):
-            values = []
-            for ptr, vtype in _vectors(context, builder, sig.args[0], args[0], args[1]):
-                vector = builder.bitcast(_load_words(builder, ptr, a.dtype), vtype)
-                values += [context.cast(builder, builder.extract_element(vector, ir.Constant(ir.IntType(32), j)),
-                                        a.dtype, acc) for j in range(vtype.count)]
-            return context.make_tuple(builder, sig.return_type, values)
-        return types.UniTuple(acc, VEC)(a, v), codegen
-
-    @intrinsic
-    def store8(typingctx, a, v, y0, y1, y2, y3, y4, y5, y6, y7):
-        """Store 8 values (converted to ``a``'s dtype as Numba converts)
-        into elements 8 v ... 8 v + 7 of ``a``, by 16-byte stores."""
-        def codegen(context, builder, sig, args):
-            values = [context.cast(builder, x, t, a.dtype) for x, t in zip(args[2:], sig.args[2:])]
-            for ptr, vtype in _vectors(context, builder, sig.args[0], args[0], args[1]):
-                vector = ir.Constant(vtype, ir.Undefined)
-                for j in range(vtype.count):
-                    vector = builder.insert_element(vector, values.pop(0), ir.Constant(ir.IntType(32), j))
-                _store_words(builder, ptr, builder.bitcast(vector, ptr.type.pointee), a.dtype)
-            return context.get_dummy_value()
-        return types.void(a, v, y0, y1, y2, y3, y4, y5, y6, y7), codegen
 
 
 @cuda.jit(device=True, inline=True)
@@ -349,6 +249,8 @@ def get_kernels(acc, idx=numba.uint64):
 
 def _make_stats_kernel(acc, idx, channels_last):
     plane_step = _plane_step(idx, channels_last)
+    four = acc != numba.float64  # vectors in flight per step: 4 (float64: 1, four 16-byte loads)
+    divide = fast_divide32 if acc == numba.float32 else divide64
 
     @cuda.jit
     def stats(x,  # (outer * C * inner,) input, any float dtype
@@ -372,6 +274,8 @@ def _make_stats_kernel(acc, idx, channels_last):
         bx = cuda.blockIdx.x
         zero = acc(0)
         one = acc(1)
+        eight = acc(VEC)
+        eighth = acc(1 / VEC)
         groups = (C + width - 1) // width
         # The hot loop walks flat addresses in idx arithmetic: a value is
         # in the tensor exactly when its address is below the size.
@@ -388,8 +292,50 @@ def _make_stats_kernel(acc, idx, channels_last):
             k0 = zero
             if active:
                 k0 = acc(x[c * inner])  # shift: the channel's first value
-                a_start, i_start, da_, si_ = walk_start(outer, C, inner, c)
-                a, i, da, si = idx(a_start), idx(i_start), idx(da_), idx(si_)
+                if not channels_last and inner % VEC == 0 and aligned16(x, x):
+                    # whole 16-byte aligned vectors of VEC values per plane:
+                    # the same walk over vectors, each merged as a chunk;
+                    # 4 in flight (float64: 1, four 16-byte loads), all valid
+                    # in the loop (no branches), the fewer after it
+                    # straight-line
+                    a_start, i_start, da_, si_ = walk_start(outer, C, inner // VEC, c)
+                    a, i, da, si = idx(a_start), idx(i_start), idx(da_), idx(si_)
+                    total_v = idx(total // idx(VEC))
+                    inner_v = idx(inner // VEC)
+                    wrap_v = idx(wrap // idx(VEC))
+                    while True:
+                        a1, i1 = plane_step(a, i, da, si, inner_v, wrap_v)
+                        a2, i2 = plane_step(a1, i1, da, si, inner_v, wrap_v)
+                        a3, i3 = plane_step(a2, i2, da, si, inner_v, wrap_v)
+                        last, i_last = (a3, i3) if four else (a, i)
+                        if last >= total_v:
+                            break
+                        u0 = load8(x, a)
+                        if four:
+                            u1, u2, u3 = load8(x, a1), load8(x, a2), load8(x, a3)
+                        nn = n0 + eight
+                        w = divide(eight, nn)  # the one division of the step
+                        t = n0 * w
+                        m0, q0 = chan8(m0, q0, u0, k0, w, t, eighth, zero)
+                        if four:
+                            m1, q1 = chan8(m1, q1, u1, k0, w, t, eighth, zero)
+                            m2, q2 = chan8(m2, q2, u2, k0, w, t, eighth, zero)
+                            m3, q3 = chan8(m3, q3, u3, k0, w, t, eighth, zero)
+                        n0 = nn
+                        if four:
+                            n1 = n2 = n3 = nn
+                        a, i = plane_step(last, i_last, da, si, inner_v, wrap_v)
+                    if four:
+                        if a < total_v:
+                            n0, m0, q0 = merge8(n0, m0, q0, load8(x, a), k0, eight, eighth, zero)
+                        if a1 < total_v:
+                            n1, m1, q1 = merge8(n1, m1, q1, load8(x, a1), k0, eight, eighth, zero)
+                        if a2 < total_v:
+                            n2, m2, q2 = merge8(n2, m2, q2, load8(x, a2), k0, eight, eighth, zero)
+                    a = total  # no single values
+                else:
+                    a_start, i_start, da_, si_ = walk_start(outer, C, inner, c)
+                    a, i, da, si = idx(a_start), idx(i_start), idx(da_), idx(si_)
                 while a < total:
                     a1, i1 = plane_step(a, i, da, si, inner_i, wrap)
                     a2, i2 = plane_step(a1, i1, da, si, inner_i, wrap)
@@ -408,6 +354,13 @@ def _make_stats_kernel(acc, idx, channels_last):
                     if a3 < total:
                         n3, m3, q3 = welford_add(n3, m3, q3, v3, one, r)
                     a, i = plane_step(a3, i3, da, si, inner_i, wrap)
+                # chunks' M2 are unclamped (S2 - S1^2/8 may round below 0 by
+                # a few ulps of S2 when they hold equal values): clamped once
+                # (NaN stays NaN)
+                q0 = zero if q0 < zero else q0
+                q1 = zero if q1 < zero else q1
+                q2 = zero if q2 < zero else q2
+                q3 = zero if q3 < zero else q3
                 n0, m0, q0 = welford_combine(n0, m0, q0, n1, m1, q1)
                 n2, m2, q2 = welford_combine(n2, m2, q2, n3, m3, q3)
                 n0, m0, q0 = welford_combine(n0, m0, q0, n2, m2, q2)
@@ -481,8 +434,27 @@ def _make_backward_kernel(acc, idx, channels_last):
             k = zero
             if active:
                 k = acc(saved_mean[c])
-                a_start, i_start, da_, si_ = walk_start(outer, C, inner, c)
-                a, i, da, si = idx(a_start), idx(i_start), idx(da_), idx(si_)
+                if not channels_last and inner % VEC == 0 and aligned16(x, dy):
+                    # whole 16-byte aligned vectors, as in ``stats``: 2 of
+                    # each array in flight (1, 2, 4 16-byte loads each)
+                    a_start, i_start, da_, si_ = walk_start(outer, C, inner // VEC, c)
+                    a, i, da, si = idx(a_start), idx(i_start), idx(da_), idx(si_)
+                    total_v = idx(total // idx(VEC))
+                    inner_v = idx(inner // VEC)
+                    wrap_v = idx(wrap // idx(VEC))
+                    while a < total_v:
+                        a1, i1 = plane_step(a, i, da, si, inner_v, wrap_v)
+                        ok1 = a1 < total_v
+                        b1 = a1 if ok1 else a
+                        h0, u0, h1, u1 = load8(dy, a), load8(x, a), load8(dy, b1), load8(x, b1)
+                        s0, t0 = dot8(h0, u0, k, s0, t0)
+                        if ok1:
+                            s1, t1 = dot8(h1, u1, k, s1, t1)
+                        a, i = plane_step(a1, i1, da, si, inner_v, wrap_v)
+                    a = total  # no single values
+                else:
+                    a_start, i_start, da_, si_ = walk_start(outer, C, inner, c)
+                    a, i, da, si = idx(a_start), idx(i_start), idx(da_), idx(si_)
                 while a < total:  # unrolled by 4: 8 loads in flight
                     a1, i1 = plane_step(a, i, da, si, inner_i, wrap)
                     a2, i2 = plane_step(a1, i1, da, si, inner_i, wrap)
