@@ -84,17 +84,20 @@ def backward_key(arrays: tuple, axis, backend, out):
 def lookup(key):
     """The entry of ``key``: a prepared call, :data:`UNCACHED` (also for a
     key that cannot be one: None, or unhashable), or None when there is
-    none yet."""
+    none yet. Takes no lock: each dict operation is atomic under the GIL,
+    and an entry another thread drops meanwhile is simply not refreshed."""
     if key is None:
         return UNCACHED
-    with _lock:
+    try:
+        entry = _entries.get(key)
+    except TypeError:  # an unhashable option
+        return UNCACHED
+    if entry is not None:
         try:
-            entry = _entries.get(key)
-        except TypeError:  # an unhashable option
-            return UNCACHED
-        if entry is not None:
             _entries.move_to_end(key)
-        return entry
+        except KeyError:
+            pass
+    return entry
 
 
 def store(key, impl, make) -> None:

@@ -54,10 +54,15 @@ class _Prepared:
     def __init__(self, names, arrays, written=()):
         self._names = names
         self._descriptions = _descriptions(names, arrays)
-        # (index, lo, hi) of every array; the written ones' indices
-        self._extents = [(i, *v.extent_offsets(a)) for i, a in enumerate(arrays)
-                         if a is not None and _addressable(a)]
-        self._written = tuple(i for i, n in enumerate(names) if n in written and arrays[i] is not None)
+        # byte ranges relative to each array's address (fixed by its description), of the
+        # arrays that have bytes; per (written w, other i) the interval d = p_w - p_i must
+        # fall in for their ranges to meet: lo_i - hi_w < d < hi_i - lo_w
+        extents = {i: v.extent_offsets(a) for i, a in enumerate(arrays) if a is not None and _addressable(a)}
+        extents = {i: e for i, e in extents.items() if e[1] > e[0]}
+        written = [i for i, n in enumerate(names) if n in written and i in extents]
+        self._pairs = [(w, i, extents[i][0] - extents[w][1], extents[i][1] - extents[w][0])
+                       for w in written for i in extents if i != w]
+        self._involved = sorted({i for pair in self._pairs for i in pair[:2]})
 
     def _check(self, arrays) -> None:
         for name, a, desc in zip(self._names, arrays, self._descriptions):
@@ -69,18 +74,12 @@ class _Prepared:
     def _may_overlap(self, arrays) -> bool:
         """Whether a written array's bytes may overlap another array's
         (by address ranges: conservative for interleaved views)."""
-        if not self._written:
+        if not self._pairs:
             return False
-        ranges = []
-        for i, lo, hi in self._extents:
-            if hi > lo:
-                p = v.data_pointer(arrays[i])
-                ranges.append((i, p + lo, p + hi))
-        for w, lo_w, hi_w in ranges:
-            if w in self._written:
-                for i, lo, hi in ranges:
-                    if i != w and lo < hi_w and lo_w < hi:
-                        return True
+        pointer = {i: v.data_pointer(arrays[i]) for i in self._involved}
+        for w, i, lo, hi in self._pairs:
+            if lo < pointer[w] - pointer[i] < hi:
+                return True
         return False
 
 

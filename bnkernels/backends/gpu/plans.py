@@ -29,6 +29,7 @@ CPU with NumPy arrays: ``tests/host_cuda``), run exactly these.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -393,8 +394,13 @@ class Program:
     outputs. ``program(dev, arrays)`` with ``arrays`` the inputs' device
     arrays allocates the outputs on ``dev`` (in ``shapes[slot]`` where
     given: a result allocated in the caller's shape needs no reshape, for
-    kernels that take pointers), launches, and returns the list of every
-    slot's array (:meth:`position` says where a slot is)."""
+    kernels that take pointers), launches, and returns a list whose first
+    entries are every slot's array (:meth:`position` says where a slot is).
+
+    A call's values are one list: the slots' arrays, then the per-call
+    ``vectorized`` flags (``_Aligned``), then every launch's constant
+    arguments; each launch takes its arguments from it with one
+    ``operator.itemgetter`` (a replay does no per-argument Python work)."""
 
     def __init__(self, recorder: Recorder, inputs, shapes: dict | None = None):
         shapes = shapes or {}
@@ -402,25 +408,43 @@ class Program:
         self._position = {slot: i for i, slot in enumerate(slots)}
         self.outputs = [(shapes.get(slot, slot.shape), slot.dtype, slot.fill is not None)
                         for slot in recorder.outputs]
-        self.steps = []
-        for fn, args in recorder.steps:
-            arrays = [(i, self._position[a]) for i, a in enumerate(args) if type(a) is Slot]
-            aligned = [(i, [self._position[s] for s in a.arrays]) for i, a in enumerate(args)
-                       if type(a) is _Aligned]
-            self.steps.append((fn, list(args), arrays, aligned))
+        self._aligned: list[list[int]] = []  # per flag: the positions of the arrays it tests
+        self._constants: list = []
+        picks = []  # per step: ("slot" | "aligned" | "constant", index)
+        for _, args in recorder.steps:
+            step = []
+            for a in args:
+                if type(a) is Slot:
+                    step.append(("slot", self._position[a]))
+                elif type(a) is _Aligned:
+                    step.append(("aligned", len(self._aligned)))
+                    self._aligned.append([self._position[s] for s in a.arrays])
+                else:
+                    step.append(("constant", len(self._constants)))
+                    self._constants.append(a)
+            picks.append(step)
+        base = {"slot": 0, "aligned": len(slots), "constant": len(slots) + len(self._aligned)}
+        self.steps = [(fn, _getter([base[kind] + i for kind, i in step]))
+                      for (fn, _), step in zip(recorder.steps, picks)]
 
     def position(self, slot: Slot) -> int:
         return self._position[slot]
 
     def __call__(self, dev, arrays: list) -> list:
-        arrays = list(arrays)
+        values = list(arrays)
         for shape, dtype, zeroed in self.outputs:
-            arrays.append(dev.zeros(shape, dtype) if zeroed else dev.alloc(shape, dtype))
-        for fn, template, places, aligned in self.steps:
-            args = template.copy()
-            for i, p in places:
-                args[i] = arrays[p]
-            for i, ps in aligned:
-                args[i] = np.int32(dev.aligned(*[arrays[p] for p in ps]))
-            fn(tuple(args))
-        return arrays
+            values.append(dev.zeros(shape, dtype) if zeroed else dev.alloc(shape, dtype))
+        for positions in self._aligned:
+            values.append(np.int32(dev.aligned(*[values[p] for p in positions])))
+        values += self._constants
+        for fn, pick in self.steps:
+            fn(pick(values))
+        return values
+
+
+def _getter(positions: list):
+    """``values -> tuple of values[p] for p in positions``."""
+    if len(positions) == 1:  # itemgetter of one position returns the item, not a tuple
+        p = positions[0]
+        return lambda values: (values[p],)
+    return operator.itemgetter(*positions)
