@@ -233,6 +233,7 @@ def _fake_numba_cuda():
     cuda.get_current_device = lambda: types.SimpleNamespace(MULTIPROCESSOR_COUNT=132)
     cuda.is_available = lambda: True
     cuda.jit = lambda *args, **kwargs: (lambda fn: _Kernel()) if not args or not callable(args[0]) else _Kernel()
+    cuda.libdevice = types.ModuleType("numba.cuda.libdevice")  # what the kernels name (never compiled here)
     return cuda
 
 
