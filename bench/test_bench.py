@@ -1,8 +1,9 @@
-"""pytest-benchmark suite: training forward, inference forward and backward
-of every implementation usable here (the bnkernels backends, textbook
+"""pytest-benchmark suite: training forward, inference forward, backward
+and the training forward with a residual and ReLU of every implementation usable here (the bnkernels backends, textbook
 NumPy, ``torch.nn.functional.batch_norm``; with a GPU also the GPU
 backends, textbook CuPy and torch CUDA) on the named shapes of
-:data:`bnkernels.bench.NAMED_CASES`, float32 and float16::
+:data:`bnkernels.bench.NAMED_CASES`, float32, float16 and bfloat16 (with
+ml_dtypes)::
 
     pytest bench --benchmark-only                            # everything, a few minutes on 2 cores
     pytest bench --benchmark-only -k "resnet-56 and float32"
@@ -34,13 +35,12 @@ benchmark runs once on a tiny version of its shape, as a smoke test.
 """
 import statistics
 
-import numpy as np
 import pytest
 
 from bnkernels import bench as bm
 
 CATALOG = bm.implementation_catalog()
-DTYPES = ("float32", "float16")
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _impl_params(usable: bool):
@@ -84,7 +84,9 @@ def case(request, timed):
 
 @pytest.fixture(scope="module", params=DTYPES)
 def dtype(request):
-    return np.dtype(request.param)
+    if request.param == "bfloat16":
+        pytest.importorskip("ml_dtypes", reason="bfloat16 needs ml_dtypes: pip install ml_dtypes")
+    return bm.bench_dtype(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +119,7 @@ def test_bench(benchmark, name, op, case, dtype, inputs, expected, implementatio
                copies, timed, ceiling_bytes):
     impl = _get(implementations, name, CATALOG[name].make)
     device = _get(devices, impl.device, lambda: bm.make_device(impl.device))
-    tol = bm.TOLERANCE[dtype]
+    tol = bm.TOLERANCE[dtype.name]
     run = impl.prepare(op, inputs)
 
     # Correctness first; this call is also the warm-up.

@@ -52,11 +52,11 @@ class ChannelStats(Moments):
 
 def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *, training=True,
                momentum=0.1, eps=1e-5, axis=1, activation=None, backend="auto",
-               return_saved=False, num_batches_tracked=None, out=None, mask=None):
+               return_saved=False, num_batches_tracked=None, out=None, mask=None, residual=None):
     """Batch normalization forward.
 
-    ``y = (x - mean) / sqrt(var + eps) * gamma + beta`` per channel, then the
-    optional fused activation.
+    ``y = (x - mean) / sqrt(var + eps) * gamma + beta`` per channel, plus the
+    optional ``residual``, then the optional fused activation.
 
     Args:
         x: array of any shape with ndim >= 1, float16, float32 or float64.
@@ -95,6 +95,12 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
             channel axis (and of x's library); in training the statistics
             use only the positions where it is true (``bnkernels.masking``),
             the output is computed everywhere. Ignored in inference.
+        residual: ``z``, of x's shape and dtype (any strides), added before
+            the activation in the same pass: ``y = relu(bn(x) + z)`` with
+            ``activation="relu"`` (a ResNet block's add-ReLU; Apex's fused
+            add-ReLU, oneDNN's ``fuse_norm_add_relu``). ``out`` may be ``z``
+            itself. Its gradient: ``bn_backward(..., y=y, activation="relu",
+            residual=True)``.
 
     Returns:
         ``y`` with the shape and dtype of ``x`` (half input is computed in
@@ -106,28 +112,31 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
     """
     if mask is not None:
         return _forward_masked(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, activation,
-                               backend, return_saved, num_batches_tracked, out, mask)
-    perm = memory_order.order(x)
-    if perm is not None:  # run in x's memory order: no copy, y with x's strides
-        y, saved = bn_forward(memory_order.permute(x, perm), gamma, beta, running_mean, running_var,
-                              training=training, momentum=momentum, eps=eps, axis=memory_order.axis_in(perm, axis),
-                              activation=activation, backend=backend, return_saved=True,
-                              num_batches_tracked=num_batches_tracked, out=memory_order.permute(out, perm))
-        y = out if out is not None else memory_order.permute(y, memory_order.inverse(perm))
-        return (y, saved) if v.check_flag(return_saved, "return_saved") else y
-    if axes.is_several(axis):
-        return _forward_on_axes(x, gamma, beta, running_mean, running_var, training=training, momentum=momentum,
-                                eps=eps, axis=axis, activation=activation, backend=backend,
-                                return_saved=return_saved, num_batches_tracked=num_batches_tracked, out=out)
-    arrays = (x, gamma, beta, running_mean, running_var)
+                               backend, return_saved, num_batches_tracked, out, mask, residual)
+    # first of all, a call described like an earlier one (its description decides every branch below)
+    arrays = (x, gamma, beta, running_mean, running_var, residual)
     key = call_cache.forward_key(arrays, training, momentum, eps, axis, activation, backend, num_batches_tracked,
                                  return_saved, out)
     prepared = call_cache.lookup(key)
     if prepared is not None and prepared is not call_cache.UNCACHED:
         y, saved = prepared.run(arrays, num_batches_tracked)
         return (y, saved) if return_saved else y
+    perm = memory_order.order(x)
+    if perm is not None:  # run in x's memory order: no copy, y with x's strides
+        y, saved = bn_forward(memory_order.permute(x, perm), gamma, beta, running_mean, running_var,
+                              training=training, momentum=momentum, eps=eps, axis=memory_order.axis_in(perm, axis),
+                              activation=activation, backend=backend, return_saved=True,
+                              num_batches_tracked=num_batches_tracked, out=memory_order.permute(out, perm),
+                              residual=memory_order.permute(residual, perm))
+        y = out if out is not None else memory_order.permute(y, memory_order.inverse(perm))
+        return (y, saved) if v.check_flag(return_saved, "return_saved") else y
+    if axes.is_several(axis):
+        return _forward_on_axes(x, gamma, beta, running_mean, running_var, training=training, momentum=momentum,
+                                eps=eps, axis=axis, activation=activation, backend=backend,
+                                return_saved=return_saved, num_batches_tracked=num_batches_tracked, out=out,
+                                residual=residual)
     c = _check_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, activation,
-                       backend, num_batches_tracked, out)
+                       backend, num_batches_tracked, out, residual)
     return_saved = v.check_flag(return_saved, "return_saved")
     impl, x, layout, gamma, beta, relu, eps = c.impl, c.x, c.layout, c.gamma, c.beta, c.relu, c.eps
     training, running_mean, running_var, factor, out, out_view = (c.training, c.running_mean, c.running_var,
@@ -136,13 +145,14 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
         v.check_training_count(layout)
         # an empty batch (as torch): an empty y, zero statistics, the running ones untouched
         running = None if running_mean is None or layout.count == 0 else (running_mean, running_var, factor)
-        y, mean, invstd = engine.forward_train(impl, x, layout, gamma, beta, eps, relu, running, out_view)
+        y, mean, invstd = engine.forward_train(impl, x, layout, gamma, beta, eps, relu, running, out_view,
+                                               residual=c.residual)
     else:
         if running_mean is None:
             raise ValueError("inference (training=False) normalizes with the running statistics: "
                              "pass running_mean and running_var")
         y, mean, invstd = engine.forward_infer(impl, x, layout, running_mean, running_var, gamma, beta, eps,
-                                               relu, out_view)
+                                               relu, out_view, residual=c.residual)
     if out is not None:
         y = out  # the caller's object (its memory holds the result)
     if prepared is None:  # a description met for the first time, checked and run: keep its prepared call
@@ -160,18 +170,18 @@ def _prepared():
 
 
 def _forward_masked(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, activation, backend,
-                    return_saved, num_batches_tracked, out, mask):
+                    return_saved, num_batches_tracked, out, mask, residual):
     """:func:`bn_forward` with a ``mask``: every check, then the statistics
     of the masked positions (a copy of them), then ``finalize ->
     normalize`` on all of x (``engine.forward_with_moments``)."""
     c = _check_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, activation,
-                       backend, num_batches_tracked, out)
+                       backend, num_batches_tracked, out, residual)
     return_saved = v.check_flag(return_saved, "return_saved")
     masking.check(mask, x, c.layout)
     if not c.training:  # inference: the running statistics, the mask plays no part (as Keras)
         return bn_forward(x, gamma, beta, running_mean, running_var, training=False, momentum=momentum, eps=eps,
                           axis=axis, activation=activation, backend=backend, return_saved=return_saved,
-                          num_batches_tracked=num_batches_tracked, out=out)
+                          num_batches_tracked=num_batches_tracked, out=out, residual=residual)
     stats = channel_stats(masking.selected(x, c.layout, mask), axis=-1, backend=c.impl.name)
     if stats.count == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got 1 position of mask of shape "
@@ -184,9 +194,37 @@ def _forward_masked(x, gamma, beta, running_mean, running_var, training, momentu
     running = (None if c.running_mean is None or stats.count == 0
                else (c.running_mean, c.running_var, c.factor))
     y, mean, invstd = engine.forward_with_moments(c.impl, c.x, c.layout, moments, c.gamma, c.beta, c.eps, c.relu,
-                                                  running, c.out_view)
+                                                  running, c.out_view, residual=c.residual)
     y = out if out is not None else y
     return (y, SavedStats(mean, invstd)) if return_saved else y
+
+
+def _backward_through_activation(dy, x, saved_mean, saved_invstd, gamma, axis, training, backend, out, mask,
+                                 activation, y, residual):
+    """:func:`bn_backward` of ``y = act(bn(x) [+ z])``: ``g = dy * (y > 0)``
+    for ReLU (the backend's ``relu_backward``: the pass that writes dz is
+    needed anyway, and fusing the mask into both backward passes would read
+    y twice instead), then batch norm's backward of ``g``."""
+    relu = v.check_activation(activation)
+    residual = v.check_flag(residual, "residual")
+    if relu != (y is not None):
+        raise ValueError("activation='relu' needs y, the forward's output (the gradient flows where y > 0), "
+                         "and y is only used with it" if relu else
+                         "y is only used with activation='relu' (pass the forward's activation too)")
+    g = dy
+    if relu:
+        impl = resolve(backend, x)
+        v.check_input(v.convert(dy, "dy", impl.asarray), "dy")
+        perm = memory_order.order(dy)  # in dy's memory order: no copy, g with dy's strides
+        def p(a, order):
+            return a if order is None else memory_order.permute(a, order)
+
+        dy_b = v.convert(p(dy, perm), "dy", impl.asarray)
+        g = impl.relu_backward(dy_b, v.check_like_x(p(y, perm), "y", dy_b, impl.asarray))
+        g = p(g, None if perm is None else memory_order.inverse(perm))
+    grads = bn_backward(g, x, saved_mean, saved_invstd, gamma, axis=axis, training=training, backend=backend,
+                        out=out, mask=mask)
+    return (*grads, g) if residual else grads
 
 
 def _backward_masked(dy, x, saved_mean, saved_invstd, gamma, axis, backend, out, mask):
@@ -210,7 +248,8 @@ def _backward_masked(dy, x, saved_mean, saved_invstd, gamma, axis, backend, out,
     return dx, dgamma, dbeta
 
 
-def _forward_on_axes(x, gamma, beta, running_mean, running_var, *, axis, training, out, return_saved, **options):
+def _forward_on_axes(x, gamma, beta, running_mean, running_var, *, axis, training, out, return_saved, residual,
+                     **options):
     """:func:`bn_forward` with several channel axes (``bnkernels.axes``):
     on the merged view, results viewed back."""
     m = axes.merge(np.shape(x), axis)
@@ -219,7 +258,8 @@ def _forward_on_axes(x, gamma, beta, running_mean, running_var, *, axis, trainin
     y, saved = bn_forward(m.view(x, "x"), m.flat_param(gamma, "gamma"), m.flat_param(beta, "beta"),
                           m.flat_param(running_mean, "running_mean", written),
                           m.flat_param(running_var, "running_var", written), training=training, axis=m.axis,
-                          out=out_view, return_saved=True, **options)
+                          out=out_view, return_saved=True,
+                          residual=None if residual is None else m.view(residual, "residual"), **options)
     y = m.unview(y) if out is None else out
     saved = SavedStats(m.shaped(saved.mean), m.shaped(saved.invstd))
     return (y, saved) if v.check_flag(return_saved, "return_saved") else y
@@ -243,10 +283,11 @@ class _Forward:
     relu: bool
     momentum: float | None
     factor: float
+    residual: object = None
 
 
 def _check_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, activation, backend,
-                   num_batches_tracked, out) -> _Forward:
+                   num_batches_tracked, out, residual=None) -> _Forward:
     """Every check of :func:`bn_forward` (also what ``prepare_forward``
     checks once): resolve the backend, validate, check aliasing."""
     impl = resolve(backend, x)
@@ -254,6 +295,7 @@ def _check_forward(x, gamma, beta, running_mean, running_var, training, momentum
     given = {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean, "running_var": running_var}
     x = v.check_input(v.convert(x, "x", impl.asarray))
     out, out_view = v.check_out(out, x, given["x"])
+    residual, given["residual"] = v.check_like_x(residual, "residual", x, impl.asarray), residual
     layout = v.channel_layout(x.shape, axis)
     training = v.check_flag(training, "training")
     C = layout.channels
@@ -273,31 +315,31 @@ def _check_forward(x, gamma, beta, running_mean, running_var, training, momentum
     eps = v.check_eps(eps)
     relu = v.check_activation(activation)
     factor = v.running_factor(momentum, num_batches_tracked, used=training and running_mean is not None)
-    arrays = {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean, "running_var": running_var}
+    arrays = {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean, "running_var": running_var,
+              "residual": residual}
     check_forward_aliasing(arrays, given, training, out_view)
     return _Forward(impl, x, out, out_view, layout, training, gamma, beta, running_mean, running_var, eps, relu,
-                    momentum, factor)
+                    momentum, factor, residual)
 
 
 def check_forward_aliasing(arrays: dict, given: dict, training: bool, out_view=None) -> None:
     """A forward's aliasing rule: in training the running statistics are
     written, and so is ``out``; nothing written may share memory with
-    anything else (``out`` may be x itself). ``arrays``: the arguments as
-    the backend converted them, ``given``: as the caller passed them (by
-    name: x, gamma, beta, running_mean, running_var)."""
+    anything else (``out`` may be x or the residual itself). ``arrays``:
+    the arguments as the backend converted them, ``given``: as the caller
+    passed them (by name: x, gamma, beta, running_mean, running_var and
+    optionally residual)."""
     memory = {name: v.memory_of(a, given[name]) for name, a in arrays.items()}
     stats = ("running_mean", "running_var")
     written = {name: memory[name] for name in stats} if training else {}
     v.check_aliasing({"out": out_view, **written},
-                     {name: m for name, m in memory.items() if name not in written}, in_place=("x",))
+                     {name: m for name, m in memory.items() if name not in written}, in_place=("x", "residual"))
 
 
 def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, training=True, backend="auto",
-                out=None, mask=None):
-    """Gradients of :func:`bn_forward` (without activation): of the training
-    forward, or with ``training=False`` of the inference forward.
-
-    With ``activation="relu"`` in the forward, pass ``dy * (y > 0)``.
+                out=None, mask=None, activation=None, y=None, residual=False):
+    """Gradients of :func:`bn_forward`: of the training forward, or with
+    ``training=False`` of the inference forward.
 
     Args:
         dy: gradient of the output, same shape and dtype as ``x``.
@@ -315,14 +357,29 @@ def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, training
             of the masked positions only.
         out: where to write ``dx``, as in :func:`bn_forward` (``dy`` or
             ``x`` itself for an in-place result).
+        activation, y: the forward's ``activation`` and, for ``"relu"``,
+            its output ``y``: the gradient flows where ``y > 0`` (``g = dy
+            * (y > 0)``, one pass of the backend, then batch norm's
+            backward of ``g``).
+        residual: True when the forward had a ``residual`` z: also return
+            ``dz = g`` (``dy`` itself without an activation).
 
     Returns:
-        ``(dx, dgamma, dbeta)``: ``dx`` like ``x`` (``out`` when given); ``dgamma = sum(dy * xhat)``
-        and ``dbeta = sum(dy)`` per channel, shape (C,), float32 (float64 for
+        ``(dx, dgamma, dbeta)`` (and ``dz`` with ``residual=True``): ``dx``
+        like ``x`` (``out`` when given); ``dgamma = sum(g * xhat)`` and
+        ``dbeta = sum(g)`` per channel, shape (C,), float32 (float64 for
         float64 input). They are returned even when ``gamma`` is None.
     """
+    if activation is not None or y is not None or residual is not False:
+        return _backward_through_activation(dy, x, saved_mean, saved_invstd, gamma, axis, training, backend, out,
+                                            mask, activation, y, residual)
     if mask is not None and training is True:
         return _backward_masked(dy, x, saved_mean, saved_invstd, gamma, axis, backend, out, mask)
+    arrays = (dy, x, saved_mean, saved_invstd, gamma)
+    key = call_cache.backward_key(arrays, axis, backend, out) if training is True else None
+    prepared = call_cache.lookup(key)
+    if prepared is not None and prepared is not call_cache.UNCACHED:
+        return prepared.run(arrays)
     perm = memory_order.order(x)
     if perm is not None:  # in x's memory order, as bn_forward
         p = memory_order.permute
@@ -338,11 +395,6 @@ def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, training
                                         m.flat_param(saved_invstd, "saved_invstd"), m.flat_param(gamma, "gamma"),
                                         axis=m.axis, training=training, backend=backend, out=out_view)
         return (m.unview(dx) if out is None else out), m.shaped(dgamma), m.shaped(dbeta)
-    arrays = (dy, x, saved_mean, saved_invstd, gamma)
-    key = call_cache.backward_key(arrays, axis, backend, out) if training is True else None
-    prepared = call_cache.lookup(key)
-    if prepared is not None and prepared is not call_cache.UNCACHED:
-        return prepared.run(arrays)
     c = _check_backward(dy, x, saved_mean, saved_invstd, gamma, axis, backend, out)
     training = v.check_flag(training, "training")
     out, out_view = c.out, c.out_view

@@ -53,72 +53,84 @@ def merge(parts: Sequence[Moments]) -> Moments:
 
 
 def forward_train(impl, x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running, out=None,
-                  exchange=None):
-    """Training forward: ``(y, mean, invstd)`` (see ``Backend.forward_train``)."""
+                  exchange=None, residual=None):
+    """Training forward: ``(y, mean, invstd)`` (see ``Backend.forward_train``;
+    ``residual``: an array like x added before the activation)."""
     require_affine_per_group(layout, gamma, beta)
     if exchange is None:
-        return impl.forward_train(x, layout, gamma, beta, eps, relu, running, out)
+        return impl.forward_train(x, layout, gamma, beta, eps, relu, running, out, **_extra(residual))
     moments = exchange.moments(impl.statistics(x, layout))
-    return forward_with_moments(impl, x, layout, moments, gamma, beta, eps, relu, running, out)
+    return forward_with_moments(impl, x, layout, moments, gamma, beta, eps, relu, running, out, residual)
+
+
+def _extra(residual) -> dict:
+    """The keyword a backend member takes only when there is a residual."""
+    return {} if residual is None else {"residual": residual}
 
 
 def forward_with_moments(impl, x, layout: ChannelLayout, moments: Moments, gamma, beta, eps: float, relu: bool,
-                         running, out=None):
+                         running, out=None, residual=None):
     """A training forward normalizing with given ``moments`` (merged from
     other processes, or of the masked positions only): ``finalize ->
     normalize``; returns ``(y, mean, invstd)``."""
     require_affine_per_group(layout, gamma, beta)
     norm = impl.finalize(x, layout, moments, gamma, beta, eps, running)
-    return impl.normalize(x, layout, norm, relu, out), norm.mean, norm.invstd
+    return impl.normalize(x, layout, norm, relu, out, **_extra(residual)), norm.mean, norm.invstd
 
 
 def forward_infer(impl, x, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float,
-                  relu: bool, out=None):
+                  relu: bool, out=None, residual=None):
     """Inference forward: the backend's optional fused ``forward_infer``
     (the GPU backends: one device context, workspace reused), else
     ``finalize_running -> normalize``; returns ``(y, mean, invstd)``."""
     require_affine_per_group(layout, gamma, beta)
     fused = getattr(impl, "forward_infer", None)
     if fused is not None:
-        return fused(x, layout, running_mean, running_var, gamma, beta, eps, relu, out)
+        return fused(x, layout, running_mean, running_var, gamma, beta, eps, relu, out, **_extra(residual))
     norm = impl.finalize_running(x, layout, running_mean, running_var, gamma, beta, eps)
-    return impl.normalize(x, layout, norm, relu, out), norm.mean, norm.invstd
+    return impl.normalize(x, layout, norm, relu, out, **_extra(residual)), norm.mean, norm.invstd
 
 
 def _converted(impl, arrays):
     return [None if a is None else impl.asarray(a) for a in arrays]
 
 
-def prepare_forward_train(impl, x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running):
-    """``call(x, gamma, beta, running) -> (y, mean, invstd)`` for arrays like
-    these (a call passes them as the caller gave them, described alike:
-    ``bnkernels.prepared``): the backend's own prepared form when it has
-    one (the GPU backends: launches recorded once), else its fused training
-    forward on the converted arrays."""
+def prepare_forward_train(impl, x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running,
+                          residual=None):
+    """``call(x, gamma, beta, running, residual=None) -> (y, mean,
+    invstd)`` for arrays like these (a call passes them as the caller gave
+    them, described alike: ``bnkernels.prepared``; a residual at every
+    call exactly when one was prepared for): the backend's own prepared
+    form when it has one (the GPU backends: launches recorded once), else
+    its fused training forward on the converted arrays."""
     require_affine_per_group(layout, gamma, beta)
     prepare = getattr(impl, "prepare_forward_train", None)
     if prepare is not None:
-        return prepare(x, layout, gamma, beta, eps, relu, running)
+        return prepare(x, layout, gamma, beta, eps, relu, running, **_extra(residual))
 
-    def call(x, gamma, beta, running):
-        x, gamma, beta = _converted(impl, (x, gamma, beta))
+    def call(x, gamma, beta, running, residual=None):
+        x, gamma, beta, residual = _converted(impl, (x, gamma, beta, residual))
         if running is not None:
             running = (*_converted(impl, running[:2]), running[2])
-        return impl.forward_train(x, layout, gamma, beta, eps, relu, running)
+        return impl.forward_train(x, layout, gamma, beta, eps, relu, running, **_extra(residual))
 
     return call
 
 
 def prepare_forward_infer(impl, x, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float,
-                          relu: bool):
-    """``call(x, running_mean, running_var, gamma, beta) -> (y, mean,
-    invstd)``, as :func:`prepare_forward_train`."""
+                          relu: bool, residual=None):
+    """``call(x, running_mean, running_var, gamma, beta, residual=None) ->
+    (y, mean, invstd)``, as :func:`prepare_forward_train`."""
     require_affine_per_group(layout, gamma, beta)
     prepare = getattr(impl, "prepare_forward_infer", None)
     if prepare is not None:
-        return prepare(x, layout, running_mean, running_var, gamma, beta, eps, relu)
-    return lambda *arrays: forward_infer(impl, _converted(impl, arrays[:1])[0], layout,
-                                         *_converted(impl, arrays[1:]), eps, relu)
+        return prepare(x, layout, running_mean, running_var, gamma, beta, eps, relu, **_extra(residual))
+
+    def call(x, running_mean, running_var, gamma, beta, residual=None):
+        x, rm, rv, gamma, beta, residual = _converted(impl, (x, running_mean, running_var, gamma, beta, residual))
+        return forward_infer(impl, x, layout, rm, rv, gamma, beta, eps, relu, residual=residual)
+
+    return call
 
 
 def prepare_backward(impl, dy, x, layout: ChannelLayout, mean, invstd, gamma):

@@ -19,7 +19,8 @@ this
    instructions (:func:`bnkernels.kernel_report.build_reports`), so each
    kernel gets the same :class:`~bnkernels.kernel_report.KernelReport` as
    a CuPy one, with ``backend == "numba-cuda"`` and the name expression
-   ``"<kernel>[<storage dtype>]"``, e.g. ``"stats_planes[float16]"``.
+   ``"<kernel>[<storage dtype>]"``, e.g. ``"stats_planes[float16]"``
+   (``[bfloat16]``: the kernels on int16 arrays of bfloat16 bits).
 
 PTX is compiled once per (kernel, storage, architecture) in a process
 (2-5 s each with numba-cuda 0.30), by :func:`compile_all` in as many

@@ -94,12 +94,12 @@ class PreparedForward(_Prepared):
     """A forward prepared by :func:`prepare_forward`.
 
     ``call(x, gamma=None, beta=None, running_mean=None, running_var=None,
-    num_batches_tracked=None)`` returns ``(y, SavedStats)`` as
-    ``bn_forward(..., return_saved=True)`` would (training: the running
-    statistics are updated in place).
+    num_batches_tracked=None, *, residual=None)`` returns ``(y,
+    SavedStats)`` as ``bn_forward(..., return_saved=True)`` would
+    (training: the running statistics are updated in place).
     """
 
-    _NAMES = ("x", "gamma", "beta", "running_mean", "running_var")
+    _NAMES = ("x", "gamma", "beta", "running_mean", "running_var", "residual")
 
     def __init__(self, checked, given: tuple):
         c = checked
@@ -108,31 +108,35 @@ class PreparedForward(_Prepared):
         self._impl, self._momentum = c.impl, c.momentum
         self._uses_running = c.running_mean is not None and c.layout.count > 0  # an empty batch updates nothing
         # the arrays as given, as later calls will pass them (not as validation converted them)
-        x, gamma, beta, running_mean, running_var = given
+        x, gamma, beta, running_mean, running_var, residual = given
+        extra = {} if residual is None else {"residual": residual}
         if c.training:
             running = (running_mean, running_var, c.factor) if self._uses_running else None
-            self._call = engine.prepare_forward_train(c.impl, x, c.layout, gamma, beta, c.eps, c.relu, running)
+            self._call = engine.prepare_forward_train(c.impl, x, c.layout, gamma, beta, c.eps, c.relu, running,
+                                                      **extra)
         else:
             self._call = engine.prepare_forward_infer(c.impl, x, c.layout, running_mean, running_var, gamma, beta,
-                                                      c.eps, c.relu)
+                                                      c.eps, c.relu, **extra)
 
-    def __call__(self, x, gamma=None, beta=None, running_mean=None, running_var=None, num_batches_tracked=None):
-        arrays = (x, gamma, beta, running_mean, running_var)
+    def __call__(self, x, gamma=None, beta=None, running_mean=None, running_var=None, num_batches_tracked=None, *,
+                 residual=None):
+        arrays = (x, gamma, beta, running_mean, running_var, residual)
         self._check(arrays)
         return self.run(arrays, num_batches_tracked)
 
     def run(self, arrays: tuple, num_batches_tracked=None):
         """The call on arrays known to be described as prepared."""
-        x, gamma, beta, running_mean, running_var = arrays
+        x, gamma, beta, running_mean, running_var, residual = arrays
+        extra = () if residual is None else (residual,)
         if not self.training:
             v.running_factor(self._momentum, num_batches_tracked, used=False)  # checked all the same
-            y, mean, invstd = self._call(x, running_mean, running_var, gamma, beta)
+            y, mean, invstd = self._call(x, running_mean, running_var, gamma, beta, *extra)
             return y, SavedStats(mean, invstd)
         factor = v.running_factor(self._momentum, num_batches_tracked, used=running_mean is not None)
         if self._may_overlap(arrays):
             self._check_aliasing(arrays)
         running = (running_mean, running_var, factor) if self._uses_running else None
-        y, mean, invstd = self._call(x, gamma, beta, running)
+        y, mean, invstd = self._call(x, gamma, beta, running, *extra)
         return y, SavedStats(mean, invstd)
 
     def _check_aliasing(self, arrays):
@@ -166,14 +170,15 @@ class PreparedBackward(_Prepared):
 
 
 def prepare_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *, training=True,
-                    momentum=0.1, eps=1e-5, axis=1, activation=None, backend="auto") -> PreparedForward:
+                    momentum=0.1, eps=1e-5, axis=1, activation=None, backend="auto",
+                    residual=None) -> PreparedForward:
     """A forward prepared for arrays like these (see the module docstring);
     arguments as ``bn_forward``'s, all checked now (nothing is computed or
     updated). ``training=False`` prepares inference (running statistics
-    required)."""
+    required); a ``residual`` prepares calls that each pass one."""
     checked = _check_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, activation,
-                             backend, None if momentum is not None else 0, None)
-    return forward_from_checked(checked, (x, gamma, beta, running_mean, running_var))
+                             backend, None if momentum is not None else 0, None, residual)
+    return forward_from_checked(checked, (x, gamma, beta, running_mean, running_var, residual))
 
 
 def forward_from_checked(checked, given: tuple) -> PreparedForward:

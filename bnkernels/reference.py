@@ -43,8 +43,8 @@ def reference_stats(x, axis=1):
 
 def reference_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
                       training=True, momentum=0.1, eps=1e-5, axis=1, activation=None,
-                      num_batches_tracked=None):
-    """Float64 forward.
+                      num_batches_tracked=None, residual=None):
+    """Float64 forward (``residual`` added before the activation).
 
     Returns ``(y, mean, invstd, new_running_mean, new_running_var)``, all
     float64; the running values are None when not given (and equal the given
@@ -62,6 +62,8 @@ def reference_forward(x, gamma=None, beta=None, running_mean=None, running_var=N
         y = y * np.asarray(gamma, np.float64).reshape(bs)
     if beta is not None:
         y = y + np.asarray(beta, np.float64).reshape(bs)
+    if residual is not None:
+        y = y + np.asarray(residual, np.float64)
     if activation == "relu":
         y = np.maximum(y, 0.0)
     new_rm = new_rv = None

@@ -16,8 +16,12 @@ import numpy as np
 
 from .backends.interface import ChannelLayout
 
-#: Input dtypes accepted for ``x`` and ``dy``.
+#: Input dtypes accepted for ``x`` and ``dy`` (and bfloat16: :func:`is_bfloat16`).
 INPUT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+#: What to install for bfloat16 data (NumPy's bfloat16 dtype is ml_dtypes').
+BFLOAT16_INSTALL = "pip install ml_dtypes (or bnkernels[bf16])"
+_TORCH_DTYPES = {"torch.float16": "float16", "torch.float32": "float32", "torch.float64": "float64",
+                 "torch.bfloat16": "bfloat16"}
 #: dtypes accepted for running statistics (updated in place, computed in
 #: float64 on the CPU and float32 or better on the GPU, stored rounded to
 #: their own dtype: float16 ones, as torch's ``model.half()`` makes, overflow
@@ -25,6 +29,32 @@ INPUT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 RUNNING_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 #: Activations that can be fused after the affine transform.
 ACTIVATIONS = (None, "relu")
+
+
+def bfloat16_dtype() -> np.dtype:
+    """NumPy's bfloat16 (``ml_dtypes.bfloat16``), imported only when asked
+    for (bfloat16 data was given); a clear error without ml_dtypes."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise TypeError(f"bfloat16 data needs ml_dtypes (NumPy's bfloat16 dtype): {BFLOAT16_INSTALL}") from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def is_bfloat16(dtype) -> bool:
+    """Whether ``dtype`` is ml_dtypes' bfloat16 (without importing it)."""
+    return getattr(dtype, "name", None) == "bfloat16"
+
+
+def host_array(obj):
+    """``np.asarray(obj)``, and a CPU torch bfloat16 tensor as a NumPy
+    bfloat16 view of its memory (NumPy has no bfloat16 of its own, so
+    torch's ``numpy()`` refuses it)."""
+    if is_torch(obj) and str(obj.dtype) == "torch.bfloat16" and obj.device.type == "cpu":
+        import torch
+
+        return obj.view(torch.int16).numpy().view(bfloat16_dtype())
+    return np.asarray(obj)
 
 
 def compute_dtype(dtype) -> np.dtype:
@@ -39,6 +69,9 @@ def array_dtype(a) -> np.dtype:
     try:
         return np.dtype(a.dtype)
     except TypeError:
+        if is_torch(a) and str(a.dtype) in _TORCH_DTYPES:
+            name = _TORCH_DTYPES[str(a.dtype)]
+            return bfloat16_dtype() if name == "bfloat16" else np.dtype(name)
         cai = getattr(a, "__cuda_array_interface__", None)
         if cai is None:
             raise TypeError(f"cannot tell the dtype of {type(a).__name__}") from None
@@ -64,7 +97,7 @@ def reject_masked(a, name: str) -> None:
                         "to use every value")
 
 
-def convert(obj, name: str, asarray=np.asarray):
+def convert(obj, name: str, asarray=host_array):
     """A read-only array argument through the backend's ``asarray``; any
     failure to convert is a TypeError that names the argument. None stays
     None."""
@@ -108,9 +141,9 @@ def check_input(x, name: str = "x"):
     if not (hasattr(x, "dtype") and hasattr(x, "shape")):
         raise TypeError(f"{name} must be an array, got {type(x).__name__}")
     dtype = array_dtype(x)
-    if dtype not in INPUT_DTYPES:
+    if dtype not in INPUT_DTYPES and not is_bfloat16(dtype):
         raise TypeError(
-            f"{name} must have dtype float16, float32 or float64, got {dtype}"
+            f"{name} must have dtype float16, bfloat16, float32 or float64, got {dtype}"
             + (" (cast integer/bool data to a float dtype first)" if dtype.kind in "biu" else "")
         )
     if len(x.shape) == 0:
@@ -418,6 +451,20 @@ def check_out(out, x, given):
     if array_dtype(view) != array_dtype(x):
         raise TypeError(f"out must have the dtype of x ({array_dtype(x)}), got {array_dtype(view)}")
     return out, view
+
+
+def check_like_x(a, name: str, x, asarray):
+    """An input read like ``x`` (a residual ``z`` added to the output): the
+    shape and dtype of x, any strides; None stays None. Returns the
+    backend's view of it."""
+    if a is None:
+        return None
+    a = check_input(convert(a, name, asarray), name)
+    if tuple(a.shape) != tuple(x.shape):
+        raise ValueError(f"{name} must have the shape of x {tuple(x.shape)}, got {tuple(a.shape)}")
+    if array_dtype(a) != array_dtype(x):
+        raise TypeError(f"{name} must have the dtype of x ({array_dtype(x)}), got {array_dtype(a)}")
+    return a
 
 
 def check_same_shape(dy, x) -> None:

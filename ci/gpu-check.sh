@@ -11,7 +11,8 @@
 #    the numba-cuda suite of tests/cudasim on the real device (that
 #    conftest marks them gpu when no simulator is asked for);
 # 3. runs `bnkernels bench --device gpu` for the named shapes, float32 and
-#    float16, against torch-cuda and textbook CuPy, writing bench-gpu.json,
+#    float16 (and bfloat16 where ml_dtypes is installed; its bnkernels rows
+#    take torch CUDA tensors), against torch-cuda and textbook CuPy, writing bench-gpu.json,
 #    bench-gpu.png and bench-gpu.txt;
 # 4. prints one summary table (GB/s, % of the same-size copy, vs torch).
 #
@@ -41,8 +42,8 @@ if "$PY" -c "$NEEDS" 2>/dev/null; then
 else
   major=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1 | cut -d. -f1)
   extra=cuda13; [ "${major:-0}" -lt 580 ] && extra=cuda12  # CUDA 13 needs driver 580+
-  echo "ci/gpu-check.sh: installing bnkernels[$extra,torch,test,plot] into .venv-gpu" >&2
-  python3 -m venv .venv-gpu && .venv-gpu/bin/python -m pip install -q -e ".[$extra,torch,test,plot]" || exit 1
+  echo "ci/gpu-check.sh: installing bnkernels[$extra,torch,test,plot,bf16] into .venv-gpu" >&2
+  python3 -m venv .venv-gpu && .venv-gpu/bin/python -m pip install -q -e ".[$extra,torch,test,plot,bf16]" || exit 1
   PY=.venv-gpu/bin/python
   "$PY" -c "$NEEDS" || exit 1
   BNK=(.venv-gpu/bin/bnkernels)
@@ -61,7 +62,9 @@ echo "== GPU tests"
 
 echo "== bench"
 quick=(); [ "${BNKERNELS_GPU_CHECK_QUICK:-0}" = 1 ] && quick=(--quick)
-"${BNK[@]}" bench --device gpu "${quick[@]}" --dtype float32,float16 --shapes all \
+dtypes=float32,float16
+"$PY" -c "import ml_dtypes" 2>/dev/null && dtypes=$dtypes,bfloat16  # bfloat16 rows where ml_dtypes is there
+"${BNK[@]}" bench --device gpu "${quick[@]}" --dtype "$dtypes" --shapes all \
   --backends cupy,numba-cuda,torch-cuda,textbook-cupy \
   --json "$OUT_DIR/bench-gpu.json" --plot "$OUT_DIR/bench-gpu.png" 2>&1 | tee "$OUT_DIR/bench-gpu.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

@@ -18,6 +18,18 @@ TOLERANCES = {
 DTYPES = [np.float16, np.float32, np.float64]
 
 
+def bfloat16():
+    """NumPy's bfloat16 (ml_dtypes'), its tolerance registered; the test is
+    skipped without ml_dtypes."""
+    import pytest
+
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    dtype = np.dtype(ml_dtypes.bfloat16)
+    # bfloat16 rounds its output to 8 bits (half an ulp is 3.9e-3 relative)
+    TOLERANCES.setdefault(dtype, dict(atol=1.6e-2, rtol=1.6e-2))
+    return dtype
+
+
 def make_input(shape, dtype, rng, *, mean=3.0, std=2.0):
     """Fresh random data with a non-zero mean that differs per channel-ish
     (a random offset per element of the last axis keeps means distinct)."""

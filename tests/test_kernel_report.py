@@ -458,8 +458,10 @@ def test_numba_target_names_and_compute_capabilities():
     if nr.numba_cuda_missing() is None:
         targets = nr.targets()
         names = [t.name_expression for t in targets]
-        # 9 kernels x 3 storage dtypes, 8 of the 9 also with 32-bit indices
-        assert len(set(names)) == len(names) == 51
+        # 12 kernels (the 9 of batch norm, apply_residual_planes/_rows, relu_backward) x 4 storage
+        # dtypes (bfloat16 too, but not for infer_coeffs, which reads the compute dtype), all but
+        # infer_coeffs also with 32-bit indices: 11 x 4 x 2 + 3
+        assert len(set(names)) == len(names) == 91
         assert {"stats_planes[float16]", "stats_planes_i32[float16]", "dx_rows[float64]",
                 "infer_coeffs[float32]"} <= set(names) and "infer_coeffs_i32[float32]" not in names
 
@@ -533,7 +535,7 @@ def test_numba_elementwise_kernels_use_16_byte_accesses(numba_reports):
 
     arch, reports, texts = numba_reports
     elementwise = [r for r in reports if r.name_expression.startswith(("apply_", "dx_"))]
-    assert len(elementwise) == 4 * 2 * 3
+    assert len(elementwise) == 6 * 2 * 4  # apply, apply_residual, dx; planes and rows; index widths; dtypes
     for r in elementwise:
         assert r.vector_loads > 0 and r.vector_stores > 0, (r.name_expression, r.global_load_widths)
         assert r.global_store_widths.get(128, 0) >= 1

@@ -510,3 +510,23 @@ def test_training_rejects_fewer_than_two_values_per_channel(p):
     y = bn_forward(p.x, None, None, rm, rv, training=False, axis=p.axis)
     assert_close(y, reference_forward(p.x, None, None, rm, rv, training=False, axis=p.axis)[0], p.dtype,
                  "inference y", scale=float(np.abs(p.x).max()) + 1)
+
+
+@SETTINGS
+@given(p=problems(trainable=True, max_dims=4, max_abs_mean=100.0), activation=st.sampled_from([None, "relu"]),
+       z_scale=st.floats(0.0, 10.0))
+def test_residual_is_added_before_the_activation(p, activation, z_scale):
+    """``bn_forward(x, residual=z)`` equals the normalized x plus z (then
+    the activation), within the dtype's tolerance of the result's size;
+    ``relu(bn(x) + z) >= 0``; and its ``dz`` is dy where y > 0."""
+    assume(nonconstant(p))
+    z = (p.rng.standard_normal(p.x.shape) * z_scale).astype(p.dtype)
+    y, saved = bn_forward(p.x, axis=p.axis, residual=z, activation=activation, return_saved=True)
+    expected = reference_forward(p.x, axis=p.axis, residual=z, activation=activation)[0]
+    # the result's size: |bn(x)| plus |z| (z rounded once more in the sum)
+    assert_close(y, expected, p.dtype, "y", scale=mean_slack(p) + float(np.abs(z).max()))
+    if activation:
+        assert (y >= 0).all()
+        dy = p.rng.standard_normal(p.x.shape).astype(p.dtype)
+        *_, dz = bn_backward(dy, p.x, saved.mean, saved.invstd, axis=p.axis, activation="relu", y=y, residual=True)
+        np.testing.assert_array_equal(dz, np.where(y <= 0, 0, dy))

@@ -191,9 +191,11 @@ class Backend(Protocol):
                          eps: float) -> Normalization:
         """:meth:`finalize` from running statistics (inference)."""
 
-    def normalize(self, x, layout: ChannelLayout, norm: Normalization, relu: bool, out=None):
-        """``y = (x - k) * scale + shift``, then ReLU when ``relu``: shape
-        and dtype of x (``out`` when given)."""
+    def normalize(self, x, layout: ChannelLayout, norm: Normalization, relu: bool, out=None, residual=None):
+        """``y = (x - k) * scale + shift``, plus ``residual`` (None, or an
+        array of x's shape and dtype, any strides) in the same pass, then
+        ReLU when ``relu``: shape and dtype of x (``out`` when given; it may
+        be the residual itself)."""
 
     def backward_reduce(self, dy, x, layout: ChannelLayout, mean, invstd) -> GradSums:
         """``sum(dy)`` and ``sum(dy * xhat)`` per group; mean, invstd: (G,)
@@ -211,7 +213,7 @@ class Backend(Protocol):
     # --- fused forms (the fast paths) -------------------------------------------
 
     def forward_train(self, x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running,
-                      out=None):
+                      out=None, residual=None):
         """statistics, finalize and normalize in one: returns ``(y, mean,
         invstd)`` as :meth:`normalize` and :meth:`finalize` would."""
 
@@ -219,10 +221,16 @@ class Backend(Protocol):
         """backward reduce and apply in one: returns ``(dx, dgamma, dbeta)``
         as :meth:`backward_apply` would, over this input's count."""
 
+    def relu_backward(self, dy, y):
+        """The gradient through a fused ReLU: ``dy``, and 0 where ``y <= 0``
+        (torch's rule: a NaN output passes its gradient). dy, y: same shape
+        and dtype, any strides; returns a new array like dy (dtype, kind,
+        memory order)."""
+
 
 #: Fused forms a backend may have besides (the engine uses them when present):
 #: ``forward_infer(x, layout, running_mean, running_var, gamma, beta, eps,
-#: relu, out=None) -> (y, mean, invstd)``, finalize_running and normalize in
+#: relu, out=None, residual=None) -> (y, mean, invstd)``, finalize_running and normalize in
 #: one (the GPU backends: one device context, their workspace reused).
 #: ``prepare_forward_train(x, layout, gamma, beta, eps, relu, running)``,
 #: ``prepare_forward_infer(x, layout, running_mean, running_var, gamma, beta,

@@ -16,11 +16,15 @@ input (other inputs are copied to that layout first):
   (rows) compute per-channel partial sums, a tiny merge, then a parallel
   elementwise pass (2 reads + 1 write of x).
 
+A residual ``z`` (``y = relu(bn(x) + z)``) is read in the pass that writes
+y, added in the working type before the ReLU; y is rounded once.
+
 Accuracy: sums are float64 around a shift ``k`` (the channel's first
 value). For float32 and float64 data the differences and the elementwise
-work are float64 and outputs are rounded once; float16 data is converted
-inside the kernels (``numba_half``: F16C instructions where the CPU has
-them, else bit arithmetic; exact both ways) and worked in float32.
+work are float64 and outputs are rounded once; float16 and bfloat16 data
+are converted inside the kernels (``numba_half``: float16 by F16C
+instructions where the CPU has them, else bit arithmetic; bfloat16 by bit
+arithmetic, ``numba_bf16``; exact both ways) and worked in float32.
 Fast-math is limited to reassociation and contraction, which keeps NaN and
 Inf semantics. Threads: Numba's (``NUMBA_NUM_THREADS``,
 ``numba.set_num_threads``). Calls from several Python threads at once are
@@ -41,8 +45,9 @@ import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
+from numba.np.numpy_support import as_dtype
 
-from ..validation import compute_dtype
+from ..validation import bfloat16_dtype, compute_dtype, host_array, is_bfloat16
 from .coefficients import dx_coefficients, update_running
 from . import cpu_common
 from .cpu_common import ieee_semantics, per_channel
@@ -91,16 +96,17 @@ BLOCK_BYTES = 4 << 20
 
 
 def asarray(x):
-    return np.asarray(x)
+    """Host arrays (a torch bfloat16 tensor as NumPy's bfloat16: ``validation.host_array``)."""
+    return host_array(x)
 
 
 def describe() -> str:
-    """How the kernels run here: threads, the float16 conversion, the cache."""
+    """How the kernels run here: threads, the 16-bit conversions, the cache."""
     half = "F16C instructions" if NATIVE_HALF else "bit arithmetic (no F16C)"
     cache = (f"kernels cached in {CACHE_DIR}" if CACHE_DIR else
              "kernels compiled in memory on first use (no writable cache directory; set NUMBA_CACHE_DIR)")
     return (f"{numba.get_num_threads()} threads (NUMBA_NUM_THREADS, numba.set_num_threads); "
-            f"float16 converted by {half}; {cache}")
+            f"float16 converted by {half}, bfloat16 by bit arithmetic; {cache}")
 
 
 #: Numba threading layers that run parallel kernels from several threads at
@@ -136,7 +142,7 @@ def thread_safe(entry):
 
 # --- kernels: helpers ----------------------------------------------------------
 # Elements load through to_work and meet per-channel values of the same
-# working type (float32 for float16 data, float64 otherwise: see numba_half);
+# working type (float32 for 16-bit data, float64 otherwise: see numba_half);
 # differences such as x - k are then summed in float64.
 
 def times_centered(d, v, kv, idx, c):
@@ -149,6 +155,18 @@ def _times_centered(d, v, kv, idx, c):
     if isinstance(v, types.NoneType):
         return lambda d, v, kv, idx, c: d * d
     return lambda d, v, kv, idx, c: d * np.float64(to_work(v[idx]) - kv[c])
+
+
+def plus(v, z, idx):
+    """``v + z[idx]`` in v's working type, or v when z is None (stub: the
+    residual, specialized away when there is none)."""
+
+
+@overload(plus, inline="always")
+def _plus(v, z, idx):
+    if isinstance(z, types.NoneType):
+        return lambda v, z, idx: v
+    return lambda v, z, idx: v + to_work(z[idx])
 
 
 @njit(**_SERIAL)
@@ -179,16 +197,17 @@ def block_sums(u, ku, v, kv, o0, o1, c0, c1):
 
 
 @njit(**_SERIAL)
-def apply_block(x, y, k, scale, shift, relu, o0, o1, c0, c1):
-    """y = (x - k) * scale + shift [ReLU] on x[o0:o1, c0:c1, :]; k, scale,
-    shift (C,) in the working type."""
+def apply_block(x, z, y, k, scale, shift, relu, o0, o1, c0, c1):
+    """y = (x - k) * scale + shift [+ z] [ReLU] on x[o0:o1, c0:c1, :]; z:
+    None or a residual like x; k, scale, shift (C,) in the working type. An
+    element of z is read before y's is written: y may be z itself."""
     inner = x.shape[2]
     zero = work_value(x, 0.0)
     for o in range(o0, o1):
         for c in range(c0, c1):
             kc, sc, sh = k[c], scale[c], shift[c]
             for i in range(inner):
-                v = (to_work(x[o, c, i]) - kc) * sc + sh
+                v = plus((to_work(x[o, c, i]) - kc) * sc + sh, z, (o, c, i))
                 if relu and v < 0:
                     v = zero
                 store(y, (o, c, i), v)
@@ -252,11 +271,12 @@ def plane_sums(u, ku, v, kv, s, t):
 
 
 @njit(**_JIT)
-def train_planes(x, y, k, gamma, beta, eps, relu, block, mean_out, m2_out, invstd_out, scale_w, shift_w):
+def train_planes(x, z, y, k, gamma, beta, eps, relu, block, mean_out, m2_out, invstd_out, scale_w, shift_w):
     """Training forward of (outer, C, inner) data, one task per block of
-    ``block`` channels: the block's sums, then y while the block's slab is
-    still in cache. k: each channel's first value (the shift), working
-    type; scale_w, shift_w (C,): scratch in the working type."""
+    ``block`` channels: the block's sums, then y (plus the residual z, None
+    or like x) while the block's slab is still in cache. k: each channel's
+    first value (the shift), working type; scale_w, shift_w (C,): scratch
+    in the working type."""
     outer, C, inner = x.shape
     n = outer * inner
     for j in prange((C + block - 1) // block):
@@ -265,17 +285,17 @@ def train_planes(x, y, k, gamma, beta, eps, relu, block, mean_out, m2_out, invst
         s1, s2 = block_sums(x, k, None, None, 0, outer, c0, c1)
         finish_stats(s1, s2, n, eps, k[c0:c1], gamma[c0:c1], beta[c0:c1], mean_out[c0:c1], m2_out[c0:c1],
                      invstd_out[c0:c1], scale_w[c0:c1], shift_w[c0:c1])
-        apply_block(x, y, k, scale_w, shift_w, relu, 0, outer, c0, c1)
+        apply_block(x, z, y, k, scale_w, shift_w, relu, 0, outer, c0, c1)
 
 
 @njit(**_JIT)
-def apply(x, y, k, scale, shift, relu, chunks):
-    """y = (x - k) * scale + shift [ReLU] on (outer, C, inner) data, in
-    ``chunks`` parallel tasks over the outer dimension; k, scale, shift (C,)
-    in the working type."""
+def apply(x, z, y, k, scale, shift, relu, chunks):
+    """y = (x - k) * scale + shift [+ z] [ReLU] on (outer, C, inner) data,
+    in ``chunks`` parallel tasks over the outer dimension; k, scale, shift
+    (C,) in the working type."""
     outer, C, _ = x.shape
     for t in prange(chunks):
-        apply_block(x, y, k, scale, shift, relu, t * outer // chunks, (t + 1) * outer // chunks, 0, C)
+        apply_block(x, z, y, k, scale, shift, relu, t * outer // chunks, (t + 1) * outer // chunks, 0, C)
 
 
 @njit(**_JIT)
@@ -339,7 +359,7 @@ def row_sums(u, ku, v, kv, s, t):
 
 
 @njit(**_JIT)
-def apply_rows(x, y, k, scale, shift, relu, chunks):
+def apply_rows(x, z, y, k, scale, shift, relu, chunks):
     """``apply`` for channel-fastest (rows, C) data: the innermost loop runs
     over the channels (contiguous), so it vectorizes."""
     rows, C = x.shape
@@ -349,7 +369,7 @@ def apply_rows(x, y, k, scale, shift, relu, chunks):
         hi = (t + 1) * rows // chunks
         for r in range(lo, hi):
             for c in range(C):
-                v = (to_work(x[r, c]) - k[c]) * scale[c] + shift[c]
+                v = plus((to_work(x[r, c]) - k[c]) * scale[c] + shift[c], z, (r, c))
                 if relu and v < 0:
                     v = zero
                 store(y, (r, c), v)
@@ -369,27 +389,62 @@ def dx_rows(dy, x, dx, mean, a, b, cc, chunks):
                 store(dx, (r, c), v)
 
 
+def kept(d, keep):
+    """``d`` where ``keep``, else +0 of d's type (stub). 16-bit data (their
+    bits) by a product: a select of 16-bit values did not vectorize (6x
+    slower); floats by a select (a product would turn Inf and NaN into NaN)."""
+
+
+@overload(kept, inline="always")
+def _kept(d, keep):
+    if isinstance(d, types.Integer):
+        return lambda d, keep: d * keep
+    zero = as_dtype(d).type(0)
+    return lambda d, keep: d if keep else zero
+
+
+@njit(**_JIT)
+def relu_grad(dy, y, g):
+    """g = dy, and +0 where y <= 0 (a NaN y passes dy, as torch), on flat
+    arrays of one dtype; 16-bit data as bits: dy's bits are copied as they
+    are, y is loaded to be compared. A prange from 0 (an index range that
+    might be negative kept the loop from vectorizing: about 6x slower)."""
+    for i in prange(dy.size):
+        g[i] = kept(dy[i], not to_work(y[i]) <= 0)
+
+
 # --- host side ---------------------------------------------------------------
 
+def _bits(a):
+    """An array as the kernels take it: float16 as its uint16 bits,
+    bfloat16 as its int16 bits (so that Numba compiles each apart), other
+    dtypes as they are."""
+    if a.dtype == np.float16:
+        return a.view(np.uint16)
+    return a.view(np.int16) if is_bfloat16(a.dtype) else a
+
+
 def _view3(a, layout: ChannelLayout):
-    """C-contiguous (outer, C, inner) view; float16 as its uint16 bits."""
-    a = np.ascontiguousarray(a).reshape(layout.outer, layout.channels, layout.inner)
-    return a.view(np.uint16) if a.dtype == np.float16 else a
+    """C-contiguous (outer, C, inner) view (a copy only when a is not
+    C-contiguous), 16-bit floats as their bits (:func:`_bits`); None stays
+    None (no residual)."""
+    if a is None:
+        return None
+    return _bits(np.ascontiguousarray(a).reshape(layout.outer, layout.channels, layout.inner))
 
 
 def _out3(layout: ChannelLayout, dtype, out=None):
     """The result array (``out`` itself when it is C-contiguous, else a new
-    one) and its (outer, C, inner) view for the kernels' stores (float16 as
-    uint16 bits)."""
+    one) and its (outer, C, inner) view for the kernels' stores (16-bit
+    floats as their bits)."""
     y = out if out is not None and out.flags.c_contiguous else np.empty(layout.shape, dtype)
-    y3 = y.reshape(layout.outer, layout.channels, layout.inner)
-    return y, (y3.view(np.uint16) if y3.dtype == np.float16 else y3)
+    return y, _bits(y.reshape(layout.outer, layout.channels, layout.inner))
 
 
 def _work(x3, *vectors):
     """Per-channel float64 vectors in the kernels' working type for x3's
-    elements: float32 for float16 data (uint16 bits), else float64."""
-    dt = np.float32 if x3.dtype == np.uint16 else np.float64
+    elements: float32 for 16-bit data (their bits), else float64."""
+    dt = np.float32 if x3.itemsize == 2 else np.float64
     return tuple(np.asarray(v, dt) for v in vectors)
 
 
@@ -416,7 +471,9 @@ def _shift(x3):
     """Each channel's first value, the shift k of the sums: float64 and in
     the working type."""
     first = x3[0, :, 0]
-    k = (first.view(np.float16) if first.dtype == np.uint16 else first).astype(np.float64)
+    if first.itemsize == 2:  # the bits back to their values
+        first = first.view(np.float16 if first.dtype == np.uint16 else bfloat16_dtype())
+    k = first.astype(np.float64)
     return k, _work(x3, k)[0]
 
 
@@ -455,14 +512,16 @@ def _stats(x3, layout: ChannelLayout, gamma, beta, eps: float):
     return (k, *out)
 
 
-def _apply(x3, y3, layout: ChannelLayout, k, scale, shift, relu):
-    """The apply pass with the kernel suited to the layout."""
+def _apply(x3, z3, y3, layout: ChannelLayout, k, scale, shift, relu):
+    """The apply pass with the kernel suited to the layout; z3: None or the
+    residual's (outer, C, inner) view."""
     k, scale, shift = _work(x3, k, scale, shift)
     if layout.inner == 1:
         C = layout.channels
-        apply_rows(x3.reshape(-1, C), y3.reshape(-1, C), k, scale, shift, relu, _tasks(layout.outer))
+        apply_rows(x3.reshape(-1, C), None if z3 is None else z3.reshape(-1, C), y3.reshape(-1, C), k, scale,
+                   shift, relu, _tasks(layout.outer))
     else:
-        apply(x3, y3, k, scale, shift, relu, _tasks(layout.outer))
+        apply(x3, z3, y3, k, scale, shift, relu, _tasks(layout.outer))
 
 
 @thread_safe
@@ -478,12 +537,13 @@ def statistics(x, layout: ChannelLayout) -> Moments:
 
 @thread_safe
 @ieee_semantics
-def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running, out=None):
+def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running, out=None,
+                  residual=None):
     """See ``numpy_backend.forward_train``; y is written into a C-contiguous
-    ``out`` directly."""
+    ``out`` directly (it may be the residual: read in the same pass)."""
     C, n = layout.channels, layout.count
     cdt = compute_dtype(x.dtype)
-    x3 = _view3(x, layout)
+    x3, z3 = _view3(x, layout), _view3(residual, layout)
     y, y_store = _out3(layout, x.dtype, out)
     g, b = per_channel(gamma, C, 1.0), per_channel(beta, C, 0.0)
     if C == 0 or n == 0:  # nothing to normalize: zero statistics (as the numpy backend's)
@@ -492,11 +552,11 @@ def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool,
         mean, m2, invstd = np.empty(C), np.empty(C), np.empty(C)
         _, kw = _shift(x3)
         scale_w, shift_w = np.empty_like(kw), np.empty_like(kw)
-        train_planes(x3, y_store, kw, g, b, eps, relu, _block(layout, x3.itemsize), mean, m2, invstd,
+        train_planes(x3, z3, y_store, kw, g, b, eps, relu, _block(layout, x3.itemsize), mean, m2, invstd,
                      scale_w, shift_w)
     else:
         k, mean, m2, invstd, scale, shift = _stats(x3, layout, g, b, eps)
-        _apply(x3, y_store, layout, k, scale, shift, relu)
+        _apply(x3, z3, y_store, layout, k, scale, shift, relu)
     if running is not None:
         update_running(running[0], running[1], mean, m2 / (n - 1), running[2])
     return deliver(y, out), mean.astype(cdt), invstd.astype(cdt)
@@ -504,12 +564,12 @@ def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool,
 
 @thread_safe
 @ieee_semantics
-def normalize(x, layout: ChannelLayout, norm: Normalization, relu: bool, out=None):
+def normalize(x, layout: ChannelLayout, norm: Normalization, relu: bool, out=None, residual=None):
     """See ``numpy_backend.normalize``; y is written into a C-contiguous
-    ``out`` directly."""
+    ``out`` directly (it may be the residual: read in the same pass)."""
     y, y_store = _out3(layout, x.dtype, out)
     if layout.channels and layout.count:
-        _apply(_view3(x, layout), y_store, layout, norm.k, norm.scale, norm.shift, relu)
+        _apply(_view3(x, layout), _view3(residual, layout), y_store, layout, norm.k, norm.scale, norm.shift, relu)
     return deliver(y, out)
 
 
@@ -575,3 +635,16 @@ def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None):
         backward_coeffs(s, t, n, inv, g, dgamma, dbeta, a, b, cc)
         _dx(dy3, x3, out_store, layout, (mw, *_work(x3, a, b, cc)))
     return deliver(dx, out), dgamma.astype(cdt), dbeta.astype(cdt)
+
+
+@thread_safe
+def relu_backward(dy, y):
+    """See ``interface.Backend.relu_backward``: one parallel pass in the
+    result's memory order, dy's (``empty_like``); dy and y are copied to it
+    only when their strides differ."""
+    g = np.empty_like(dy)
+    order = np.argsort([-s for s in g.strides], kind="stable")  # g's axes, outermost first: C-contiguous
+    dy1, y1 = (_bits(np.ascontiguousarray(a.transpose(order))).reshape(-1) for a in (dy, y))
+    if g.size:
+        relu_grad(dy1, y1, np.reshape(_bits(g.transpose(order)), -1, copy=False))
+    return g

@@ -1,14 +1,17 @@
-"""float16 inside the numba backend's kernels: loads and stores.
+"""16-bit floats inside the numba backend's kernels: loads and stores.
 
-Numba has no CPU float16 type, so the kernels see float16 arrays as their
-uint16 bits. They load elements through :func:`to_work`, which gives the
-working type: float32 for float16 data, float64 for float32 and float64
-data; per-channel values are cast to it by :func:`work_value`, and results
-are written by :func:`store`. float32 work on float16 data (differences
+Numba has no CPU float16 or bfloat16 type, so the kernels see float16
+arrays as their uint16 bits and bfloat16 arrays as their int16 bits
+(``numba_bf16``: its conversions). They load elements through
+:func:`to_work`, which gives the working type: float32 for 16-bit data,
+float64 for float32 and float64 data; per-channel values are cast to it by
+:func:`work_value`, and results are written by :func:`store`, each
+dispatching on the integer type. float32 work on float16 data (differences
 ``x - k`` that the kernels then sum in float64, and the elementwise
 ``(x - k) * scale + shift``) costs float32 roundings of 2^-13 of a float16
-unit each, while float64 would halve the vector width and double the
-conversion work for nothing visible in a float16 result.
+unit each (2^-16 of a bfloat16 unit), while float64 would halve the vector
+width and double the conversion work for nothing visible in a 16-bit
+result.
 
 Two implementations of the float16 conversions, both exact:
 
@@ -30,6 +33,8 @@ from numba import config, njit, types
 from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic, overload
 
+from .numba_bf16 import bf16_bits, bf16_value
+
 
 def _compile_target_has_f16c() -> bool:
     """Whether the CPU Numba compiles for (``NUMBA_CPU_FEATURES`` or the
@@ -46,12 +51,13 @@ NATIVE_HALF = _compile_target_has_f16c()
 
 @intrinsic
 def prefer_wide_vectors_for(typingctx, a):
-    """In a function that sums float16 array ``a`` (its uint16 bits), ask
-    LLVM to vectorize 512 bits wide where the CPU can (it prefers 256 bits
-    on AVX-512 Intel CPUs). float16 sums convert and accumulate in float64
-    and are compute-bound: 8 float64 lanes instead of 4 made resnet-56
-    float16 training 1.16 -> 0.79 ms and backward 1.56 -> 1.27 ms here. For
-    float32 and float64 data it does nothing (it made float32 slower).
+    """In a function that sums 16-bit array ``a`` (its bits), ask LLVM to
+    vectorize 512 bits wide where the CPU can (it prefers 256 bits on
+    AVX-512 Intel CPUs). float16 sums convert and accumulate in float64 and
+    are compute-bound: 8 float64 lanes instead of 4 made resnet-56 float16
+    training 1.16 -> 0.79 ms and backward 1.56 -> 1.27 ms here; bfloat16
+    sums accumulate alike (not measured apart). For float32 and float64
+    data it does nothing (it made float32 slower).
     Emits no code. llvmlite has no API for string attributes, so the
     attribute is added to the set it writes; if that ever fails, the code
     is simply vectorized 256 bits wide."""
@@ -145,23 +151,38 @@ def half_value(h):
 # --- what the kernels call --------------------------------------------------------
 
 def _is_half(t) -> bool:
-    """float16 arrays reach the kernels as their uint16 bits."""
+    """16-bit floats reach the kernels as their bits: float16 as uint16,
+    bfloat16 as int16 (:func:`_is_bfloat16`)."""
     return isinstance(t, types.Integer)
 
 
-def _half_to_f32():
+def _is_bfloat16(t) -> bool:
+    return isinstance(t, types.Integer) and t.signed
+
+
+def _to_f32(t):
+    """The bits -> float32 conversion for 16-bit elements of type ``t``."""
+    if _is_bfloat16(t):
+        return bf16_value
     return half_to_f32_native if NATIVE_HALF else half_value
+
+
+def _from_f32(t):
+    """The float32 -> bits conversion (to nearest even) for elements of type ``t``."""
+    if _is_bfloat16(t):
+        return bf16_bits
+    return f32_to_half_native if NATIVE_HALF else half_bits
 
 
 def to_work(v):
     """Load an element in the elementwise working type: float32 for
-    float16 data, float64 otherwise (stub)."""
+    16-bit data, float64 otherwise (stub)."""
 
 
 @overload(to_work, inline="always")
 def _to_work(v):
     if _is_half(v):
-        convert = _half_to_f32()
+        convert = _to_f32(v)
         return lambda v: convert(v)
     return lambda v: np.float64(v)
 
@@ -186,7 +207,7 @@ def store(out, idx, v):
 @overload(store, inline="always")
 def _store(out, idx, v):
     if _is_half(out.dtype):
-        convert = f32_to_half_native if NATIVE_HALF else half_bits
+        convert = _from_f32(out.dtype)
         def impl(out, idx, v):
             out[idx] = convert(np.float32(v))
     else:

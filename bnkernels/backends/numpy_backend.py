@@ -48,7 +48,7 @@ from collections import Counter
 
 import numpy as np
 
-from ..validation import compute_dtype
+from ..validation import compute_dtype, host_array
 from .coefficients import dx_coefficients, update_running
 from . import cpu_common
 from .cpu_common import ieee_semantics, per_channel
@@ -80,8 +80,9 @@ _WIDE = 1024
 
 
 def asarray(x):
-    """Host arrays in, host arrays out."""
-    return np.asarray(x)
+    """Host arrays in, host arrays out (a torch bfloat16 tensor as NumPy's
+    bfloat16: ``validation.host_array``)."""
+    return host_array(x)
 
 
 def _tiles(shape):
@@ -394,13 +395,15 @@ def statistics(x, layout: ChannelLayout) -> Moments:
 
 
 @ieee_semantics
-def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running, out=None):
+def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running, out=None,
+                  residual=None):
     """Training forward.
 
     x: input, any shape, float16/32/64; gamma, beta: (C,) or None;
     running: ``(running_mean, running_var, factor)`` or None, updated in place;
     out: None or a checked buffer for y (``validation.check_out``), written
-    directly (x itself for an in-place result).
+    directly (x itself for an in-place result); residual: None or an array
+    like x (any strides) added before the ReLU, in the same pass.
     Returns ``y`` (shape and dtype of x, in x's memory order; ``out`` when
     given), ``mean`` and ``invstd`` (C,) in the compute dtype (float32 for
     float16/32 input; an invstd beyond float32's range is Inf there).
@@ -418,7 +421,7 @@ def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool,
     center = _centered(np.where(k == 0, dm, k), np.abs(k + dm) * np.sqrt(n / m2))
     offset = k + dm if center is None else np.where(k == 0, 0.0, dm)  # mean - center
     shift = per_channel(beta, C, 0.0) - offset * scale
-    _affine_pass(plan, [(xp, center, scale)], shift, relu, plan.view(y), x.dtype)
+    _affine_pass(plan, [(xp, center, scale), *_residual_term(plan, residual)], shift, relu, plan.view(y), x.dtype)
     mean = k + dm
     if running is not None:
         running_mean, running_var, factor = running
@@ -427,8 +430,8 @@ def forward_train(x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool,
 
 
 @ieee_semantics
-def normalize(x, layout: ChannelLayout, norm: Normalization, relu: bool, out=None):
-    """``y = (x - k) * scale + shift`` [ReLU] with ``norm`` from
+def normalize(x, layout: ChannelLayout, norm: Normalization, relu: bool, out=None, residual=None):
+    """``y = (x - k) * scale + shift [+ residual]`` [ReLU] with ``norm`` from
     :func:`finalize` or :func:`finalize_running`. Returns ``y`` (like x,
     in x's memory order; ``out`` when given)."""
     plan = _Plan(x, layout)
@@ -436,8 +439,24 @@ def normalize(x, layout: ChannelLayout, norm: Normalization, relu: bool, out=Non
     k = np.asarray(norm.k, np.float64)
     center = _centered(k, np.abs(k) * np.asarray(norm.invstd, np.float64))
     shift = norm.shift - (0.0 if center is not None else k * norm.scale)
-    _affine_pass(plan, [(plan.view(x), center, norm.scale)], shift, relu, plan.view(y), x.dtype)
+    _affine_pass(plan, [(plan.view(x), center, norm.scale), *_residual_term(plan, residual)], shift, relu,
+                 plan.view(y), x.dtype)
     return deliver(y, out)
+
+
+def _residual_term(plan: _Plan, residual) -> list:
+    """The residual as a term of :func:`_affine_pass` (scale 1, no center)."""
+    return [] if residual is None else [(plan.view(residual), None, np.ones(plan.channels))]
+
+
+def relu_backward(dy, y):
+    """The gradient through a fused ReLU: ``dy``, and 0 where ``y <= 0``
+    (torch's rule: a NaN output passes its gradient). dy, y: same shape
+    and dtype, any strides; the result has dy's dtype and memory order."""
+    g = np.empty_like(dy)
+    np.copyto(g, dy)
+    g[np.asarray(y) <= 0] = 0
+    return g
 
 
 def _backward_center(mean, invstd):

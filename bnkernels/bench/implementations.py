@@ -47,17 +47,37 @@ def _cupy():
 
 
 def _converters(device: str):
-    """(host -> device array, device array -> host) for a device kind."""
+    """(host -> device array, device array -> host) for a device kind. On
+    the GPU, bfloat16 data go as torch CUDA tensors (CuPy has no bfloat16;
+    bnkernels' GPU backends take torch's)."""
     if device == "gpu":
         cp = _cupy()
-        return cp.asarray, cp.asnumpy
+
+        def to_dev(a):
+            if a.dtype.name == "bfloat16":
+                return _torch_bfloat16(a, "cuda")
+            return cp.asarray(a)
+
+        def to_host(a):
+            return _torch_to_host(a) if type(a).__module__.startswith("torch") else cp.asnumpy(a)
+
+        return to_dev, to_host
     return np.asarray, _host
+
+
+def _torch_bfloat16(a: np.ndarray, device: str):
+    """NumPy's (ml_dtypes') bfloat16 array as a torch tensor (its bits)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).to(device)
 
 
 def _textbook_prepare(device: str):
     to_dev, _ = _converters(device)
 
     def prepare(op: str, inp: Inputs) -> Runner:
+        if device == "gpu" and inp.x.dtype.name == "bfloat16":
+            raise Unsupported("CuPy has no bfloat16")
         return _operation(op).textbook(inp, to_dev)
 
     return prepare
@@ -115,6 +135,13 @@ def import_torch():
     return torch
 
 
+def _torch_to_host(t) -> np.ndarray:
+    """A torch result as NumPy (bfloat16, which NumPy lacks, as float32:
+    exact)."""
+    t = t.detach().cpu()
+    return (t.float() if str(t.dtype) == "torch.bfloat16" else t).numpy()
+
+
 def torch_implementation(threads: int | None = None, device: str = "cpu") -> Implementation | None:
     """``torch.nn.functional.batch_norm`` (backward through autograd) on the
     CPU or, with ``device="gpu"``, on CUDA; None when torch does not import
@@ -136,6 +163,8 @@ def torch_implementation(threads: int | None = None, device: str = "cpu") -> Imp
     tdev = "cuda" if device == "gpu" else "cpu"
 
     def tensor(a):
+        if a.dtype.name == "bfloat16":
+            return _torch_bfloat16(a, tdev)
         return torch.from_numpy(a).to(tdev)
 
     def prepare(op: str, inp: Inputs) -> Runner:
@@ -144,7 +173,7 @@ def torch_implementation(threads: int | None = None, device: str = "cpu") -> Imp
     where = "CUDA" if device == "gpu" else "CPU"
     return Implementation("torch-cuda" if device == "gpu" else "torch", prepare,
                           f"torch {torch.__version__} F.batch_norm + autograd ({where})",
-                          to_host=lambda t: t.detach().cpu().numpy(), device=device, role=TORCH)
+                          to_host=_torch_to_host, device=device, role=TORCH)
 
 
 def gpu_problem() -> str | None:

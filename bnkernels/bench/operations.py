@@ -118,7 +118,7 @@ def _textbook_params(inp, to_dev):
 def _torch_params(inp, tensor):
     """torch takes half input with float32 parameters (mixed precision);
     otherwise parameters must match the input dtype."""
-    pdt = np.float32 if inp.x.dtype == np.float16 else inp.x.dtype
+    pdt = np.float32 if inp.x.dtype.itemsize == 2 else inp.x.dtype  # float16, bfloat16
     return pdt, tensor(inp.gamma.astype(pdt)), tensor(inp.beta.astype(pdt))
 
 
@@ -206,6 +206,35 @@ def _backward_torch(inp, tensor, F):
     return lambda: torch.autograd.grad(y, (xt, w, b), dyt, retain_graph=True)
 
 
+# --- training forward with a residual and ReLU: relu(bn(x) + z) ------------------
+# z is the case's dy array (same shape and dtype as x, other values)
+
+def _add_relu_reference(inp):
+    return (reference_forward(inp.x, inp.gamma, inp.beta, axis=inp.axis, eps=inp.eps, activation="relu",
+                              residual=inp.dy)[0],)
+
+
+def _add_relu_bnkernels(inp, to_dev, backend, out):
+    from ..batch_norm import bn_forward
+
+    x, z, g, b = to_dev(inp.x), to_dev(inp.dy), to_dev(inp.gamma), to_dev(inp.beta)
+    return lambda: (bn_forward(x, g, b, axis=inp.axis, eps=inp.eps, activation="relu", residual=z,
+                               backend=backend, out=out),)
+
+
+def _add_relu_textbook(inp, to_dev):
+    x, z, (gamma, beta) = to_dev(inp.x), to_dev(inp.dy), _textbook_params(inp, to_dev)
+    xp = _xp(x)
+    return _quiet(lambda: (xp.maximum(textbook_forward_train(x, gamma, beta, inp.axis, inp.eps)[0] + z, 0),))
+
+
+def _add_relu_torch(inp, tensor, F):
+    _, w, b = _torch_params(inp, tensor)
+    xv, zv = tensor(inp.x).movedim(inp.axis, 1), tensor(inp.dy).movedim(inp.axis, 1)
+    return lambda: (F.relu(F.batch_norm(xv, None, None, w, b, training=True, eps=inp.eps) + zv).movedim(
+        1, inp.axis),)
+
+
 #: Every operation, in the order they are reported. The bytes are those of
 #: a two-pass method (``ops.BYTES_MODEL``).
 OPERATIONS = {op.name: op for op in (
@@ -213,6 +242,8 @@ OPERATIONS = {op.name: op for op in (
     Operation("infer", "inference forward", 2, _infer_reference, _infer_bnkernels, _infer_textbook, _infer_torch),
     Operation("backward", "backward", 5, _backward_reference, _backward_bnkernels, _backward_textbook,
               _backward_torch),
+    Operation("train-add-relu", "training forward + residual + ReLU", 4, _add_relu_reference,
+              _add_relu_bnkernels, _add_relu_textbook, _add_relu_torch),
 )}
 
 __all__ = ["OPERATIONS", "Operation", "Runner", "textbook_backward", "textbook_forward_infer",

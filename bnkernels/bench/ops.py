@@ -58,12 +58,18 @@ COPY = "copy"
 #: Name of the CPU textbook baseline.
 BASELINE = "textbook-numpy"
 
-#: Allowed error of each output: ``max |out - ref| / max |ref|`` (ref float64).
-TOLERANCE = {
-    np.dtype(np.float16): 2e-2,
-    np.dtype(np.float32): 1e-3,
-    np.dtype(np.float64): 1e-9,
-}
+#: Allowed error of each output, by dtype name: ``max |out - ref| / max |ref|`` (ref float64).
+TOLERANCE = {"float16": 2e-2, "bfloat16": 6e-2, "float32": 1e-3, "float64": 1e-9}
+
+
+def bench_dtype(name) -> np.dtype:
+    """The dtype of a name (or dtype): bfloat16 is ml_dtypes' (a clear
+    error says what to install without it)."""
+    if str(name) == "bfloat16":
+        from ..validation import bfloat16_dtype
+
+        return bfloat16_dtype()
+    return np.dtype(name)
 
 EPS = 1e-5
 
@@ -231,7 +237,7 @@ def make_inputs(case: Case, dtype, seed: int = 0) -> Inputs:
     if channels_last:
         x = np.moveaxis(x, 1, -1)
         dy = np.moveaxis(dy, 1, -1)
-    dtype = np.dtype(dtype)
+    dtype = bench_dtype(dtype)
     x = np.ascontiguousarray(x, dtype=dtype)
     dy = np.ascontiguousarray(dy, dtype=dtype)
     gamma = rng.uniform(0.5, 2.0, C).astype(np.float32)
@@ -285,7 +291,7 @@ def check_outputs(outputs: Sequence[Any], expected: Sequence[np.ndarray],
 __all__ = [
     'ALLOCATION_NOTE', 'BASELINE', 'BYTES_FACTOR', 'BYTES_MODEL', 'CANDIDATE', 'COPY', 'Case',
     'DEFAULT_CASES', 'EPS', 'GiB', 'Inputs', 'MiB', 'NAMED_CASES', 'OPS', 'OP_TITLES', 'QUICK_CASES',
-    'QUICK_DIVISOR', 'SAME_SIZE_COPY_NOTE', 'TEXTBOOK', 'TOLERANCE', 'TORCH', 'Unsupported', '_host',
+    'QUICK_DIVISOR', 'bench_dtype', 'SAME_SIZE_COPY_NOTE', 'TEXTBOOK', 'TOLERANCE', 'TORCH', 'Unsupported', '_host',
     'check_outputs', 'layout_label', 'make_inputs', 'min_bytes', 'parse_case', 'parse_cases',
     'reference_outputs',
 ]

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from .ops import (
-    COPY, Case, DEFAULT_CASES, Inputs, OPS, TEXTBOOK, TOLERANCE, TORCH, Unsupported, check_outputs,
+    COPY, Case, DEFAULT_CASES, Inputs, OPS, TEXTBOOK, TOLERANCE, TORCH, Unsupported, bench_dtype, check_outputs,
     make_inputs, min_bytes, reference_outputs,
 )
 from .implementations import Implementation
@@ -95,7 +95,7 @@ def run_one(impl: Implementation, op: str, case: Case, inp: Inputs, expected, de
     device = CpuDevice() if device is None else device
     timing = device.default_timing if timing is None else timing
     dtype = np.dtype(inp.x.dtype)
-    tol = TOLERANCE[dtype]
+    tol = TOLERANCE[dtype.name]
     res = Result(op, case.label, case.shape, case.axis, case.layout, dtype.name, impl.name, impl.role,
                  impl.device, device.name, min_bytes(op, inp.x.nbytes), "ok",
                  tolerance=tol if impl.checked else None, timer=device.timer)
@@ -186,7 +186,7 @@ def run_benchmarks(implementations: Sequence[Implementation], cases: Iterable[Ca
                                    timing_for(impl.device), cold))
 
     for dtype in dtypes:
-        dt = np.dtype(dtype)
+        dt = bench_dtype(dtype)
         for case in cases:
             inp = make_inputs(case, dt, seed)
             measure(copy_impls, COPY, case, inp, None)

@@ -14,14 +14,13 @@ import sys
 import textwrap
 import time
 
-import numpy as np
 
 from .. import bench as bm
 from .exits import EXIT_FAILED, EXIT_OK
 from .tables import format_table, format_results_table
 
 
-DTYPE_NAMES = ("float16", "float32", "float64")
+DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
 #: dtypes of a default run and of a --quick run.
 DEFAULT_DTYPES, QUICK_DTYPES = "float32,float16", "float32"
 DEVICE_CHOICES = ("auto", "cpu", "gpu", "all")
@@ -166,14 +165,14 @@ def _print_bench(results, ceilings: dict, devices: dict, timings: dict, args, in
     else:
         para("Caches: hot: every call reuses the same inputs (--cold rotates copies of them).")
     para(f"Allocation: {bm.ALLOCATION_NOTE}.")
-    tol = ", ".join(f"{d.name} {t:.0e}" for d, t in bm.TOLERANCE.items())
+    tol = ", ".join(f"{d} {t:.0e}" for d, t in bm.TOLERANCE.items() if d in dtypes)
     para(f"Checked before timing against the float64 bnkernels.reference: max |error| / max |reference| "
          f"<= {tol}; a WRONG result is not timed.")
     para("vs textbook, vs torch: speed-up over textbook NumPy and torch.nn.functional.batch_norm on the "
          "same device (textbook-cupy and torch-cuda on the GPU); above 1 is faster."
          + ("" if info.get("torch") else ' torch is not installed here, so "vs torch" stays empty: '
             'pip install "bnkernels[torch]".'))
-    sizes = [math.prod(c.shape) * np.dtype(d).itemsize for c in cases for d in dtypes]
+    sizes = [math.prod(c.shape) * bm.bench_dtype(d).itemsize for c in cases for d in dtypes]
     for kind, d in devices.items():
         cache = d.cache_bytes
         if cache and not args.cold and 2 * min(sizes) <= cache:
@@ -201,7 +200,7 @@ def _bench_payload(results, ceilings, devices, timings, args, info, torch_thread
         "bytes_model": bm.BYTES_MODEL,
         "allocation": bm.ALLOCATION_NOTE,
         "same_size_copy": bm.SAME_SIZE_COPY_NOTE,
-        "tolerance": {d.name: t for d, t in bm.TOLERANCE.items()},
+        "tolerance": dict(bm.TOLERANCE),
         "timing": {k: dataclasses.asdict(t) for k, t in timings.items()},
         "cold": bool(args.cold),
         "quick": bool(args.quick),

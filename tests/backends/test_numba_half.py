@@ -1,7 +1,9 @@
-"""float16 conversions of the numba backend (``numba_half``), both the
-native F16C one and the portable bit arithmetic, called from compiled loops
-as the kernels call them, against NumPy's conversions bit for bit; and the
-whole backend compiled without F16C."""
+"""16-bit conversions of the numba backend (``numba_half``): float16's,
+both the native F16C one and the portable bit arithmetic, and bfloat16's
+(``numba_bf16``), called from compiled loops as the kernels call them,
+against NumPy's (ml_dtypes') conversions bit for bit; the loads and stores
+dispatching on the bits' integer type; and the whole backend compiled
+without F16C."""
 import os
 import subprocess
 import sys
@@ -13,6 +15,8 @@ pytest.importorskip("numba")
 from numba import njit  # noqa: E402
 
 from bnkernels.backends import numba_half as nh  # noqa: E402
+from bnkernels.backends import numba_bf16  # noqa: E402
+from helpers import bfloat16  # noqa: E402
 
 ALL_BITS = np.arange(65536, dtype=np.uint32).astype(np.uint16)
 
@@ -73,6 +77,62 @@ def test_stores_round_like_numpy(kind):
     nan = np.empty(1, np.uint16)
     STORERS[kind](np.array([np.nan], np.float32), nan)
     assert np.isnan(nan.view(np.float16)[0])
+
+
+BF16_LOAD, BF16_STORE = _elementwise(numba_bf16.bf16_value), _elementwise(numba_bf16.bf16_bits)
+
+
+def hard_float32_values_for_bfloat16(rng):
+    """Random float32 bit patterns (every exponent, NaNs with payloads),
+    every midpoint between neighbouring finite bfloat16 values and the
+    float32 values beside them, the edges of the range."""
+    bf = bfloat16()
+    with np.errstate(invalid="ignore"):  # the NaN patterns
+        finite = ALL_BITS.view(np.int16).view(bf).astype(np.float64)
+    finite = np.sort(finite[np.isfinite(finite)])
+    mids = ((finite[:-1] + finite[1:]) / 2).astype(np.float32)  # exact: 9 bits
+    random = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    edges = np.array([3.3895314e38, 3.3961775e38, 3.4e38, -3.4e38, 1e-40, -1e-40, 1e-45, 0.0, -0.0, np.inf,
+                      -np.inf, np.nan, -np.nan], np.float32)
+    return np.concatenate([mids, np.nextafter(mids, np.float32(np.inf)), np.nextafter(mids, np.float32(-np.inf)),
+                           random, edges])
+
+
+def test_bfloat16_loads_are_exact_for_every_bit_pattern():
+    bits = ALL_BITS.view(np.int16)
+    got = np.empty(65536, np.float32)
+    BF16_LOAD(bits, got)
+    expected = bits.view(bfloat16()).astype(np.float32)
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))  # NaN payloads, -0, Inf too
+
+
+def test_bfloat16_stores_round_like_ml_dtypes(rng):
+    values = hard_float32_values_for_bfloat16(rng)
+    got = np.empty(values.size, np.int16)
+    BF16_STORE(values, got)
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = values.astype(bfloat16()).view(np.int16)
+    bad = got != expected
+    assert not bad.any(), f"{bad.sum()} mismatches, e.g. {values[bad][:4]} -> {got[bad][:4]} vs {expected[bad][:4]}"
+    nan = np.isnan(values)
+    assert nan.sum() > 100 and (got[nan].view(np.uint16) & 0x7FC0 == 0x7FC0).all()  # quiet NaNs
+
+
+def test_loads_and_stores_dispatch_on_the_bits_type():
+    """int16 bits are bfloat16, uint16 bits float16: the same compiled
+    loop through ``to_work`` and ``store`` gives each its own conversion."""
+    @njit
+    def copy_through_work(a, out):
+        for i in range(a.size):
+            nh.store(out, i, nh.to_work(a[i]) * np.float32(3.0))
+
+    values = np.array([1.0, -2.5, 0.1, 100.0, 1e-3], np.float32)
+    for dtype, bits in ((np.dtype(np.float16), np.uint16), (bfloat16(), np.int16)):
+        a = values.astype(dtype)
+        out = np.empty(a.size, bits)
+        copy_through_work(a.view(bits), out)
+        expected = (a.astype(np.float32) * np.float32(3.0)).astype(dtype)
+        np.testing.assert_array_equal(out, expected.view(bits))
 
 
 def test_kernels_without_f16c_match_the_reference(tmp_path):

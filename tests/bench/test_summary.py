@@ -16,7 +16,7 @@ def test_summary_of_a_real_bench_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(path.read_text())
     rows = summary.summary_rows(doc["results"])
-    assert {r[0] for r in rows} == {"train", "infer", "backward"}
+    assert {r[0] for r in rows} == {"train", "infer", "backward", "train-add-relu"}
     assert all(r[4] == "numpy" for r in rows)  # candidates only, not the textbook baseline
     text = subprocess.run([sys.executable, "-m", "bnkernels.bench.summary", str(path)], capture_output=True,
                           text=True, timeout=60).stdout

@@ -270,6 +270,34 @@ inline __half __float2half_rn(const float f) {
 }
 inline __half __float2half(const float f) { return __float2half_rn(f); }
 
+// --- __nv_bfloat16 (cuda_bf16.h subset) -----------------------------------------
+// bfloat16 as raw bits: the top half of a binary32. As for __half, no
+// implicit conversions and no arithmetic.
+struct alignas(2) __nv_bfloat16 { unsigned short __x; };
+
+// Exact: the bits shifted into a binary32 (NaN payloads kept).
+inline float __bfloat162float(const __nv_bfloat16 h) {
+    return bnhost::bits_float((unsigned int)h.__x << 16);
+}
+
+// Round to nearest, ties to even, in integer arithmetic (as cuda_bf16.hpp's
+// emulation and sm_80's cvt.rn.bf16.f32): NaN -> 0x7fff, CUDA's canonical
+// NaN (NaN stays NaN); overflow rounds to infinity; subnormals round like
+// any other value (bfloat16 has binary32's exponent range).
+inline __nv_bfloat16 __float2bfloat16_rn(const float f) {
+    const unsigned int x = bnhost::float_bits(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{0x7fff};
+    const unsigned int rounded = x + 0x7fffu + ((x >> 16) & 1u);
+    return __nv_bfloat16{(unsigned short)(rounded >> 16)};
+}
+inline __nv_bfloat16 __float2bfloat16(const float f) { return __float2bfloat16_rn(f); }
+inline unsigned short __bfloat16_as_ushort(const __nv_bfloat16 h) { return h.__x; }
+inline __nv_bfloat16 __ushort_as_bfloat16(const unsigned short u) { return __nv_bfloat16{u}; }
+
+// --- Bit casts (device intrinsics) -----------------------------------------------
+inline unsigned int __float_as_uint(const float f) { return bnhost::float_bits(f); }
+inline float __uint_as_float(const unsigned int u) { return bnhost::bits_float(u); }
+
 inline __half2 __halves2half2(const __half lo, const __half hi) { return __half2{lo, hi}; }
 inline __half __low2half(const __half2 a) { return a.x; }
 inline __half __high2half(const __half2 a) { return a.y; }
@@ -357,6 +385,7 @@ BNHOST_SHUFFLES(float)
 BNHOST_SHUFFLES(double)
 BNHOST_SHUFFLES(__half)
 BNHOST_SHUFFLES(__half2)
+BNHOST_SHUFFLES(__nv_bfloat16)
 #undef BNHOST_SHUFFLES
 
 // --- Math ----------------------------------------------------------------------------

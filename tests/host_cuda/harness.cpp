@@ -38,7 +38,7 @@
 namespace bnhost {
 
 // --- Parameter type codes, so that the Python side can check arguments -----
-// "f16" "f32" "f64" "b" "i8".."i64" "u8".."u64", "s<bytes>" for anything else
+// "f16" "bf16" "f32" "f64" "b" "i8".."i64" "u8".."u64", "s<bytes>" for anything else
 // (structs, vector types); pointers: "p:<pointee>", "pc:<pointee>" when the
 // pointee is const, "p:v" for void*.
 struct CodeWriter {
@@ -84,6 +84,7 @@ template <> struct TypeCode<unsigned long> : IntCode<unsigned long> {};
 template <> struct TypeCode<long long> : IntCode<long long> {};
 template <> struct TypeCode<unsigned long long> : IntCode<unsigned long long> {};
 template <> struct TypeCode<__half> { static void write(CodeWriter& w) { w.put("f16"); } };
+template <> struct TypeCode<__nv_bfloat16> { static void write(CodeWriter& w) { w.put("bf16"); } };
 template <> struct TypeCode<float> { static void write(CodeWriter& w) { w.put("f32"); } };
 template <> struct TypeCode<double> { static void write(CodeWriter& w) { w.put("f64"); } };
 template <> struct TypeCode<void> { static void write(CodeWriter& w) { w.put("v"); } };

@@ -47,7 +47,7 @@ adapter object with ``run = lambda launch: dev.run(so, launch)`` (plus its
 
   - a pointer parameter takes a C-contiguous ``numpy.ndarray`` (the kernel
     gets its data pointer) whose dtype matches the pointee (``__half`` ↔
-    float16; uint8 arrays, ``void*`` and struct pointees such as ``float4*``
+    float16, ``__nv_bfloat16`` ↔ ml_dtypes' bfloat16; uint8 arrays, ``void*`` and struct pointees such as ``float4*``
     accept any dtype), writeable unless the pointee is ``const``; or
     ``np.uint64(0)`` for a null pointer;
   - a value parameter takes a NumPy scalar of exactly the parameter's type
@@ -322,6 +322,8 @@ def build(kernel_file: str | os.PathLike, name_expressions: Iterable[str], tsan:
 # dtype -> type code of harness.cpp
 def _dtype_code(dtype: np.dtype) -> str:
     dtype = np.dtype(dtype)
+    if dtype.name == "bfloat16":  # ml_dtypes' (NumPy has none of its own)
+        return "bf16"
     if dtype.kind == "b":
         return "b"
     if dtype.kind in "iuf":
@@ -339,7 +341,7 @@ _CTYPE_OF_CODE = {
 _C_NAME_OF_CODE = {
     "b": "bool", "i8": "signed char", "i16": "short", "i32": "int", "i64": "long long",
     "u8": "unsigned char", "u16": "unsigned short", "u32": "unsigned int",
-    "u64": "unsigned long long", "f16": "__half", "f32": "float", "f64": "double", "v": "void",
+    "u64": "unsigned long long", "f16": "__half", "bf16": "__nv_bfloat16", "f32": "float", "f64": "double", "v": "void",
 }
 
 
@@ -416,7 +418,7 @@ def _convert(kernel: str, index: int, code: str, arg: Any) -> ctypes._SimpleCDat
     dcode = _dtype_code(arg.dtype)
     if dcode != code:
         raise TypeError(f"{where}: got np.{arg.dtype} (pass np.{_numpy_name(code)})")
-    if code == "f16":
+    if code in ("f16", "bf16"):
         return ctypes.c_uint16(int(np.asarray(arg).view(np.uint16)))
     ctype = _CTYPE_OF_CODE.get(code)
     if ctype is None:
@@ -425,7 +427,7 @@ def _convert(kernel: str, index: int, code: str, arg: Any) -> ctypes._SimpleCDat
 
 
 def _numpy_name(code: str) -> str:
-    return {"b": "bool_", "f16": "float16", "f32": "float32", "f64": "float64"}.get(
+    return {"b": "bool_", "f16": "float16", "bf16": "bfloat16", "f32": "float32", "f64": "float64"}.get(
         code, {"i": "int", "u": "uint"}.get(code[:1], "?") + code[1:])
 
 

@@ -18,6 +18,15 @@ synchronized by the copy back). Per (device, stream, host thread) the
 backend keeps the reductions' counters and each plan's workspace
 (``gpu/workspace.py``), so a call allocates only what it returns.
 
+bfloat16: CuPy has no bfloat16 dtype. A torch (CUDA or CPU) bfloat16 tensor
+or a NumPy bfloat16 array (ml_dtypes') is held as a CuPy int16 array of the
+same memory (``t.view(torch.int16)``), its operand saying bfloat16; the
+kernels take int16 storage as bfloat16 bits (``bind.storage_name``: their
+``__nv_bfloat16`` instantiations), outputs are allocated as int16 arrays,
+and results go back as the caller's bfloat16 (a torch bfloat16 tensor of
+the same memory, or a NumPy bfloat16 array). Per-channel vectors in
+bfloat16 are widened to float32 exactly on the device.
+
 Compilation: lazily, on first use, once per device (``functools.cache``);
 CuPy also caches the binaries on disk.
 """
@@ -28,6 +37,7 @@ import math
 
 import numpy as np
 
+from ...validation import bfloat16_dtype, host_array, is_bfloat16
 from ...validation import is_torch as _is_torch
 from ..gpu import geometry
 from ..gpu.workspace import CounterCache, ScratchCache
@@ -42,6 +52,43 @@ TUNING = geometry.Tuning()
 
 
 _cupy_module = []
+
+
+#: How a bfloat16 array is held for CuPy (the same bits), and bfloat16's NaN
+#: bits (the poison of an output).
+BF16_BITS = np.dtype(np.int16)
+_BF16_NAN = np.int16(0x7FC0)
+
+
+def _holds_bf16(dtype) -> bool:
+    """Whether a buffer of ``dtype`` (a CuPy array's, or a plan's: bfloat16
+    itself) holds bfloat16 bits."""
+    return is_bfloat16(dtype) or np.dtype(dtype) == BF16_BITS
+
+
+class Bf16Operand(Operand):
+    """A bfloat16 argument: ``device`` a CuPy int16 array of its memory (or
+    ``host`` a NumPy bfloat16 array); its dtype is bfloat16."""
+
+    @property
+    def dtype(self):
+        return bfloat16_dtype()
+
+
+def bf16_to_float32(xp, bits):
+    """bfloat16 bits (an int16 array of ``xp``: CuPy, or NumPy in tests) as
+    float32, exactly: the bits in the top half of a binary32."""
+    return (bits.astype(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16(xp, values):
+    """float32 (or float64, rounded to float32 first) to bfloat16 bits
+    (int16), rounding to nearest even; NaN -> 0x7fc0 (still NaN)."""
+    f = xp.ascontiguousarray(values, dtype=np.float32)
+    u = f.view(np.uint32)
+    rounded = (u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16
+    bits = xp.where(xp.isnan(f), np.uint32(0x7FC0), rounded)
+    return bits.astype(np.uint16).view(np.int16)
 
 
 def _cupy():
@@ -144,12 +191,16 @@ class _Device:
         return False
 
     def alloc(self, shape, dtype):
+        if _holds_bf16(dtype):  # bfloat16: its bits in an int16 array
+            if self.poison:
+                return self.cp.full(shape, _BF16_NAN, BF16_BITS)
+            return self.cp.empty(shape, BF16_BITS)
         if self.poison:
             return self.cp.full(shape, np.nan, dtype)
         return self.cp.empty(shape, dtype)
 
     def zeros(self, shape, dtype):
-        return self.cp.zeros(shape, dtype)
+        return self.cp.zeros(shape, BF16_BITS if _holds_bf16(dtype) else dtype)
 
     def counters(self, n):
         if self.capturing:
@@ -202,8 +253,15 @@ class Arrays:
     def operand(self, x):
         if isinstance(x, Operand):
             return x
+        if _is_torch(x) and str(x.dtype) == "torch.bfloat16":
+            if not x.is_cuda:
+                return Bf16Operand("numpy", x, host=host_array(x))
+            import torch
+
+            return Bf16Operand("torch", x, device=_cupy().asarray(x.detach().view(torch.int16)))
         if isinstance(x, np.ndarray) or not hasattr(x, "__cuda_array_interface__"):
-            return Operand("numpy", x, host=np.asarray(x))
+            host = np.asarray(x)
+            return (Bf16Operand if is_bfloat16(host.dtype) else Operand)("numpy", x, host=host)
         kind = "torch" if _is_torch(x) else "cupy"
         return Operand(kind, x, device=_cupy().asarray(x))
 
@@ -255,25 +313,54 @@ class Arrays:
         device_id = cp.cuda.Device().id if x_op.is_host else x_op.device.device.id
         return _Device(device_id, _torch_stream(x_op.source) if x_op.kind == "torch" else None)
 
+    def _device_array(self, op, dev, dtype):
+        """op's data contiguous on the device in ``dtype`` (None: its own;
+        bfloat16 as its int16 bits, or widened exactly to float32 and then
+        cast for any other dtype)."""
+        cp = dev.cp
+        if not is_bfloat16(op.dtype):
+            return cp.ascontiguousarray(op.array, dtype=dtype)
+        bits = op.device if not op.is_host else cp.asarray(np.ascontiguousarray(op.host).view(BF16_BITS))
+        bits = cp.ascontiguousarray(bits)
+        if dtype is None or is_bfloat16(dtype):
+            return bits
+        return cp.ascontiguousarray(bf16_to_float32(cp, bits), dtype=dtype)
+
     def flat(self, op, dev, dtype=None):
-        return dev.cp.ascontiguousarray(op.array, dtype=dtype).reshape(-1)
+        return self._device_array(op, dev, dtype).reshape(-1)
 
     def vector(self, op, dev, dtype):
-        return dev.cp.ascontiguousarray(op.array, dtype=dtype)
+        return self._device_array(op, dev, dtype)
 
     def contiguous(self, op):
         return op.device.flags.c_contiguous
 
     def result(self, x_op, a, dev):
+        if a.dtype == BF16_BITS:  # bfloat16 bits: the caller's bfloat16
+            if x_op.is_host:
+                return dev.cp.asnumpy(a).view(bfloat16_dtype())
+            if x_op.kind == "torch":
+                import torch
+
+                return torch.as_tensor(a, device=torch.device("cuda", a.device.id)).view(torch.bfloat16)
+            return a
         return dev.cp.asnumpy(a) if x_op.is_host else a
 
     def to_host(self, a, dev):
-        return dev.cp.asnumpy(a)
+        host = dev.cp.asnumpy(a)
+        return host.view(bfloat16_dtype()) if host.dtype == BF16_BITS else host
 
     def to_device(self, host, dev):
-        return dev.cp.asarray(host)
+        host = np.asarray(host)
+        return dev.cp.asarray(host.view(BF16_BITS) if is_bfloat16(host.dtype) else host)
 
     def write_back(self, op, a, dev):
+        if is_bfloat16(op.dtype):
+            if op.is_host:
+                op.host[...] = self.to_host(a, dev) if not isinstance(a, np.ndarray) else a
+            else:
+                op.device[...] = a if a.dtype == BF16_BITS else float32_to_bf16(dev.cp, dev.cp.asarray(a))
+            return
         if op.is_host:
             op.host[...] = a if isinstance(a, np.ndarray) else dev.cp.asnumpy(a)
         else:

@@ -19,6 +19,9 @@ SIGNATURES = {
               "running_mean", "running_var", "k", "scale", "shift", "mean", "invstd", "dmean", "m2",
               "stage0", "stage1", "stage2", "counters"),
     "apply": ("x", "y", "total", "channels", "inner", "k", "scale", "shift", "relu", "vectorized"),
+    "apply_residual": ("x", "residual", "y", "total", "channels", "inner", "k", "scale", "shift", "relu",
+                       "vectorized"),
+    "relu_backward": ("dy", "y", "g", "total", "vectorized"),
     "infer_coeffs": ("running_mean", "running_var", "channels", "eps", "gamma", "beta", "k", "scale", "shift",
                      "invstd"),
     "bwd_reduce": ("dy", "x", "outer", "channels", "inner", "inv_count", "gamma", "saved_mean", "saved_invstd",
@@ -38,8 +41,15 @@ class BoundLaunch:
     shared_mem: int = 0
 
 
+#: 16-bit integer storage is bfloat16's bits: CuPy has no bfloat16 dtype, so
+#: the adapter holds bfloat16 data as int16 arrays (``__init__.py``); no
+#: other integer data ever reaches a kernel (``validation`` refuses it).
+_BF16_BITS = ("int16", "uint16")
+
+
 def storage_name(dtype) -> str:
-    return sources.STORAGE[np.dtype(dtype).name]
+    name = np.dtype(dtype).name
+    return sources.STORAGE["bfloat16" if name in _BF16_BITS else name]
 
 
 def _running_name(dtype) -> str:
@@ -53,6 +63,10 @@ def kernel_name(launch) -> str:
         return sources.stats_name(t, _running_name(launch.stats_dtype), launch.rows)
     if launch.kernel == "apply":
         return sources.apply_name(t)
+    if launch.kernel == "apply_residual":
+        return sources.apply_residual_name(t)
+    if launch.kernel == "relu_backward":
+        return sources.relu_backward_name(t)
     if launch.kernel == "infer_coeffs":
         return sources.infer_coeffs_name(sources.ACCUMULATOR[t], _running_name(launch.stats_dtype))
     if launch.kernel == "bwd_reduce":

@@ -13,9 +13,10 @@ from importlib import resources
 
 MAIN_FILE = "bn_kernels.cu"
 
-#: C++ type of each storage dtype, and its accumulation type.
-STORAGE = {"float16": "__half", "float32": "float", "float64": "double"}
-ACCUMULATOR = {"__half": "float", "float": "float", "double": "double"}
+#: C++ type of each storage dtype (by NumPy name; bfloat16: ml_dtypes'),
+#: and its accumulation type.
+STORAGE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
+ACCUMULATOR = {"__half": "float", "__nv_bfloat16": "float", "float": "float", "double": "double"}
 RUNNING = ("float", "double")  # dtypes of per-channel statistics (running, saved)
 
 
@@ -43,6 +44,14 @@ def apply_name(t: str) -> str:
     return f"bn_apply<{t}, {ACCUMULATOR[t]}>"
 
 
+def apply_residual_name(t: str) -> str:
+    return f"bn_apply_residual<{t}, {ACCUMULATOR[t]}>"
+
+
+def relu_backward_name(t: str) -> str:
+    return f"bn_relu_backward<{t}>"
+
+
 def infer_coeffs_name(acc: str, r: str) -> str:
     return f"bn_infer_coeffs<{acc}, {r}>"
 
@@ -61,7 +70,7 @@ def name_expressions() -> list[str]:
     names = []
     for t in STORAGE.values():
         names += [stats_name(t, r, cl) for r, cl in itertools.product(RUNNING, (False, True))]
-        names += [apply_name(t), dx_name(t)]
+        names += [apply_name(t), apply_residual_name(t), dx_name(t), relu_backward_name(t)]
         names += [bwd_reduce_name(t, r, cl) for r, cl in itertools.product(RUNNING, (False, True))]
     names += [infer_coeffs_name(acc, r) for acc, r in itertools.product(("float", "double"), RUNNING)]
     return names

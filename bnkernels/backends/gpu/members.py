@@ -157,12 +157,12 @@ class GpuBackend:
         with dev:
             return self._finalize(x, dev, *self._stats_pair(dev, running_mean, running_var), gamma, beta, eps)
 
-    def normalize(self, x, layout: ChannelLayout, norm: Normalization, relu: bool, out=None):
-        """Kernel: apply."""
+    def normalize(self, x, layout: ChannelLayout, norm: Normalization, relu: bool, out=None, residual=None):
+        """Kernel: apply (apply_residual with a residual)."""
         x, dev = self._start(x)
         with dev:
             coeffs = {"k": norm.k, "scale": norm.scale, "shift": norm.shift}
-            y = plans.run_apply(dev, self.arrays.flat(x, dev), layout, coeffs, relu)
+            y = plans.run_apply(dev, self.arrays.flat(x, dev), layout, coeffs, relu, self._flat(residual, dev))
             return deliver(self.arrays.result(x, y.reshape(layout.shape), dev), out)
 
     def backward_reduce(self, dy, x, layout: ChannelLayout, mean, invstd) -> GradSums:
@@ -192,21 +192,36 @@ class GpuBackend:
 
     # --- fused forms ----------------------------------------------------------
 
-    def forward_train(self, x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running, out=None):
-        """Kernels: stats (finalize fused) + apply: 2 reads and 1 write of x."""
+    def _flat(self, a, dev):
+        """An optional array like x (the residual) flat on dev, or None."""
+        return None if a is None else self.arrays.flat(self.arrays.operand(a), dev)
+
+    def relu_backward(self, dy, y):
+        """Kernel: relu_backward."""
+        dy, dev = self._start(dy)
+        with dev:
+            A = self.arrays
+            g = plans.run_relu_backward(dev, A.flat(dy, dev), A.flat(A.operand(y), dev))
+            return A.result(dy, g.reshape(tuple(dy.shape)), dev)
+
+    def forward_train(self, x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running, out=None,
+                      residual=None):
+        """Kernels: stats (finalize fused) + apply: 2 reads and 1 write of x
+        (and 1 read of the residual)."""
         x, dev = self._start(x)
         with dev:
             A = self.arrays
             g, b = self._vectors(dev, compute_dtype(x.dtype), gamma, beta)
             run, back = self._running(running, dev) if running is not None else (None, [])
-            y, stats = plans.run_forward_train(dev, A.flat(x, dev), layout, g, b, run, eps, relu)
+            y, stats = plans.run_forward_train(dev, A.flat(x, dev), layout, g, b, run, eps, relu,
+                                               self._flat(residual, dev))
             for op, d in back:
                 A.write_back(op, d, dev)
             y = deliver(A.result(x, y.reshape(layout.shape), dev), out)
             return (y, *self._result(x, dev, stats["mean"], stats["invstd"]))
 
     def forward_infer(self, x, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float,
-                      relu: bool, out=None):
+                      relu: bool, out=None, residual=None):
         """Kernels: infer_coeffs (scale and shift in the workspace) + apply:
         1 read and 1 write of x."""
         x, dev = self._start(x)
@@ -214,7 +229,8 @@ class GpuBackend:
             A = self.arrays
             g, b = self._vectors(dev, compute_dtype(x.dtype), gamma, beta)
             rm, rv = self._stats_pair(dev, running_mean, running_var)
-            y, out_ = plans.run_forward_infer(dev, A.flat(x, dev), layout, rm, rv, g, b, eps, relu)
+            y, out_ = plans.run_forward_infer(dev, A.flat(x, dev), layout, rm, rv, g, b, eps, relu,
+                                              self._flat(residual, dev))
             y = deliver(A.result(x, y.reshape(layout.shape), dev), out)
             return (y, *self._result(x, dev, out_["k"], out_["invstd"]))
 
@@ -231,16 +247,19 @@ class GpuBackend:
 
     # --- prepared forms (plan once, execute many times: ``prepared.py``) -------
 
-    def prepare_forward_train(self, x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running):
+    def prepare_forward_train(self, x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running,
+                              residual=None):
         """:meth:`forward_train` for arrays like these, recorded once per
-        context: ``call(x, gamma, beta, running) -> (y, mean, invstd)``."""
-        return prepared.forward_train(self, x, layout, gamma, beta, eps, relu, running)
+        context: ``call(x, gamma, beta, running, residual=None) -> (y, mean,
+        invstd)``."""
+        return prepared.forward_train(self, x, layout, gamma, beta, eps, relu, running, residual)
 
     def prepare_forward_infer(self, x, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float,
-                              relu: bool):
+                              relu: bool, residual=None):
         """:meth:`forward_infer` likewise: ``call(x, running_mean,
-        running_var, gamma, beta) -> (y, mean, invstd)``."""
-        return prepared.forward_infer(self, x, layout, running_mean, running_var, gamma, beta, eps, relu)
+        running_var, gamma, beta, residual=None) -> (y, mean, invstd)``."""
+        return prepared.forward_infer(self, x, layout, running_mean, running_var, gamma, beta, eps, relu,
+                                      residual)
 
     def prepare_backward(self, dy, x, layout: ChannelLayout, mean, invstd, gamma):
         """:meth:`backward` likewise: ``call(dy, x, mean, invstd, gamma) ->

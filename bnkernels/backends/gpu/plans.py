@@ -177,14 +177,27 @@ def stats(x, layout: ChannelLayout, gamma, beta, running, eps: float, alloc, cou
 
 
 def apply(x, y, layout: ChannelLayout, k, scale, shift, relu: bool, vectorized: bool, limits,
-          tuning=geometry.Tuning(), blocks_per_sm=None) -> Launch:
-    """``y = (x - k) * scale + shift`` [ReLU] over flat contiguous x, y.
-    ``vectorized``: both pointers are 16-byte aligned."""
+          tuning=geometry.Tuning(), blocks_per_sm=None, residual=None) -> Launch:
+    """``y = (x - k) * scale + shift [+ residual]`` [ReLU] over flat
+    contiguous x, y (and residual, like x, or None: the ``apply_residual``
+    kernel then takes it). ``vectorized``: every pointer is 16-byte
+    aligned."""
     grid, block = _elementwise_geometry(x.size, limits, tuning, blocks_per_sm)
     args = {"x": x, "y": y, "total": np.int64(x.size), "channels": np.int64(layout.channels),
             "inner": np.int64(layout.inner), "k": k, "scale": scale, "shift": shift, "relu": np.int32(relu),
             "vectorized": _flag(vectorized)}
-    return Launch("apply", grid, block, args, np.dtype(x.dtype))
+    if residual is None:
+        return Launch("apply", grid, block, args, np.dtype(x.dtype))
+    return Launch("apply_residual", grid, block, {**args, "residual": residual}, np.dtype(x.dtype))
+
+
+def relu_backward(dy, y, g, vectorized: bool, limits, tuning=geometry.Tuning(), blocks_per_sm=None) -> Launch:
+    """``g = dy`` where not ``y <= 0``, else 0, over flat contiguous dy, y,
+    g (the gradient through a fused ReLU). ``vectorized``: every pointer is
+    16-byte aligned."""
+    grid, block = _elementwise_geometry(dy.size, limits, tuning, blocks_per_sm)
+    args = {"dy": dy, "y": y, "g": g, "total": np.int64(dy.size), "vectorized": _flag(vectorized)}
+    return Launch("relu_backward", grid, block, args, np.dtype(dy.dtype))
 
 
 def infer_coeffs(x_dtype, mean, var, gamma, beta, eps: float, alloc, scratch=None) -> tuple[Launch, dict]:
@@ -249,22 +262,36 @@ def run_stats(dev, x, layout: ChannelLayout, gamma, beta, running, eps: float) -
     return out
 
 
-def run_apply(dev, x, layout: ChannelLayout, coeffs: dict, relu: bool):
+def run_apply(dev, x, layout: ChannelLayout, coeffs: dict, relu: bool, residual=None):
     """The normalize stage: ``y`` (flat, like x) from ``coeffs['k']``,
-    ``['scale']``, ``['shift']``: 1 read + 1 write. With no channels, y is
-    an (empty) copy of x."""
+    ``['scale']``, ``['shift']`` (plus a flat ``residual`` like x): 1 read
+    (2 with a residual) + 1 write. With no channels, y is an (empty) copy
+    of x."""
     y = dev.alloc(x.shape, x.dtype)
     if x.size:
-        dev.run(apply(x, y, layout, coeffs["k"], coeffs["scale"], coeffs["shift"], relu, dev.aligned(x, y),
-                      dev.limits, dev.tuning, occupancy(dev, "apply", layout, x.dtype)))
+        kernel = "apply" if residual is None else "apply_residual"
+        aligned = dev.aligned(x, y) if residual is None else dev.aligned(x, y, residual)
+        dev.run(apply(x, y, layout, coeffs["k"], coeffs["scale"], coeffs["shift"], relu, aligned,
+                      dev.limits, dev.tuning, occupancy(dev, kernel, layout, x.dtype), residual))
     return y
 
 
-def run_forward_train(dev, x, layout: ChannelLayout, gamma, beta, running, eps: float, relu: bool):
-    """Training forward: statistics, then apply (2 reads + 1 write of x).
-    Returns ``(y, out)`` with ``out`` from :func:`run_stats`."""
+def run_relu_backward(dev, dy, y):
+    """``g`` (flat, like dy): dy, and 0 where y <= 0 (2 reads + 1 write)."""
+    g = dev.alloc(dy.shape, dy.dtype)
+    if dy.size:
+        dev.run(relu_backward(dy, y, g, dev.aligned(dy, y, g), dev.limits, dev.tuning,
+                              occupancy(dev, "relu_backward", ChannelLayout(tuple(dy.shape), 0), dy.dtype)))
+    return g
+
+
+def run_forward_train(dev, x, layout: ChannelLayout, gamma, beta, running, eps: float, relu: bool,
+                      residual=None):
+    """Training forward: statistics, then apply (2 reads + 1 write of x;
+    and 1 read of the residual). Returns ``(y, out)`` with ``out`` from
+    :func:`run_stats`."""
     out = run_stats(dev, x, layout, gamma, beta, running, eps)
-    return run_apply(dev, x, layout, out, relu), out
+    return run_apply(dev, x, layout, out, relu, residual), out
 
 
 def run_finalize(dev, x_dtype, mean, var, gamma, beta, eps: float, scratch=None) -> dict:
@@ -280,11 +307,12 @@ def run_finalize(dev, x_dtype, mean, var, gamma, beta, eps: float, scratch=None)
 
 
 def run_forward_infer(dev, x, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float,
-                      relu: bool):
-    """Inference: coefficients, then apply (1 read + 1 write). Returns
-    ``(y, out)`` with ``out`` holding ``k`` and ``invstd``."""
+                      relu: bool, residual=None):
+    """Inference: coefficients, then apply (1 read + 1 write; and 1 read
+    of the residual). Returns ``(y, out)`` with ``out`` holding ``k`` and
+    ``invstd``."""
     out = run_finalize(dev, x.dtype, running_mean, running_var, gamma, beta, eps, dev.scratch)
-    return run_apply(dev, x, layout, out, relu), out
+    return run_apply(dev, x, layout, out, relu, residual), out
 
 
 def run_bwd_reduce(dev, dy, x, layout: ChannelLayout, gamma, saved_mean, saved_invstd) -> dict:

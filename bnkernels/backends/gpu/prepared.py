@@ -115,54 +115,68 @@ def _vector(name, C, dtype):
     return (name, (C,), dtype)
 
 
-def forward_train(backend, x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running):
-    """``call(x, gamma, beta, running) -> (y, mean, invstd)``, ``running``
-    ``(running_mean, running_var, factor)`` or None as at preparation (the
-    factor, a scalar slot, may change from call to call)."""
+def _residual_kw(residual) -> dict:
+    return {} if residual is None else {"residual": residual}
+
+
+def forward_train(backend, x, layout: ChannelLayout, gamma, beta, eps: float, relu: bool, running, residual=None):
+    """``call(x, gamma, beta, running, residual=None) -> (y, mean,
+    invstd)``, ``running`` ``(running_mean, running_var, factor)`` or None
+    as at preparation (the factor, a scalar slot, may change from call to
+    call), a residual exactly when one was prepared for."""
     A = backend.arrays
     x_dtype = A.operand(x).dtype
     n, C, acc = layout.count * layout.channels, layout.channels, compute_dtype(x_dtype)
     rdt = None if running is None else plans.stats_dtype(A.operand(running[0]).dtype, A.operand(running[1]).dtype)
     specs = [("x", (n,), x_dtype), _vector("gamma", C, acc), _vector("beta", C, acc),
-             _vector("running_mean", C, rdt), _vector("running_var", C, rdt), ("factor", None, np.float64)]
-    arrays = [x, gamma, beta, *(running if running is not None else (None, None, None))]
+             _vector("running_mean", C, rdt), _vector("running_var", C, rdt), ("factor", None, np.float64),
+             ("residual", (n,), x_dtype)]
+    arrays = [x, gamma, beta, *(running if running is not None else (None, None, None)), residual]
 
-    def sequence(dev, x, gamma, beta, rm, rv, factor):
+    def sequence(dev, x, gamma, beta, rm, rv, factor, residual):
         y, out = plans.run_forward_train(dev, x, layout, gamma, beta, None if rm is None else (rm, rv, factor),
-                                         eps, relu)
+                                         eps, relu, residual)
         return y, out["mean"], out["invstd"]
 
-    def fallback(x, gamma, beta, rm, rv, factor):
-        return backend.forward_train(x, layout, gamma, beta, eps, relu, None if rm is None else (rm, rv, factor))
+    def fallback(x, gamma, beta, rm, rv, factor, residual):
+        return backend.forward_train(x, layout, gamma, beta, eps, relu, None if rm is None else (rm, rv, factor),
+                                     **_residual_kw(residual))
 
     seq = PreparedSequence(backend, arrays, specs, sequence, fallback, 0, layout.shape)
 
-    def call(x, gamma, beta, running):
-        return seq(x, gamma, beta, *(running if running is not None else (None, None, None)))
+    def call(x, gamma, beta, running, residual=None):
+        return seq(x, gamma, beta, *(running if running is not None else (None, None, None)), residual)
 
     call.sequence = seq
     return call
 
 
 def forward_infer(backend, x, layout: ChannelLayout, running_mean, running_var, gamma, beta, eps: float,
-                  relu: bool):
-    """``call(x, running_mean, running_var, gamma, beta) -> (y, mean, invstd)``."""
+                  relu: bool, residual=None):
+    """``call(x, running_mean, running_var, gamma, beta, residual=None) ->
+    (y, mean, invstd)``."""
     A = backend.arrays
     x_dtype = A.operand(x).dtype
     n, C, acc = layout.count * layout.channels, layout.channels, compute_dtype(x_dtype)
     rdt = plans.stats_dtype(A.operand(running_mean).dtype, A.operand(running_var).dtype)
     specs = [("x", (n,), x_dtype), _vector("running_mean", C, rdt), _vector("running_var", C, rdt),
-             _vector("gamma", C, acc), _vector("beta", C, acc)]
+             _vector("gamma", C, acc), _vector("beta", C, acc), ("residual", (n,), x_dtype)]
 
-    def sequence(dev, x, rm, rv, gamma, beta):
-        y, out = plans.run_forward_infer(dev, x, layout, rm, rv, gamma, beta, eps, relu)
+    def sequence(dev, x, rm, rv, gamma, beta, residual):
+        y, out = plans.run_forward_infer(dev, x, layout, rm, rv, gamma, beta, eps, relu, residual)
         return y, out["k"], out["invstd"]
 
-    def fallback(x, rm, rv, gamma, beta):
-        return backend.forward_infer(x, layout, rm, rv, gamma, beta, eps, relu)
+    def fallback(x, rm, rv, gamma, beta, residual):
+        return backend.forward_infer(x, layout, rm, rv, gamma, beta, eps, relu, **_residual_kw(residual))
 
-    return PreparedSequence(backend, [x, running_mean, running_var, gamma, beta], specs, sequence, fallback, 0,
-                            layout.shape)
+    seq = PreparedSequence(backend, [x, running_mean, running_var, gamma, beta, residual], specs, sequence,
+                           fallback, 0, layout.shape)
+
+    def call(x, running_mean, running_var, gamma, beta, residual=None):
+        return seq(x, running_mean, running_var, gamma, beta, residual)
+
+    call.sequence = seq
+    return call
 
 
 def backward(backend, dy, x, layout: ChannelLayout, mean, invstd, gamma):

@@ -1,4 +1,5 @@
-"""The ``numba-cuda`` backend: Numba CUDA kernels (``kernels.py``), run by
+"""The ``numba-cuda`` backend: Numba CUDA kernels (``kernels.py``, the
+elementwise ones in ``elementwise.py``, storage accesses in ``vectors.py``), run by
 the launch sequences both GPU backends share (``backends/gpu/plans.py``,
 bound to these kernels by ``bind.py``); its members are
 ``gpu/members.py``'s, on the arrays adapter below.
@@ -16,6 +17,17 @@ Arrays:
   arrays are still updated in place.
 - The kernels compile for the dtype of each argument, so device vectors
   (gamma, running statistics) are passed in their own dtype.
+- bfloat16 (Numba has no such dtype): the kernels take its bits as int16
+  arrays and convert (``vectors.py``), computing in float32 with float32
+  saved statistics, as for float16. A torch CUDA bfloat16 tensor (whose
+  ``__cuda_array_interface__`` torch refuses) is viewed as int16
+  (``t.view(torch.int16)``) and its results come back as torch bfloat16
+  tensors; NumPy bfloat16 (ml_dtypes) goes to the device as its bits and
+  comes back as bfloat16. A Numba device array of int16 bits can be passed
+  to the members as bfloat16 through :func:`as_bfloat16` (the public
+  functions refuse integer data); its results are int16 bit arrays. In
+  this backend an int16 device array always holds bfloat16 bits: copies to
+  the host are viewed as bfloat16.
 
 Streams: work on CuPy arrays is queued on CuPy's current stream, on torch
 tensors on torch's current stream, otherwise on Numba's default stream. GPU
@@ -29,6 +41,7 @@ import math
 import numpy as np
 from numba import cuda
 
+from ...validation import bfloat16_dtype, is_bfloat16
 from ..gpu import geometry
 from ..gpu.workspace import CounterCache, ScratchCache
 from ..gpu.members import GpuBackend
@@ -42,6 +55,39 @@ name = "numba-cuda"
 TUNING = geometry.Tuning()
 
 POISON_ENV = geometry.POISON_ENV
+
+#: The device dtype of bfloat16 data: its bits.
+BITS = np.dtype(np.int16)
+_BF16_NAN = 0x7FC0  # what poisoned bfloat16 buffers hold
+
+
+class _Bfloat16(Operand):
+    """A bfloat16 argument: its device array holds the bits (int16)."""
+
+    @property
+    def dtype(self):
+        return bfloat16_dtype()
+
+
+def as_bfloat16(a) -> Operand:
+    """A Numba device array of bfloat16 bits (int16) as a bfloat16 argument
+    of this backend's members (``x``, ``dy``, the residual)."""
+    if not cuda.devicearray.is_cuda_ndarray(a) or np.dtype(a.dtype) != BITS:
+        raise TypeError(f"expected a Numba device array of int16 bits, got {type(a).__name__} of {a.dtype}")
+    return _Bfloat16("numba", a, device=a)
+
+
+def _bits(host):
+    """A host array as the kernels take it: bfloat16 as its int16 bits."""
+    return host.view(BITS) if is_bfloat16(host.dtype) else host
+
+
+def _torch_bits(t):
+    """A torch CUDA tensor as one ``cuda.as_cuda_array`` accepts (bfloat16: int16 bits)."""
+    if str(t.dtype) == "torch.bfloat16":
+        import torch
+        return t.view(torch.int16)
+    return t
 
 
 def _kind(x) -> str:
@@ -126,7 +172,8 @@ class _Device:
         with NaN instead, so an element no kernel writes shows up (the tests
         run this way)."""
         if self.poison:
-            return cuda.to_device(np.full(shape, np.nan, dtype), stream=self.stream)
+            fill = _BF16_NAN if np.dtype(dtype) == BITS else np.nan
+            return cuda.to_device(np.full(shape, fill, dtype), stream=self.stream)
         return cuda.device_array(shape, dtype=dtype, stream=self.stream)
 
     def zeros(self, shape, dtype):
@@ -189,6 +236,8 @@ class Arrays:
             x = cupy.ascontiguousarray(x)
         elif kind == "torch":
             x = x.detach().contiguous()
+            if str(x.dtype) == "torch.bfloat16":
+                return _Bfloat16(kind, x, device=cuda.as_cuda_array(_torch_bits(x)))
         return Operand(kind, x, device=x if kind == "numba" else cuda.as_cuda_array(x))
 
     def device(self, x_op):
@@ -230,14 +279,14 @@ class Arrays:
     def kernel_array(self, a):
         """``a`` (:meth:`direct`) as the kernels take it: a 1-D Numba view."""
         if not cuda.devicearray.is_cuda_ndarray(a):
-            a = cuda.as_cuda_array(a.detach() if _kind(a) == "torch" else a)
+            a = cuda.as_cuda_array(_torch_bits(a.detach()) if _kind(a) == "torch" else a)
         return a if a.ndim == 1 else a.reshape(-1)
 
     def flat(self, op, dev, dtype=None):
         """Host data in ``dtype``; device data as it is (a copy only when
         not C-contiguous: rare, for Numba/CAI arrays)."""
         if op.is_host:
-            return cuda.to_device(np.ascontiguousarray(op.host, dtype=dtype), stream=dev.stream).reshape(-1)
+            return cuda.to_device(_bits(np.ascontiguousarray(op.host, dtype=dtype)), stream=dev.stream).reshape(-1)
         d = op.device
         if not d.is_c_contiguous():
             d = cuda.to_device(np.ascontiguousarray(d.copy_to_host(stream=dev.stream)), stream=dev.stream)
@@ -247,9 +296,10 @@ class Arrays:
         """As :meth:`flat`: host vectors are converted to ``dtype``, device
         ones are used as they are, but for float16 ones (float16 running
         statistics): the kernels would compute in float16, so those go
-        through a ``dtype`` copy (a host round trip of C values)."""
-        if not op.is_host and op.dtype == np.float16 and np.dtype(dtype) != np.float16:
-            host = np.ascontiguousarray(op.device.copy_to_host(stream=dev.stream), dtype=dtype)
+        through a ``dtype`` copy (a host round trip of C values), and so do
+        bfloat16 ones (the kernels would read their bits as integers)."""
+        if not op.is_host and op.device.dtype in (np.float16, BITS) and np.dtype(dtype) != op.device.dtype:
+            host = np.ascontiguousarray(self.to_host(op.device, dev), dtype=dtype)
             return cuda.to_device(host, stream=dev.stream)
         return self.flat(op, dev, dtype) if op.is_host or not op.device.is_c_contiguous() else op.device
 
@@ -258,27 +308,32 @@ class Arrays:
 
     def result(self, x_op, a, dev):
         if x_op.kind == "numpy":
-            return a.copy_to_host(stream=dev.stream)
+            return self.to_host(a, dev)
         if x_op.kind == "cupy":
             import cupy
             return cupy.asarray(a)
         if x_op.kind == "torch":
             import torch
-            return torch.as_tensor(a, device="cuda")
+            t = torch.as_tensor(a, device="cuda")
+            return t.view(torch.bfloat16) if np.dtype(a.dtype) == BITS else t
         return a
 
     def to_host(self, a, dev):
-        return a if isinstance(a, np.ndarray) else a.copy_to_host(stream=dev.stream)
+        """A device array on the host (int16: viewed as bfloat16, what it holds)."""
+        if isinstance(a, np.ndarray):
+            return a
+        host = a.copy_to_host(stream=dev.stream)
+        return host.view(bfloat16_dtype()) if host.dtype == BITS else host
 
     def to_device(self, host, dev):
-        return cuda.to_device(np.ascontiguousarray(host), stream=dev.stream)
+        return cuda.to_device(_bits(np.ascontiguousarray(host)), stream=dev.stream)
 
     def write_back(self, op, a, dev):
         host = self.to_host(a, dev)
         if op.is_host:
             op.host[...] = host
         else:
-            op.device.copy_to_device(np.ascontiguousarray(host, op.dtype), stream=dev.stream)
+            op.device.copy_to_device(_bits(np.ascontiguousarray(host, op.dtype)), stream=dev.stream)
 
 
 _backend = GpuBackend(Arrays())

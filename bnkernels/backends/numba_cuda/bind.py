@@ -19,6 +19,8 @@ SIGNATURES = {
               "has_running", "gamma", "beta", "running_mean", "running_var", "k", "scale", "shift", "mean",
               "invstd", "dmean", "m2", "stage0", "stage1", "stage2", "counters"),
     "apply": ("x", "y", "channels", "inner", "k", "scale", "shift", "relu"),
+    "apply_residual": ("x", "residual", "y", "channels", "inner", "k", "scale", "shift", "relu"),
+    "relu_backward": ("dy", "y", "g"),
     "infer_coeffs": ("running_mean", "running_var", "eps", "has_gamma", "has_beta", "gamma", "beta", "k", "scale",
                      "shift", "invstd"),
     "bwd_reduce": ("dy", "x", "outer", "channels", "inner", "inv_count", "has_gamma", "gamma", "saved_mean",
@@ -58,8 +60,9 @@ def index_type(launch):
 
 def kernel_for(launch):
     """The compiled-on-demand kernel ``launch`` runs: for its compute
-    dtype, its index width, the layout (reductions: rows when ``inner ==
-    1``; elementwise: planes when ``inner >= VEC``)."""
+    dtype (bfloat16 storage: int16 bits, float32), its index width, the
+    layout (reductions: rows when ``inner == 1``; elementwise: planes when
+    ``inner >= VEC``; ``relu_backward`` has no channels)."""
     acc = _ACC[compute_dtype(launch.storage)]
     if launch.kernel == "infer_coeffs":  # one thread per channel: no index variants
         return get_kernels(acc).infer_coeffs
@@ -68,9 +71,11 @@ def kernel_for(launch):
         return kernels.stats_rows if launch.rows else kernels.stats_planes
     if launch.kernel == "bwd_reduce":
         return kernels.bwd_rows if launch.rows else kernels.bwd_planes
-    if launch.kernel in ("apply", "dx"):
+    if launch.kernel in ("apply", "apply_residual", "dx"):
         planes = int(launch.args["inner"]) >= VEC
         return getattr(kernels, f"{launch.kernel}_{'planes' if planes else 'rows'}")
+    if launch.kernel == "relu_backward":
+        return kernels.relu_backward
     raise ValueError(f"no numba-cuda kernel for {launch.kernel!r}")
 
 

@@ -2,7 +2,9 @@
 
 Every kernel takes flat contiguous 1-D arrays holding the canonical view
 ``(outer, C, inner)`` (``gpu/plans.py``); ``acc``, the accumulation type,
-is float32 for float16/float32 storage, float64 for float64. The streaming
+is float32 for float16/bfloat16/float32 storage, float64 for float64
+(bfloat16: int16 arrays of its bits; every storage access converts through
+``vectors.load1``/``load8``/``store1``/``store8``). The streaming
 kernels exist per index type (:func:`get_kernels`): uint32 in the hot loops
 when the tensor and the steps past its end stay below 2^31
 (``bind.index_type``), else uint64. Unsigned indices need no negative-index
@@ -28,13 +30,9 @@ widens integer arithmetic to 64 bits (the cast lets NVVM narrow it).
 - ``bwd_planes`` / ``bwd_rows``: ``sum(dy)``, ``sum(dy * (x - k))`` with
   the same walk (8 loads in flight; whole vectors: 2 of each array), grid
   and merge; the last block writes dgamma, dbeta and the dx coefficients.
-- ``apply_*`` (``y = (x - k) * scale + shift`` [ReLU]) and ``dx_*``
-  (``dy * a + (x - k) * b + c``), one pass: with 16-byte aligned arrays,
-  vectors of ``VEC = 8`` elements by 16-byte loads and stores. ``_planes``
-  (``inner >= VEC``): a vector spans at most two channels, whose
-  coefficients are loaded once per vector and chosen by selects; ``_rows``:
-  each element's channel is tracked. The rest is a grid-stride loop over
-  single elements. Channels are tracked without division.
+- ``apply_*``, ``apply_residual_*``, ``dx_*`` and ``relu_backward``: the
+  elementwise kernels (``elementwise.py``), gathered here per ``acc`` and
+  index type.
 - ``infer_coeffs``: per-channel ``k, scale, shift`` from running statistics.
 
 16-byte accesses (``vectors.py``): ``load8`` / ``store8``, Numba
@@ -54,7 +52,8 @@ from types import SimpleNamespace
 import numba
 from numba import cuda, types
 
-from .vectors import VEC, aligned16, chan8, divide64, dot8, fast_divide32, load8, merge8, store8
+from .elementwise import make_elementwise_kernels, make_relu_backward
+from .vectors import VEC, aligned16, chan8, divide64, dot8, fast_divide32, load1, load8, merge8
 
 WARP = 32
 MAX_WARPS = 32  # 1024 threads per block at most
@@ -88,46 +87,6 @@ def welford_add(n, m, q, v, one, inv_count):
 @cuda.jit(device=True, inline=True)
 def sum_combine(a1, b1, c1, a2, b2, c2):
     return a1 + a2, b1 + b2, c1 + c2
-
-
-@functools.cache
-def _tracking(idx):
-    """Channel tracking in ``idx`` arithmetic (results and constants cast to
-    ``idx``: Numba types uint64 with int64 as float64): ``(start, advance,
-    next_element)``. ``start(p, T, C, inner)`` (int64): plane position
-    ``i`` and channel ``c`` of flat index ``p``, and the parts ``(ti, tc)``
-    of the stride ``T``; ``advance``: (i, c) of ``p + T``; ``next_element``:
-    of ``p + 1``. No division."""
-    one = idx(1)
-
-    @cuda.jit(device=True, inline=True)
-    def start(p, T, C, inner):
-        q = p // inner
-        tq = T // inner
-        return idx(p - q * inner), idx(q % C), idx(T - tq * inner), idx(tq % C)
-
-    @cuda.jit(device=True, inline=True)
-    def advance(i, c, ti, tc, inner, C):
-        i = idx(i + ti)
-        c = idx(c + tc)
-        if i >= inner:
-            i = idx(i - inner)
-            c = idx(c + one)
-        if c >= C:
-            c = idx(c - C)
-        return i, c
-
-    @cuda.jit(device=True, inline=True)
-    def next_element(i, c, inner, C):
-        i = idx(i + one)
-        if i >= inner:
-            i = idx(0)
-            c = idx(c + one)
-            if c >= C:
-                c = idx(0)
-        return i, c
-
-    return start, advance, next_element
 
 
 @cuda.jit(device=True, inline=True)
@@ -240,11 +199,13 @@ def get_kernels(acc, idx=numba.uint64):
     stats_rows = _make_stats_kernel(acc, idx, channels_last=True)
     bwd_planes = _make_backward_kernel(acc, idx, channels_last=False)
     bwd_rows = _make_backward_kernel(acc, idx, channels_last=True)
-    apply_planes, dx_planes = _make_elementwise_kernels(acc, idx, planes=True)
-    apply_rows, dx_rows = _make_elementwise_kernels(acc, idx, planes=False)
-    return SimpleNamespace(stats_planes=stats_planes, stats_rows=stats_rows, apply_planes=apply_planes,
-                           apply_rows=apply_rows, infer_coeffs=_make_infer_coeffs_kernel(acc),
-                           bwd_planes=bwd_planes, bwd_rows=bwd_rows, dx_planes=dx_planes, dx_rows=dx_rows)
+    planes = make_elementwise_kernels(acc, idx, planes=True)
+    rows = make_elementwise_kernels(acc, idx, planes=False)
+    return SimpleNamespace(stats_planes=stats_planes, stats_rows=stats_rows, apply_planes=planes.apply,
+                           apply_rows=rows.apply, apply_residual_planes=planes.apply_residual,
+                           apply_residual_rows=rows.apply_residual, infer_coeffs=_make_infer_coeffs_kernel(acc),
+                           bwd_planes=bwd_planes, bwd_rows=bwd_rows, dx_planes=planes.dx, dx_rows=rows.dx,
+                           relu_backward=make_relu_backward(acc, idx))
 
 
 def _make_stats_kernel(acc, idx, channels_last):
@@ -291,7 +252,7 @@ def _make_stats_kernel(acc, idx, channels_last):
             n3 = m3 = q3 = zero
             k0 = zero
             if active:
-                k0 = acc(x[c * inner])  # shift: the channel's first value
+                k0 = load1(x, idx(c * inner))  # shift: the channel's first value
                 if not channels_last and inner % VEC == 0 and aligned16(x, x):
                     # whole 16-byte aligned vectors of VEC values per plane:
                     # the same walk over vectors, each merged as a chunk;
@@ -341,10 +302,10 @@ def _make_stats_kernel(acc, idx, channels_last):
                     a2, i2 = plane_step(a1, i1, da, si, inner_i, wrap)
                     a3, i3 = plane_step(a2, i2, da, si, inner_i, wrap)
                     # 4 loads in flight before the arithmetic
-                    v0 = acc(x[a]) - k0
-                    v1 = acc(x[a1]) - k0 if a1 < total else zero
-                    v2 = acc(x[a2]) - k0 if a2 < total else zero
-                    v3 = acc(x[a3]) - k0 if a3 < total else zero
+                    v0 = load1(x, a) - k0
+                    v1 = load1(x, a1) - k0 if a1 < total else zero
+                    v2 = load1(x, a2) - k0 if a2 < total else zero
+                    v3 = load1(x, a3) - k0 if a3 < total else zero
                     r = one / (n0 + one)  # the 4 count alike until the last step
                     n0, m0, q0 = welford_add(n0, m0, q0, v0, one, r)
                     if a1 < total:
@@ -459,10 +420,10 @@ def _make_backward_kernel(acc, idx, channels_last):
                     a1, i1 = plane_step(a, i, da, si, inner_i, wrap)
                     a2, i2 = plane_step(a1, i1, da, si, inner_i, wrap)
                     a3, i3 = plane_step(a2, i2, da, si, inner_i, wrap)
-                    g0, d0 = acc(dy[a]), acc(x[a]) - k
-                    g1, d1 = (acc(dy[a1]), acc(x[a1]) - k) if a1 < total else (zero, zero)
-                    g2, d2 = (acc(dy[a2]), acc(x[a2]) - k) if a2 < total else (zero, zero)
-                    g3, d3 = (acc(dy[a3]), acc(x[a3]) - k) if a3 < total else (zero, zero)
+                    g0, d0 = load1(dy, a), load1(x, a) - k
+                    g1, d1 = (load1(dy, a1), load1(x, a1) - k) if a1 < total else (zero, zero)
+                    g2, d2 = (load1(dy, a2), load1(x, a2) - k) if a2 < total else (zero, zero)
+                    g3, d3 = (load1(dy, a3), load1(x, a3) - k) if a3 < total else (zero, zero)
                     s0 += g0
                     t0 += g0 * d0
                     s1 += g1
@@ -506,112 +467,6 @@ def _make_backward_kernel(acc, idx, channels_last):
 
 
 @functools.cache
-def _make_elementwise_kernels(acc, idx, planes):
-    """``(apply, dx)`` for ``acc`` and index type ``idx``, one loop for both.
-    ``planes``: ``inner >= VEC``, so that the ``VEC`` elements of one vector
-    lie in at most two channels (coefficients loaded once per vector for
-    each, chosen by selects); else each element's channel is tracked
-    (``inner < VEC``, e.g. channels-last data, ``inner == 1``)."""
-    track_start, advance, next_element = _tracking(idx)
-
-    def make(two_inputs):
-        @cuda.jit(device=True, inline=True)
-        def op(g, v, kk, p1, p2, p3, flag):
-            if two_inputs:  # dx = dy * a + (x - k) * b + c
-                return g * p1 + (v - kk) * p2 + p3
-            v = (v - kk) * p1 + p2  # y = (x - k) * scale + shift
-            if flag and v < acc(0):  # ReLU; NaN < 0 is False: NaN propagates
-                v = acc(0)
-            return v
-
-        @cuda.jit(device=True, inline=True)
-        def tracked(g, v, e, d, k, p1, p2, p3, flag, inner, C):
-            """``op`` on the element at (e, d) and the position of the next."""
-            y = op(g, v, k[d], p1[d], p2[d], p3[d], flag)
-            e, d = next_element(e, d, inner, C)
-            return y, e, d
-
-        @cuda.jit(device=True, inline=True)
-        def loop(dy, x, out, C, inner, k, p1, p2, p3, flag):
-            total = idx(x.size)
-            T = idx(cuda.gridDim.x * cuda.blockDim.x)
-            tid = idx(cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x)
-            C_i, inner_i = idx(C), idx(inner)
-            zero = acc(0)
-            done = idx(0)
-            if aligned16(x, out) and (not two_inputs or aligned16(dy, dy)):
-                # Vector v: elements VEC * v ... VEC * v + VEC - 1, in one or
-                # more 16-byte accesses, coalesced across the warp.
-                nvec = idx(total // idx(VEC))
-                i, c, ti, tc = track_start(numba.int64(tid) * VEC, numba.int64(T) * VEC, C, inner)
-                # element j of a vector from plane position i is in the
-                # vector's first channel when i < inner - j
-                lim1 = lim2 = lim3 = lim4 = lim5 = lim6 = lim7 = idx(0)
-                if planes:
-                    lim1, lim2, lim3, lim4 = idx(inner - 1), idx(inner - 2), idx(inner - 3), idx(inner - 4)
-                    lim5, lim6, lim7 = idx(inner - 5), idx(inner - 6), idx(inner - 7)
-                v = tid
-                while v < nvec:
-                    g0 = g1 = g2 = g3 = g4 = g5 = g6 = g7 = zero
-                    if two_inputs:
-                        g0, g1, g2, g3, g4, g5, g6, g7 = load8(dy, v)
-                    x0, x1, x2, x3, x4, x5, x6, x7 = load8(x, v)
-                    if planes:
-                        c1 = idx(c + idx(1)) if c + idx(1) < C_i else idx(0)
-                        ka, pa1, pa2, pa3 = k[c], p1[c], p2[c], p3[c]
-                        kb, pb1, pb2, pb3 = k[c1], p1[c1], p2[c1], p3[c1]
-                        y0 = op(g0, x0, ka, pa1, pa2, pa3, flag)
-                        y1 = op(g1, x1, ka, pa1, pa2, pa3, flag) if i < lim1 else op(g1, x1, kb, pb1, pb2, pb3, flag)
-                        y2 = op(g2, x2, ka, pa1, pa2, pa3, flag) if i < lim2 else op(g2, x2, kb, pb1, pb2, pb3, flag)
-                        y3 = op(g3, x3, ka, pa1, pa2, pa3, flag) if i < lim3 else op(g3, x3, kb, pb1, pb2, pb3, flag)
-                        y4 = op(g4, x4, ka, pa1, pa2, pa3, flag) if i < lim4 else op(g4, x4, kb, pb1, pb2, pb3, flag)
-                        y5 = op(g5, x5, ka, pa1, pa2, pa3, flag) if i < lim5 else op(g5, x5, kb, pb1, pb2, pb3, flag)
-                        y6 = op(g6, x6, ka, pa1, pa2, pa3, flag) if i < lim6 else op(g6, x6, kb, pb1, pb2, pb3, flag)
-                        y7 = op(g7, x7, ka, pa1, pa2, pa3, flag) if i < lim7 else op(g7, x7, kb, pb1, pb2, pb3, flag)
-                    else:
-                        y0, e, d = tracked(g0, x0, i, c, k, p1, p2, p3, flag, inner_i, C_i)
-                        y1, e, d = tracked(g1, x1, e, d, k, p1, p2, p3, flag, inner_i, C_i)
-                        y2, e, d = tracked(g2, x2, e, d, k, p1, p2, p3, flag, inner_i, C_i)
-                        y3, e, d = tracked(g3, x3, e, d, k, p1, p2, p3, flag, inner_i, C_i)
-                        y4, e, d = tracked(g4, x4, e, d, k, p1, p2, p3, flag, inner_i, C_i)
-                        y5, e, d = tracked(g5, x5, e, d, k, p1, p2, p3, flag, inner_i, C_i)
-                        y6, e, d = tracked(g6, x6, e, d, k, p1, p2, p3, flag, inner_i, C_i)
-                        y7, e, d = tracked(g7, x7, e, d, k, p1, p2, p3, flag, inner_i, C_i)
-                    store8(out, v, y0, y1, y2, y3, y4, y5, y6, y7)
-                    v = idx(v + T)
-                    i, c = advance(i, c, ti, tc, inner_i, C_i)
-                done = idx(nvec * idx(VEC))
-            # The rest (all of it when a pointer is not 16-byte aligned): a
-            # grid-stride loop over single elements.
-            p = idx(done + tid)
-            i, c, ti, tc = track_start(numba.int64(p), numba.int64(T), C, inner)
-            while p < total:
-                g = acc(dy[p]) if two_inputs else zero
-                out[p] = op(g, acc(x[p]), k[c], p1[c], p2[c], p3[c], flag)
-                p = idx(p + T)
-                i, c = advance(i, c, ti, tc, inner_i, C_i)
-
-        return loop
-
-    apply_loop, dx_loop = make(False), make(True)
-
-    @cuda.jit
-    def apply(x, y,  # (outer * C * inner,) input and output, same dtype
-              C, inner,  # int64
-              k, scale, shift,  # (C,) acc
-              relu):  # int flag
-        apply_loop(x, x, y, C, inner, k, scale, shift, shift, relu)
-
-    @cuda.jit
-    def dx(dy, x, out,  # (outer * C * inner,) same dtype
-           C, inner,  # int64
-           k, a, b, cc):  # (C,) acc: out = dy * a + (x - k) * b + cc
-        dx_loop(dy, x, out, C, inner, k, a, b, cc, 0)
-
-    return apply, dx
-
-
-@functools.cache
 def _make_infer_coeffs_kernel(acc):
     @cuda.jit
     def infer_coeffs(running_mean, running_var,  # (C,) float32/float64
@@ -639,7 +494,8 @@ def _make_infer_coeffs_kernel(acc):
 def compile_targets():
     """Every kernel specialization the backend launches, for ahead-of-time
     compile checks: ``(kernel name, storage dtype name, python function,
-    argument types)``.
+    argument types)``; bfloat16 storage is int16 arrays of its bits
+    (``infer_coeffs`` reads no storage: its float32 specialization serves).
 
     Parameters (gamma, beta, running statistics) may be of any float dtype
     at run time; the checks use float32 for them (float64 with float64
@@ -649,8 +505,8 @@ def compile_targets():
         return types.Array(t, ndim, "C")
     i64, f64, i32 = types.int64, types.float64, types.int32
     out = []
-    for storage, acc in ((types.float16, numba.float32), (types.float32, numba.float32),
-                         (types.float64, numba.float64)):
+    for storage, acc, label in ((types.float16, numba.float32, "float16"), (types.float32, numba.float32, "float32"),
+                                (types.float64, numba.float64, "float64"), (types.int16, numba.float32, "bfloat16")):
         kernels = {bits: get_kernels(acc, numba.uint32 if bits == 32 else numba.uint64) for bits in (64, 32)}
         param = arr(f64 if storage == types.float64 else types.float32)
         a, s = arr(acc), arr(storage)
@@ -658,14 +514,19 @@ def compile_targets():
                       *[a] * 7, *[arr(acc, 2)] * 3, arr(i32))
         bwd_args = (s, s, i64, i64, i64, f64, i64, param, a, a, *[a] * 6, *[arr(acc, 2)] * 2, arr(i32))
         apply_args, dx_args = (s, s, i64, i64, a, a, a, i64), (s, s, s, i64, i64, a, a, a, a)
+        residual_args = (s, s, s, i64, i64, a, a, a, i64)
         for kname, args in (
                 ("stats_planes", stats_args), ("stats_rows", stats_args),
                 ("apply_planes", apply_args), ("apply_rows", apply_args),
+                ("apply_residual_planes", residual_args), ("apply_residual_rows", residual_args),
                 ("infer_coeffs", (param, param, f64, i64, i64, param, param, a, a, a, a)),
-                ("bwd_planes", bwd_args), ("bwd_rows", bwd_args), ("dx_planes", dx_args), ("dx_rows", dx_args)):
+                ("bwd_planes", bwd_args), ("bwd_rows", bwd_args), ("dx_planes", dx_args), ("dx_rows", dx_args),
+                ("relu_backward", (s, s, s))):
+            if kname == "infer_coeffs" and label == "bfloat16":
+                continue
             for bits, k in kernels.items():
                 kernel = getattr(k, kname)
                 if bits == 32 and kernel is getattr(kernels[64], kname):
                     continue  # no index-width variants
-                out.append((kname + ("_i32" if bits == 32 else ""), str(storage), kernel.py_func, args))
+                out.append((kname + ("_i32" if bits == 32 else ""), label, kernel.py_func, args))
     return out

@@ -12,6 +12,20 @@ float32, float64. A CUDA C++ device function linked with
 inlines it. Under the simulator the same functions are Python, element by
 element (alignment as on the device: the NumPy arrays' addresses).
 
+bfloat16 (no Numba dtype): the kernels take its bits as int16 arrays
+(``numba_cuda.__init__``: the adapter views the data so) and every access
+of a storage array goes through ``load1`` / ``store1`` / ``load8`` /
+``store8``, which convert: bits -> float32 is ``bits << 16`` (one
+instruction); float32 -> bits rounds to nearest even (a value beyond the
+largest bfloat16 becomes Inf, as ``astype`` does) by the hardware's
+``cvt.rn.bf16x2.f32`` (two values per instruction; ``cvt.rn.bf16.f32``
+for one; sm_80 and later, which only the bfloat16 specializations need),
+what ``__float2bfloat16_rn`` of the cupy backend compiles to. NaN stays a
+quiet NaN: the canonical ``0x7FFF`` on the device; under the simulator
+(bit arithmetic: add ``0x7FFF`` plus the lowest kept bit) the quiet NaN of
+its sign, ``0x7FC0``/``0xFFC0``, as ``numba_bf16`` and ml_dtypes give.
+Other dtypes convert as Numba does.
+
 ``chunk8`` / ``chan8``: the statistics of 8 loaded values around the first
 of them, and their merge into a Welford accumulator given the reciprocal of
 the new count, which the unrolled accumulators of a thread share (they
@@ -32,13 +46,31 @@ if config.ENABLE_CUDASIM:
     def aligned16(a, b):
         return (a.__array_interface__["data"][0] | b.__array_interface__["data"][0]) % 16 == 0
 
+    def _bf16_value(b):
+        return np.array(np.uint32(np.uint16(b)) << np.uint32(16), np.uint32).view(np.float32)[()]
+
+    def _bf16_bits(f):
+        u = int(np.array(f, np.float32).view(np.uint32))
+        if u & 0x7FFFFFFF > 0x7F800000:
+            return np.uint16((u >> 16) & 0x8000 | 0x7FC0).view(np.int16)
+        return np.uint16(((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF).view(np.int16)
+
+    def load1(a, i):
+        """Element ``i`` of ``a`` in the accumulation type (int16: bfloat16 bits)."""
+        if a.dtype == np.int16:
+            return _bf16_value(a[i])
+        return (np.float32 if a.dtype == np.float16 else a.dtype.type)(a[i])
+
+    def store1(a, i, value):
+        """``a[i] = value`` (int16: as bfloat16 bits)."""
+        a[i] = _bf16_bits(value) if a.dtype == np.int16 else value
+
     def load8(a, v):
-        acc = np.float32 if a.dtype == np.float16 else a.dtype.type
-        return tuple(acc(a[VEC * v + j]) for j in range(VEC))
+        return tuple(load1(a, VEC * v + j) for j in range(VEC))
 
     def store8(a, v, *values):
         for j, value in enumerate(values):
-            a[VEC * v + j] = value
+            store1(a, VEC * v + j, value)
 else:
     from llvmlite import ir
     from numba.cuda.extending import intrinsic
@@ -61,10 +93,60 @@ else:
             out.append((ptr, ir.VectorType(elem, n)))
         return out
 
+    def _f32(builder, value, valtype, context):
+        return context.cast(builder, value, valtype, types.float32)
+
+    def _bf16x2(builder, hi, lo):
+        """Two float32 values as one word of bfloat16 bits (``lo`` in the
+        low half), rounded to nearest even: ``cvt.rn.bf16x2.f32``."""
+        asm = ir.InlineAsm(ir.FunctionType(ir.IntType(32), [ir.FloatType()] * 2),
+                           "cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f")
+        return builder.call(asm, [hi, lo])
+
+    def _bf16(builder, value):
+        """One float32 value as bfloat16 bits (i16): ``cvt.rn.bf16.f32``."""
+        asm = ir.InlineAsm(ir.FunctionType(ir.IntType(16), [ir.FloatType()]), "cvt.rn.bf16.f32 $0, $1;", "=h,f")
+        return builder.call(asm, [value])
+
+    def _element(context, builder, aryty, ary, i):
+        data = context.make_array(aryty)(context, builder, ary).data
+        i64 = ir.IntType(64)
+        return builder.gep(data, [builder.zext(i, i64) if i.type.width < 64 else i])
+
+    def _acc_type(dtype):
+        return types.float64 if dtype == types.float64 else types.float32
+
+    @intrinsic
+    def load1(typingctx, a, i):
+        """Element ``i`` (unsigned) of ``a`` in the accumulation type
+        (int16: bfloat16 bits)."""
+        acc = _acc_type(a.dtype)
+
+        def codegen(context, builder, sig, args):
+            value = builder.load(_element(context, builder, sig.args[0], args[0], args[1]))
+            if a.dtype == types.int16:
+                i32 = ir.IntType(32)
+                return builder.bitcast(builder.shl(builder.zext(value, i32), ir.Constant(i32, 16)),
+                                       ir.FloatType())
+            return context.cast(builder, value, a.dtype, acc)
+        return acc(a, i), codegen
+
+    @intrinsic
+    def store1(typingctx, a, i, value):
+        """``a[i] = value`` (unsigned ``i``; int16: as bfloat16 bits)."""
+        def codegen(context, builder, sig, args):
+            ptr = _element(context, builder, sig.args[0], args[0], args[1])
+            if a.dtype == types.int16:
+                builder.store(_bf16(builder, _f32(builder, args[2], sig.args[2], context)), ptr)
+            else:
+                builder.store(context.cast(builder, args[2], sig.args[2], a.dtype), ptr)
+            return context.get_dummy_value()
+        return types.void(a, i, value), codegen
+
     def _load_words(builder, ptr, dtype):
-        """A 16-byte load; float16 by inline PTX (NVVM folds the bitcast
+        """A 16-byte load; float16 (and bfloat16 bits) by inline PTX (NVVM folds the bitcast
         into an ``<8 x half>`` load, which it splits in two)."""
-        if dtype != types.float16:
+        if dtype not in (types.float16, types.int16):
             return builder.load(ptr, align=16)
         i32 = ir.IntType(32)
         asm = ir.InlineAsm(ir.FunctionType(ir.LiteralStructType([i32] * 4), [ptr.type]),
@@ -76,8 +158,8 @@ else:
         return vector
 
     def _store_words(builder, ptr, vector, dtype):
-        """A 16-byte store (float16: inline PTX with a memory clobber)."""
-        if dtype != types.float16:
+        """A 16-byte store (float16, bfloat16: inline PTX with a memory clobber)."""
+        if dtype not in (types.float16, types.int16):
             builder.store(vector, ptr, align=16)
             return
         i32 = ir.IntType(32)
@@ -100,10 +182,20 @@ else:
     def load8(typingctx, a, v):
         """Elements 8 v ... 8 v + 7 of ``a`` (16-byte aligned, unsigned
         ``v``) in the accumulation type, by 16-byte loads."""
-        acc = types.float64 if a.dtype == types.float64 else types.float32
+        acc = _acc_type(a.dtype)
 
         def codegen(context, builder, sig, args):
             values = []
+            if a.dtype == types.int16:  # bfloat16: each 32-bit word holds 2, the first in its low half
+                (ptr, _), = _vectors(context, builder, sig.args[0], args[0], args[1])
+                words = _load_words(builder, ptr, a.dtype)  # <4 x i32>
+                i32 = ir.IntType(32)
+                for j in range(4):
+                    word = builder.extract_element(words, ir.Constant(i32, j))
+                    for half in (builder.shl(word, ir.Constant(i32, 16)),
+                                 builder.and_(word, ir.Constant(i32, 0xFFFF0000))):
+                        values.append(builder.bitcast(half, ir.FloatType()))
+                return context.make_tuple(builder, sig.return_type, values)
             for ptr, vtype in _vectors(context, builder, sig.args[0], args[0], args[1]):
                 vector = builder.bitcast(_load_words(builder, ptr, a.dtype), vtype)
                 values += [context.cast(builder, builder.extract_element(vector, ir.Constant(ir.IntType(32), j)),
@@ -116,6 +208,16 @@ else:
         """Store 8 values (converted to ``a``'s dtype as Numba converts)
         into elements 8 v ... 8 v + 7 of ``a``, by 16-byte stores."""
         def codegen(context, builder, sig, args):
+            if a.dtype == types.int16:  # bfloat16: 2 per 32-bit word, the first in its low half
+                i32 = ir.IntType(32)
+                values = [_f32(builder, x, t, context) for x, t in zip(args[2:], sig.args[2:])]
+                (ptr, _), = _vectors(context, builder, sig.args[0], args[0], args[1])
+                words = ir.Constant(ptr.type.pointee, ir.Undefined)
+                for j in range(4):
+                    word = _bf16x2(builder, values[2 * j + 1], values[2 * j])
+                    words = builder.insert_element(words, word, ir.Constant(i32, j))
+                _store_words(builder, ptr, words, a.dtype)
+                return context.get_dummy_value()
             values = [context.cast(builder, x, t, a.dtype) for x, t in zip(args[2:], sig.args[2:])]
             for ptr, vtype in _vectors(context, builder, sig.args[0], args[0], args[1]):
                 vector = ir.Constant(vtype, ir.Undefined)

@@ -135,3 +135,129 @@ def test_calls_captured_into_cuda_graphs_own_their_counters_and_workspace(launch
     assert len(set(c["eager"] + c["eager again"])) == 1
     assert len(set(c["captured"])) == 3 and not set(c["captured"]) & set(c["eager"])
     assert launches["kept"] >= 3 * (1 + 5 + 3)  # per captured call: counters, 5 workspace vectors, 3 stages
+
+
+BF16_SCRIPT = textwrap.dedent("""
+    import json, sys, types
+    import numpy as np
+    from bnkernels.bench import standin
+    standin.install()
+    import cupy
+
+    # a stand-in torch whose CUDA tensors hold stand-in device memory: bfloat16 ones
+    # say "<V2" in their array interface (torch's), views reinterpret the same memory
+    torch = types.ModuleType("torch")
+
+    class _Dtype:
+        def __init__(self, name, np_dtype):
+            self.name, self.np = name, np.dtype(np_dtype)
+
+        def __str__(self):
+            return "torch." + self.name
+
+    torch.bfloat16, torch.int16, torch.float32 = _Dtype("bfloat16", np.int16), _Dtype("int16", np.int16), \\
+        _Dtype("float32", np.float32)
+    torch.device = lambda kind, index=None: types.SimpleNamespace(type=kind, index=index)
+    torch.cuda = types.SimpleNamespace(current_stream=lambda device=None: types.SimpleNamespace(cuda_stream=77),
+                                       is_current_stream_capturing=lambda: False)
+    sys.modules["torch"] = torch
+
+    class Tensor:
+        __module__ = "torch"
+
+        def __init__(self, a, dtype):
+            self._a, self._dtype = a, dtype
+            self.shape, self.is_cuda = a.shape, True
+            self.device = types.SimpleNamespace(index=a.device.id, type="cuda")
+
+        dtype = property(lambda self: self._dtype)
+
+        @property
+        def __cuda_array_interface__(self):
+            face = dict(self._a.__cuda_array_interface__)
+            if self._dtype is torch.bfloat16:
+                face["typestr"] = "<V2"
+            return face
+
+        def view(self, dtype):
+            return Tensor(self._a, dtype)
+
+        def detach(self):
+            return self
+
+        def data_ptr(self):
+            return self._a.data.ptr
+
+        def stride(self):
+            return tuple(s // self._a.dtype.itemsize for s in self._a.strides)
+
+        def element_size(self):
+            return self._a.dtype.itemsize
+
+        def is_contiguous(self):
+            return True
+
+        def dim(self):
+            return len(self.shape)
+
+    def as_tensor(a, device=None):
+        assert isinstance(a, cupy.ndarray) and device.index == a.device.id
+        return Tensor(a, torch.int16 if a.dtype == np.int16 else torch.float32)
+
+    torch.as_tensor = as_tensor
+
+    launched = []
+
+    class Named(standin._Kernel):
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, *args, **kwargs):
+            launched.append(self.name)
+            return super().__call__(*args, **kwargs)
+
+    cupy.RawModule.get_function = lambda self, name: Named(name)
+    from bnkernels import bn_backward, bn_forward
+
+    def tensor(shape, dtype):
+        a = standin.on_device(cupy.asarray(np.zeros(shape, dtype.np)), 1)
+        return Tensor(a, dtype)
+
+    x, z, dy = (tensor((4, 3, 16), torch.bfloat16) for _ in range(3))
+    g = tensor((3,), torch.float32)
+    out = {}
+    y, saved = bn_forward(x, g, g, backend="cupy", residual=z, activation="relu", return_saved=True)
+    out["forward"] = launched[:]
+    out["y"] = [type(y).__name__, str(y.dtype), list(y.shape), y.device.index]
+    launched.clear()
+    dx, dgamma, dbeta, dz = bn_backward(dy, x, saved.mean, saved.invstd, g, backend="cupy", activation="relu", y=y,
+                                        residual=True)
+    out["backward"] = launched[:]
+    out["dx"] = [str(dx.dtype), list(dx.shape)]
+    out["dz"] = [str(dz.dtype), list(dz.shape)]
+    launched.clear()
+    for _ in range(3):  # full path, recording + replay, replay
+        y = bn_forward(x, g, g, backend="cupy")
+    out["replayed"] = launched[:]
+    out["replayed_y"] = str(y.dtype)
+    print(json.dumps(out))
+""")
+
+
+def test_torch_bfloat16_tensors_run_the_bfloat16_kernels():
+    """A torch CUDA bfloat16 tensor (stand-ins): its memory goes to CuPy as
+    int16, the launches are the ``__nv_bfloat16`` instantiations (the fused
+    residual and relu_backward included), and y, dx and dz come back as
+    torch bfloat16 tensors of x's shape; the prepared call (recorded, then
+    replayed) too."""
+    proc = subprocess.run([sys.executable, "-c", BF16_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    bf = "__nv_bfloat16"
+    assert out["forward"] == [f"bn_stats<{bf}, float, float, false>", f"bn_apply_residual<{bf}, float>"]
+    assert out["y"] == ["Tensor", "torch.bfloat16", [4, 3, 16], 1]
+    assert out["backward"] == [f"bn_relu_backward<{bf}>", f"bn_bwd_reduce<{bf}, float, float, false>",
+                               f"bn_dx<{bf}, float>"]
+    assert out["dx"] == out["dz"] == ["torch.bfloat16", [4, 3, 16]]
+    assert out["replayed"] == [f"bn_stats<{bf}, float, float, false>", f"bn_apply<{bf}, float>"] * 3
+    assert out["replayed_y"] == "torch.bfloat16"

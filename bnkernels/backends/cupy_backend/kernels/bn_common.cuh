@@ -1,4 +1,5 @@
-// Shared pieces of the batch-norm kernels: conversions, Welford/Chan merges,
+// Shared pieces of the batch-norm kernels: conversions (__half and
+// __nv_bfloat16 storage accumulate in float), Welford/Chan merges,
 // warp+block reductions, the grid-level last-block protocol, index walks.
 //
 // Layout: every kernel sees a contiguous input as the canonical view
@@ -9,6 +10,7 @@
 #pragma once
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #include <cuda_fp16.h>
+#include <cuda_bf16.h>
 #endif
 
 namespace bn {
@@ -17,22 +19,49 @@ constexpr unsigned kWarp = 32;
 constexpr unsigned kMaxWarps = 32;  // 1024 threads per block at most
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// ---- storage <-> accumulator conversions (half accumulates in float) ------
+// ---- storage <-> accumulator conversions (half and bfloat16 accumulate in
+// float; bfloat16 -> float is exact, float -> bfloat16 rounds to nearest
+// even, NaN stays NaN) ----------------------------------------------------------
 template <typename ACC, typename T>
 __device__ __forceinline__ ACC to_acc(T v) { return static_cast<ACC>(v); }
 template <>
 __device__ __forceinline__ float to_acc<float, __half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_acc<float, __nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <typename T, typename ACC>
 __device__ __forceinline__ T from_acc(ACC v) { return static_cast<T>(v); }
 template <>
 __device__ __forceinline__ __half from_acc<__half, float>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) { return __float2bfloat16_rn(v); }
 
 // ---- 16-byte vectors of each storage type ---------------------------------
 template <typename T> struct Vec16;
 template <> struct Vec16<float> { using type = float4; static constexpr int n = 4; };
 template <> struct Vec16<double> { using type = double2; static constexpr int n = 2; };
 template <> struct Vec16<__half> { using type = uint4; static constexpr int n = 8; };
+template <> struct Vec16<__nv_bfloat16> { using type = uint4; static constexpr int n = 8; };
+
+// ---- y <= 0 of a stored value, exactly (the gradient of a fused ReLU) ------
+// On its bits for float and bfloat16: -ftz=true (CuPy's NVRTC option) would
+// flush a positive subnormal to zero in a float comparison. +0, -0 and every
+// negative number but NaN: u == 0, or u - sign <= inf (unsigned; NaN's bits
+// lie above inf's, positives below the sign bit wrap past it).
+template <typename T>
+__device__ __forceinline__ bool le_zero(T v) { return v <= T(0); }  // double: no flush
+template <>
+__device__ __forceinline__ bool le_zero<float>(float v) {
+    const unsigned u = __float_as_uint(v);
+    return u == 0u || u - 0x80000000u <= 0x7f800000u;
+}
+template <>
+__device__ __forceinline__ bool le_zero<__half>(__half v) { return __half2float(v) <= 0.0f; }  // exact, normal
+template <>
+__device__ __forceinline__ bool le_zero<__nv_bfloat16>(__nv_bfloat16 v) {
+    const unsigned u = __bfloat16_as_ushort(v);
+    return u == 0u || u - 0x8000u <= 0x7f80u;
+}
 
 // ---- Welford / Chan ---------------------------------------------------------
 // a / b where both are whole numbers (counts, exact in ACC), b >= 1: for a

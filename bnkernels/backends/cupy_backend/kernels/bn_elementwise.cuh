@@ -1,22 +1,66 @@
-// One-pass elementwise kernels: apply (forward, inference), dx (backward),
-// and the per-channel coefficients of inference. Grid-stride loops over the
+// One-pass elementwise kernels: apply (forward, inference; with a residual
+// added: apply_residual), dx (backward), the gradient through a fused ReLU
+// (relu_backward), and the per-channel coefficients of inference. Grid-stride loops over the
 // flat index; the channel of each element is tracked incrementally (no
 // division in the loop), so one kernel serves every layout; in 32-bit
 // indices below 2^31 elements (bn::index32). When the
 // pointers are 16-byte aligned (vectorized != 0), each thread moves 16 bytes
-// per access (float4, 8 halves, double2); the remainder is done by scalars.
+// per access (float4, 8 halves or bfloat16s, double2); the remainder is done by scalars.
 #pragma once
 #include "bn_common.cuh"
 #include "bn_scan.cuh"  // kIndex32Limit
 
 namespace bn {
 
-// y = (x - k) * scale + shift, optional ReLU (NaN propagates: NaN < 0 is false).
-template <typename ACC, typename I>
-__device__ __forceinline__ ACC affine(ACC v, I c, const ACC* __restrict__ k,
+// y = (x - k) * scale + shift [+ z], optional ReLU (NaN propagates: NaN < 0
+// is false). RES: a residual z is added (in ACC, before the ReLU: one
+// rounding at the store); without one nothing is added (not even +0, which
+// would turn a -0 into +0).
+template <bool RES, typename ACC>
+__device__ __forceinline__ ACC activate(ACC r, ACC z, int relu) {
+    if constexpr (RES) r += z;
+    return (relu && r < ACC(0)) ? ACC(0) : r;
+}
+
+template <bool RES, typename ACC, typename T, typename I>
+__device__ __forceinline__ ACC residual_at(const T* __restrict__ z, I p) {
+    if constexpr (RES) return to_acc<ACC>(z[p]);
+    return ACC(0);  // unused
+}
+
+template <bool RES, typename ACC, typename I>
+__device__ __forceinline__ ACC affine(ACC v, ACC z, I c, const ACC* __restrict__ k,
                                       const ACC* __restrict__ scale, const ACC* __restrict__ shift, int relu) {
-    ACC y = (v - k[c]) * scale[c] + shift[c];
-    return (relu && y < ACC(0)) ? ACC(0) : y;
+    return activate<RES>((v - k[c]) * scale[c] + shift[c], z, relu);
+}
+
+// Value j of a 16-byte vector in ACC (j a constant once unrolled):
+// bfloat16 by 32-bit words (value 2i into the top half of a binary32 by a
+// shift, value 2i + 1 already there: a mask; exact), which saves a register
+// move per value over converting the extracted 16 bits.
+template <typename T>
+struct Lane {
+    template <typename ACC, typename V>
+    __device__ __forceinline__ static ACC get(const V& v, int j) {
+        return to_acc<ACC>(reinterpret_cast<const T*>(&v)[j]);
+    }
+};
+template <>
+struct Lane<__nv_bfloat16> {
+    template <typename ACC, typename V>
+    __device__ __forceinline__ static ACC get(const V& v, int j) {
+        const unsigned w = reinterpret_cast<const unsigned*>(&v)[j / 2];
+        return __uint_as_float((j & 1) ? (w & 0xffff0000u) : (w << 16));
+    }
+};
+
+// WORDS = false: value by value for every T (bn_apply_residual's bfloat16
+// plane loop: with words ptxas no longer split it by the ReLU flag, 3.09
+// instructions per byte on sm_90 instead of 2.27 and 1.91).
+template <typename ACC, typename T, bool WORDS = true, typename V>
+__device__ __forceinline__ ACC lane(const V& v, int j) {
+    if constexpr (WORDS) return Lane<T>::template get<ACC>(v, j);
+    return to_acc<ACC>(reinterpret_cast<const T*>(&v)[j]);
 }
 
 #ifndef BN_TRACK32_LIMIT
@@ -40,10 +84,13 @@ __device__ __forceinline__ bool track32(long long C, long long inner) {
     return C < kTrack32Limit && inner < kTrack32Limit;
 }
 
-template <typename I, typename J, typename T, typename ACC>
-__device__ __forceinline__ void apply_walk(const T* __restrict__ x, T* __restrict__ y, I total, J C, J inner,
-                                           const ACC* __restrict__ k, const ACC* __restrict__ scale,
-                                           const ACC* __restrict__ shift, int relu, int vectorized) {
+// RES: z (like x) is added before the ReLU, read as x is (16-byte vectors
+// when every pointer is aligned).
+template <bool RES, typename I, typename J, typename T, typename ACC>
+__device__ __forceinline__ void apply_walk(const T* __restrict__ x, const T* __restrict__ z, T* __restrict__ y,
+                                           I total, J C, J inner, const ACC* __restrict__ k,
+                                           const ACC* __restrict__ scale, const ACC* __restrict__ shift, int relu,
+                                           int vectorized) {
     using V = typename Vec16<T>::type;
     constexpr int N = Vec16<T>::n;
     const I threads = static_cast<I>(gridDim.x) * blockDim.x;
@@ -51,6 +98,7 @@ __device__ __forceinline__ void apply_walk(const T* __restrict__ x, T* __restric
     if (vectorized) {
         const I nvec = total / N;
         const V* __restrict__ xv = reinterpret_cast<const V*>(x);
+        const V* __restrict__ zv = reinterpret_cast<const V*>(z);
         V* __restrict__ yv = reinterpret_cast<V*>(y);
         TrackT<J> t = track_at(tid * N, C, inner);
         const TrackT<J> stride = track_at(threads * N, C, inner);
@@ -59,28 +107,30 @@ __device__ __forceinline__ void apply_walk(const T* __restrict__ x, T* __restric
             // are loaded once, into registers, for its N values
             for (I v = tid; v < nvec; v += threads) {
                 const V in = xv[v];
+                V zin;
+                if constexpr (RES) zin = zv[v];
                 const ACC kk = k[t.c], sc = scale[t.c], sf = shift[t.c];
                 V out;
-                const T* xi = reinterpret_cast<const T*>(&in);
                 T* yo = reinterpret_cast<T*>(&out);
 #pragma unroll
-                for (int j = 0; j < N; ++j) {
-                    const ACC r = (to_acc<ACC>(xi[j]) - kk) * sc + sf;
-                    yo[j] = from_acc<T>((relu && r < ACC(0)) ? ACC(0) : r);
-                }
+                for (int j = 0; j < N; ++j)
+                    yo[j] = from_acc<T>(activate<RES>((lane<ACC, T, !RES>(in, j) - kk) * sc + sf,
+                                                      RES ? lane<ACC, T, false>(zin, j) : ACC(0), relu));
                 yv[v] = out;
                 track_advance(t, stride, C, inner);
             }
         } else {
             for (I v = tid; v < nvec; v += threads) {
                 const V in = xv[v];
+                V zin;
+                if constexpr (RES) zin = zv[v];
                 V out;
-                const T* xi = reinterpret_cast<const T*>(&in);
                 T* yo = reinterpret_cast<T*>(&out);
                 TrackT<J> e = t;
 #pragma unroll
                 for (int j = 0; j < N; ++j) {
-                    yo[j] = from_acc<T>(affine(to_acc<ACC>(xi[j]), e.c, k, scale, shift, relu));
+                    yo[j] = from_acc<T>(affine<RES>(lane<ACC, T>(in, j), RES ? lane<ACC, T>(zin, j) : ACC(0), e.c,
+                                                    k, scale, shift, relu));
                     track_next(e, C, inner);
                 }
                 yv[v] = out;
@@ -89,16 +139,69 @@ __device__ __forceinline__ void apply_walk(const T* __restrict__ x, T* __restric
         }
         // fewer than N values are left: at most one per thread, no loop
         const I p = nvec * N + tid;
-        if (p < total) y[p] = from_acc<T>(affine(to_acc<ACC>(x[p]), track_at(p, C, inner).c, k,
-                                                         scale, shift, relu));
+        if (p < total) y[p] = from_acc<T>(affine<RES>(to_acc<ACC>(x[p]), residual_at<RES, ACC>(z, p),
+                                                      track_at(p, C, inner).c, k, scale, shift, relu));
         return;
     }
     TrackT<J> t = track_at(tid, C, inner);
     const TrackT<J> stride = track_at(threads, C, inner);
     for (I p = tid; p < total; p += threads) {
-        y[p] = from_acc<T>(affine(to_acc<ACC>(x[p]), t.c, k, scale, shift, relu));
+        y[p] = from_acc<T>(affine<RES>(to_acc<ACC>(x[p]), residual_at<RES, ACC>(z, p), t.c, k, scale, shift, relu));
         track_advance(t, stride, C, inner);
     }
+}
+
+// g = dy where not y <= 0 (le_zero: exact on the bits), else 0: the
+// gradient through a fused ReLU, torch's rule (a NaN y passes dy). dy's
+// values are passed through as they are (no conversion).
+template <typename I, typename T>
+__device__ __forceinline__ void relu_backward_walk(const T* __restrict__ dy, const T* __restrict__ y,
+                                                   T* __restrict__ g, I total, int vectorized) {
+    using V = typename Vec16<T>::type;
+    constexpr int N = Vec16<T>::n;
+    const I threads = static_cast<I>(gridDim.x) * blockDim.x;
+    const I tid = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x;
+    const T zero = from_acc<T>(0.0f);
+    if (vectorized) {
+        const I nvec = total / N;
+        const V* __restrict__ dv = reinterpret_cast<const V*>(dy);
+        const V* __restrict__ yv = reinterpret_cast<const V*>(y);
+        V* __restrict__ gv = reinterpret_cast<V*>(g);
+        for (I v = tid; v < nvec; v += threads) {
+            const V din = dv[v];
+            const V yin = yv[v];
+            V out;
+            const T* di = reinterpret_cast<const T*>(&din);
+            const T* yi = reinterpret_cast<const T*>(&yin);
+            T* o = reinterpret_cast<T*>(&out);
+#pragma unroll
+            for (int j = 0; j < N; ++j) o[j] = le_zero(yi[j]) ? zero : di[j];
+            gv[v] = out;
+        }
+        // fewer than N values are left: at most one per thread, no loop
+        const I p = nvec * N + tid;
+        if (p < total) g[p] = le_zero(y[p]) ? zero : dy[p];
+        return;
+    }
+    // single values, G consecutive ones per thread and step (one address
+    // per array for G values, immediate offsets; the loads in flight
+    // first): one value per step spent 15 instructions on 4 bytes of half
+    // on sm_90. Then the fewer than G left, one per thread.
+    constexpr int G = 4;
+    const I groups = total / G;
+    for (I q = tid; q < groups; q += threads) {
+        const I p = q * G;
+        T d[G], v[G];
+#pragma unroll
+        for (int j = 0; j < G; ++j) {
+            d[j] = dy[p + j];
+            v[j] = y[p + j];
+        }
+#pragma unroll
+        for (int j = 0; j < G; ++j) g[p + j] = le_zero(v[j]) ? zero : d[j];
+    }
+    const I p = groups * G + tid;
+    if (p < total) g[p] = le_zero(y[p]) ? zero : dy[p];
 }
 
 template <typename I, typename J, typename T, typename ACC>
@@ -125,12 +228,10 @@ __device__ __forceinline__ void dx_walk(const T* __restrict__ dy, const T* __res
                 const V xin = xv[v];
                 const ACC kk = k[t.c], ca = a[t.c], cb = b[t.c], cc0 = cc[t.c];
                 V out;
-                const T* gi = reinterpret_cast<const T*>(&gin);
-                const T* xi = reinterpret_cast<const T*>(&xin);
                 T* o = reinterpret_cast<T*>(&out);
 #pragma unroll
                 for (int j = 0; j < N; ++j)
-                    o[j] = from_acc<T>(to_acc<ACC>(gi[j]) * ca + (to_acc<ACC>(xi[j]) - kk) * cb + cc0);
+                    o[j] = from_acc<T>(lane<ACC, T>(gin, j) * ca + (lane<ACC, T>(xin, j) - kk) * cb + cc0);
                 ov[v] = out;
                 track_advance(t, stride, C, inner);
             }
@@ -139,15 +240,12 @@ __device__ __forceinline__ void dx_walk(const T* __restrict__ dy, const T* __res
                 const V gin = gv[v];
                 const V xin = xv[v];
                 V out;
-                const T* gi = reinterpret_cast<const T*>(&gin);
-                const T* xi = reinterpret_cast<const T*>(&xin);
                 T* o = reinterpret_cast<T*>(&out);
                 TrackT<J> e = t;
 #pragma unroll
                 for (int j = 0; j < N; ++j) {
                     const J c = e.c;
-                    o[j] = from_acc<T>(to_acc<ACC>(gi[j]) * a[c] + (to_acc<ACC>(xi[j]) - k[c]) * b[c] +
-                                           cc[c]);
+                    o[j] = from_acc<T>(lane<ACC, T>(gin, j) * a[c] + (lane<ACC, T>(xin, j) - k[c]) * b[c] + cc[c]);
                     track_next(e, C, inner);
                 }
                 ov[v] = out;
@@ -173,6 +271,26 @@ __device__ __forceinline__ void dx_walk(const T* __restrict__ dy, const T* __res
 
 }  // namespace bn
 
+namespace bn {
+
+// The launch of an apply walk in the widest-enough index types.
+template <bool RES, typename T, typename ACC>
+__device__ __forceinline__ void apply_launch(const T* __restrict__ x, const T* __restrict__ z, T* __restrict__ y,
+                                             long long total, long long C, long long inner,
+                                             const ACC* __restrict__ k, const ACC* __restrict__ scale,
+                                             const ACC* __restrict__ shift, int relu, int vectorized) {
+    const unsigned C32 = static_cast<unsigned>(C), inner32 = static_cast<unsigned>(inner);
+    if (index32(total))
+        apply_walk<RES, unsigned, unsigned>(x, z, y, static_cast<unsigned>(total), C32, inner32, k, scale, shift,
+                                            relu, vectorized);
+    else if (track32(C, inner))
+        apply_walk<RES, long long, unsigned>(x, z, y, total, C32, inner32, k, scale, shift, relu, vectorized);
+    else
+        apply_walk<RES, long long, long long>(x, z, y, total, C, inner, k, scale, shift, relu, vectorized);
+}
+
+}  // namespace bn
+
 template <typename T, typename ACC>
 __global__ void bn_apply(const T* __restrict__ x,          // (total,) input, contiguous
                          T* __restrict__ y,                // (total,) output
@@ -183,14 +301,38 @@ __global__ void bn_apply(const T* __restrict__ x,          // (total,) input, co
                          int relu,                         // fuse max(y, 0)
                          int vectorized)                   // x and y are 16-byte aligned
 {
-    const unsigned C32 = static_cast<unsigned>(C), inner32 = static_cast<unsigned>(inner);
+    bn::apply_launch<false>(x, static_cast<const T*>(nullptr), y, total, C, inner, k, scale, shift, relu,
+                            vectorized);
+}
+
+// y = act((x - k) * scale + shift + z): bn_apply with a residual z added in
+// ACC before the activation (one rounding), z read like x.
+template <typename T, typename ACC>
+__global__ void bn_apply_residual(const T* __restrict__ x,          // (total,) input, contiguous
+                                  const T* __restrict__ residual,   // (total,) z, contiguous
+                                  T* __restrict__ y,                // (total,) output
+                                  long long total, long long C, long long inner,
+                                  const ACC* __restrict__ k,        // (C,)
+                                  const ACC* __restrict__ scale,    // (C,)
+                                  const ACC* __restrict__ shift,    // (C,)
+                                  int relu,                         // fuse max(y, 0)
+                                  int vectorized)                   // x, residual and y are 16-byte aligned
+{
+    bn::apply_launch<true>(x, residual, y, total, C, inner, k, scale, shift, relu, vectorized);
+}
+
+// g = dy, and 0 where y <= 0: the gradient through the forward's fused ReLU.
+template <typename T>
+__global__ void bn_relu_backward(const T* __restrict__ dy,   // (total,) contiguous
+                                 const T* __restrict__ y,    // (total,) the forward's output, contiguous
+                                 T* __restrict__ g,          // (total,)
+                                 long long total,
+                                 int vectorized)             // dy, y and g are 16-byte aligned
+{
     if (bn::index32(total))
-        bn::apply_walk<unsigned, unsigned>(x, y, static_cast<unsigned>(total), C32, inner32, k, scale, shift, relu,
-                                           vectorized);
-    else if (bn::track32(C, inner))
-        bn::apply_walk<long long, unsigned>(x, y, total, C32, inner32, k, scale, shift, relu, vectorized);
+        bn::relu_backward_walk<unsigned>(dy, y, g, static_cast<unsigned>(total), vectorized);
     else
-        bn::apply_walk<long long, long long>(x, y, total, C, inner, k, scale, shift, relu, vectorized);
+        bn::relu_backward_walk<long long>(dy, y, g, total, vectorized);
 }
 
 // Per-channel apply coefficients from running statistics (inference).

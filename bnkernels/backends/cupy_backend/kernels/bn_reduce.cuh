@@ -24,6 +24,11 @@ struct ScanItem<__half, true, true> {
     using type = uint2;
     static constexpr int n = 4;
 };
+template <>
+struct ScanItem<__nv_bfloat16, true, true> {  // as half's: 2-byte values
+    using type = uint2;
+    static constexpr int n = 4;
+};
 
 // Items per step: loads in flight per thread (per array). More would not
 // fit in 64 registers (rows: 3 registers per owned channel for statistics;
@@ -35,6 +40,8 @@ struct StatsUnroll<uint2> { static constexpr int value = 8; };  // 8-byte items:
 // single values: 8 per step, one Chan merge for more bytes
 template <>
 struct StatsUnroll<__half> { static constexpr int value = 8; };
+template <>
+struct StatsUnroll<__nv_bfloat16> { static constexpr int value = 8; };
 template <>
 struct StatsUnroll<float> { static constexpr int value = 8; };
 template <int NV, bool ROWS>

@@ -65,10 +65,43 @@ __device__ __forceinline__ Item load(const Item* p) {
 
 // Value j of an item (a vector or a value) in the accumulation type.
 template <typename ACC, typename T, int NV, typename Item>
-__device__ __forceinline__ void unpack(const Item& v, ACC (&out)[NV]) {
+__device__ __forceinline__ void unpack_values(const Item& v, ACC (&out)[NV]) {
     const T* e = reinterpret_cast<const T*>(&v);
 #pragma unroll
     for (int j = 0; j < NV; ++j) out[j] = to_acc<ACC>(e[j]);
+}
+
+template <typename T>
+struct Unpack {
+    template <typename ACC, int NV, typename Item>
+    __device__ __forceinline__ static void run(const Item& v, ACC (&out)[NV]) {
+        unpack_values<ACC, T, NV>(v, out);
+    }
+};
+
+// bfloat16 vectors by 32-bit words: value 2i into the top half of a
+// binary32 (a shift), value 2i + 1 already there (a mask), exact; value by
+// value the conversion cost an extra register move per value.
+template <>
+struct Unpack<__nv_bfloat16> {
+    template <typename ACC, int NV, typename Item>
+    __device__ __forceinline__ static void run(const Item& v, ACC (&out)[NV]) {
+        if constexpr (NV % 2 == 0 && sizeof(Item) == 2 * NV) {
+            const unsigned* w = reinterpret_cast<const unsigned*>(&v);
+#pragma unroll
+            for (int i = 0; i < NV / 2; ++i) {
+                out[2 * i] = __uint_as_float(w[i] << 16);
+                out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+            }
+        } else {
+            unpack_values<ACC, __nv_bfloat16, NV>(v, out);
+        }
+    }
+};
+
+template <typename ACC, typename T, int NV, typename Item>
+__device__ __forceinline__ void unpack(const Item& v, ACC (&out)[NV]) {
+    Unpack<T>::template run<ACC, NV>(v, out);
 }
 
 // The 32-bit walk: one thread's next item as an offset from the channel's
