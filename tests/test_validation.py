@@ -42,7 +42,7 @@ def test_valid_call_does_update(backend, good):
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint8, np.bool_, np.complex64, object])
 def test_non_float_input_is_type_error(backend, good, dtype):
-    _call_must_fail(backend, good, TypeError, "x must have dtype float16, float32 or float64",
+    _call_must_fail(backend, good, TypeError, "x must have dtype float16, bfloat16, float32 or float64",
                     x=np.ones((4, C, 5), dtype))
 
 
