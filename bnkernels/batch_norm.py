@@ -214,12 +214,11 @@ def _backward_through_activation(dy, x, saved_mean, saved_invstd, gamma, axis, t
     g = dy
     if relu:
         impl = resolve(backend, x)
-        v.check_input(v.convert(dy, "dy", impl.asarray), "dy")
         perm = memory_order.order(dy)  # in dy's memory order: no copy, g with dy's strides
         def p(a, order):
             return a if order is None else memory_order.permute(a, order)
 
-        dy_b = v.convert(p(dy, perm), "dy", impl.asarray)
+        dy_b = v.check_input(v.convert(p(dy, perm), "dy", impl.asarray), "dy")
         g = impl.relu_backward(dy_b, v.check_like_x(p(y, perm), "y", dy_b, impl.asarray))
         g = p(g, None if perm is None else memory_order.inverse(perm))
     grads = bn_backward(g, x, saved_mean, saved_invstd, gamma, axis=axis, training=training, backend=backend,
