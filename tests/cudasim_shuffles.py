@@ -49,6 +49,11 @@ Design of the patch
   wrapped to record when a thread finishes. Nothing else of the simulator is
   changed: ``syncthreads`` and shared memory work as before, and kernels can
   mix them freely with the warp operations.
+* One simulator race is fixed: ``cuda.shared.array`` allocates a block's
+  array on first use with a check-then-store that is not atomic, so two
+  threads could get arrays of their own (a reduction then drops a
+  partial). The lookup and allocation run under a lock
+  (``_serialize_shared_allocation``).
 * Warps are 32 consecutive linear thread ids of a block; lane = id % 32. The
   last warp of a block whose size is not a multiple of 32 is partial: its
   lanes ``>= n`` do not exist.
@@ -116,6 +121,7 @@ Limits
   small (tens of threads) in tests.
 """
 import math
+import sys
 import threading
 import time
 
@@ -467,6 +473,46 @@ _INTRINSICS = {
 # Installation
 
 
+_shared_lock = threading.Lock()
+
+
+def _serialize_shared_allocation(shared_cls):
+    """Make ``cuda.shared.array`` one array per call site for every thread
+    of a block.
+
+    The simulator keys a block's static shared arrays by the caller's file
+    and line, and allocates on first use with a check-then-store
+    (``get``; ``np.empty``; store) that is not atomic: two threads that
+    check before either stores each get an array of their own, and the
+    values one writes never reach the others: a reduction through shared
+    memory then silently drops a partial (seen once in CI as a wrong
+    statistic, one run in many; ``test_shared_array_is_one_array_per_block``
+    provokes it). Here the lookup and the allocation are one step under a
+    lock. Dynamic shared memory (shape 0) has no such race and is left to
+    the original."""
+    import numpy as np
+    from numba.cuda import types as numba_types
+    from numba.cuda.np import numpy_support
+
+    original = shared_cls.array
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:
+            return original(self, shape, dtype, alignment)
+        frame = sys._getframe(1)  # the caller, as the original's stack[-2]
+        caller = (frame.f_code.co_filename, frame.f_lineno)
+        with _shared_lock:
+            res = self._allocations.get(caller)
+            if res is None:
+                if isinstance(dtype, numba_types.Type):
+                    dtype = numpy_support.as_dtype(dtype)
+                res = self._allocations[caller] = np.empty(shape, dtype)
+        return res
+
+    array.__wrapped__ = original
+    shared_cls.array = array
+
+
 def _simulator_modules():
     try:
         from numba import cuda
@@ -538,4 +584,5 @@ def install(timeout_s=None):
 
         run.__wrapped__ = original_run
         thread_cls.run = run
+        _serialize_shared_allocation(kernelapi.FakeCUDAShared)
         setattr(module_cls, _MARKER, True)

@@ -5,6 +5,7 @@ Runs only under NUMBA_ENABLE_CUDASIM=1 (see conftest.py). The kernels are
 ordinary CUDA Python (``cuda.<name>`` calls, as the simulator requires);
 blocks are small because every simulated thread is a Python thread.
 """
+import sys
 import threading
 import time
 
@@ -503,3 +504,70 @@ def test_exception_in_a_lane_does_not_hang_the_warp():
     with pytest.raises((IndexError, WarpSyncError), match="out of bounds"):
         launch(k_fail_then_shuffle, 1, 64, x, np.zeros(64))
     assert not wait_for_simulator_threads()
+
+
+class _SlowLookups(dict):
+    """A block's shared-allocation table whose lookups take long enough
+    that two threads both look before either stores (the simulator's race,
+    made certain instead of rare)."""
+
+    def get(self, key, default=None):
+        value = super().get(key, default)
+        time.sleep(0.05)
+        return value
+
+
+def _allocate_from_two_threads(array_fn):
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+    shared = FakeCUDAShared(0)
+    shared._allocations = _SlowLookups()
+    got = [None, None]
+
+    def allocate(slot):
+        got[slot] = array_fn(shared, (8,), np.float32)  # both from this one line: one call site
+
+    threads = [threading.Thread(target=allocate, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return got
+
+
+def test_shared_array_is_one_array_per_block():
+    """Two threads declaring the same shared array get the same array (the
+    simulator's own check-then-store gives each its own when they
+    interleave, so that one thread's writes never reach the other)."""
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+    a, b = _allocate_from_two_threads(FakeCUDAShared.array.__wrapped__)
+    assert a is not b, "the provocation no longer interleaves: the test would prove nothing"
+    a, b = _allocate_from_two_threads(FakeCUDAShared.array)
+    assert a is b and a.shape == (8,) and a.dtype == np.float32
+
+
+@cuda.jit
+def k_shared_sum(out):
+    sh = cuda.shared.array(64, np.float32)
+    t = cuda.threadIdx.x
+    sh[t] = t + 1
+    cuda.syncthreads()
+    if t == 0:
+        s = np.float32(0)
+        for j in range(64):
+            s += sh[j]
+        out[cuda.blockIdx.x] = s
+
+
+def test_shared_memory_reduction_with_frequent_thread_switches():
+    """Each thread's write to shared memory reaches thread 0, also when
+    Python switches threads as often as it can (where the unpatched
+    simulator loses one about once in a hundred blocks)."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(10):
+            out = np.zeros(4, np.float32)
+            k_shared_sum[4, 64](out)
+            np.testing.assert_array_equal(out, np.full(4, 64 * 65 / 2, np.float32))
+    finally:
+        sys.setswitchinterval(previous)
