@@ -1,0 +1,217 @@
+"""bnkernels' batch norm as torch custom operators (``torch.library``).
+
+Two operators in the ``bnkernels`` namespace, each with a fake (meta)
+kernel, so that ``torch.compile(fullgraph=True)`` and ``torch.export``
+trace through them, and an autograd formula tying the two together:
+
+``torch.ops.bnkernels.batch_norm(input, weight, bias, running_mean,
+running_var, training, momentum, eps, axis, backend) -> (y, save_mean,
+save_invstd, new_running_mean, new_running_var)``
+    ``bnkernels.bn_forward``, functional: torch registers autograd
+    formulas only for operators that mutate nothing, so the updated
+    running statistics are outputs (empty where nothing is updated:
+    inference, or none given) and :func:`batch_norm` copies them into the
+    buffers (C values; ``torch.compile`` traces the copy as torch's own
+    functional batch norm's). ``save_mean`` and ``save_invstd`` are (C,),
+    float32 (float64 for float64 input): the batch's statistics in
+    training, those of the running statistics in inference (what the
+    backward of either needs).
+
+``torch.ops.bnkernels.batch_norm_backward(grad_out, input, weight,
+save_mean, save_invstd, training, axis, backend) -> (grad_input,
+grad_weight, grad_bias)``
+    ``bnkernels.bn_backward``: the gradient of the training forward, or of
+    the inference forward with the running statistics held constant.
+    grad_weight/grad_bias have the weight's dtype (the saved statistics'
+    dtype when there is no weight).
+
+Tensors reach the kernels without a copy: CPU tensors as NumPy views (a
+bfloat16 one through its int16 bits), CUDA tensors as they are, run by a
+GPU backend on torch's current stream. Results keep the input's memory
+format (``channels_last`` stays ``channels_last``): where a backend's
+result is laid out otherwise than ``torch.empty_like(input)`` (a
+non-dense input), it is copied into such a tensor, so that the real and
+the fake kernels agree on strides.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..batch_norm import bn_backward, bn_forward
+from ..validation import bfloat16_dtype
+
+Tensor = torch.Tensor
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the saved statistics for data of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _to_kernel(t: Optional[Tensor]):
+    """What bnkernels gets for a tensor: a NumPy view of a CPU tensor (the
+    same memory: in-place updates reach the tensor), a CUDA tensor itself."""
+    if t is None:
+        return None
+    t = t.detach()
+    if t.is_cuda:
+        return t
+    if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: view its bits as ml_dtypes' bfloat16
+        return t.view(torch.int16).numpy().view(bfloat16_dtype())
+    return t.numpy()
+
+
+def _to_torch(a, like: Tensor) -> Tensor:
+    """A bnkernels result as a tensor on ``like``'s device, without a copy."""
+    if isinstance(a, Tensor):
+        return a
+    a = np.asarray(a)
+    if a.dtype == bfloat16_dtype():
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _like_input(result: Tensor, input: Tensor) -> Tensor:
+    """``result`` laid out as ``torch.empty_like(input)`` (what the fake
+    kernels say): as it is when it already is (contiguous and
+    channels_last inputs: always), else copied into such a tensor."""
+    target = torch.empty_like(input)
+    if result.stride() == target.stride() or result.numel() <= 1:
+        return result
+    return target.copy_(result)
+
+
+def _per_channel(t: Optional[Tensor], dtype: torch.dtype, channels: int, like: Tensor) -> Tensor:
+    t = like.new_zeros(channels, dtype=dtype) if t is None else t
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _channels(input: Tensor, axis: int) -> int:
+    return input.shape[axis] if input.dim() > 0 else 0
+
+
+def _updated(running: Optional[Tensor], training: bool) -> Optional[Tensor]:
+    """The tensor the kernels update in place for a running statistic:
+    a copy (the operator mutates none of its arguments), or None."""
+    return running.clone() if training and running is not None else None
+
+
+@torch.library.custom_op("bnkernels::batch_norm", mutates_args=())
+def batch_norm_op(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                  running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
+                  momentum: float, eps: float, axis: int,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    new_mean, new_var = _updated(running_mean, training), _updated(running_var, training)
+    stats = (new_mean, new_var) if training else (running_mean, running_var)
+    y, saved = bn_forward(_to_kernel(input), _to_kernel(weight), _to_kernel(bias), *map(_to_kernel, stats),
+                          training=training, momentum=momentum, eps=eps, axis=axis, backend=backend,
+                          return_saved=True)
+    acc, channels = _acc_dtype(input.dtype), _channels(input, axis)
+    return (_like_input(_to_torch(y, input), input),
+            _per_channel(_to_torch(saved.mean, input), acc, channels, input),
+            _per_channel(_to_torch(saved.invstd, input), acc, channels, input),
+            input.new_empty(0, dtype=acc) if new_mean is None else new_mean,  # (outputs must not alias)
+            input.new_empty(0, dtype=acc) if new_var is None else new_var)
+
+
+@batch_norm_op.register_fake
+def _batch_norm_fake(input, weight, bias, running_mean, running_var, training, momentum, eps, axis, backend):
+    acc, channels = _acc_dtype(input.dtype), _channels(input, axis)
+
+    def updated(running):
+        return torch.empty_like(running) if training and running is not None else input.new_empty(0, dtype=acc)
+
+    return (torch.empty_like(input), input.new_empty(channels, dtype=acc), input.new_empty(channels, dtype=acc),
+            updated(running_mean), updated(running_var))
+
+
+@torch.library.custom_op("bnkernels::batch_norm_backward", mutates_args=())
+def batch_norm_backward_op(grad_out: Tensor, input: Tensor, weight: Optional[Tensor], save_mean: Tensor,
+                           save_invstd: Tensor, training: bool, axis: int,
+                           backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dgamma, dbeta = bn_backward(_to_kernel(grad_out), _to_kernel(input), _to_kernel(save_mean),
+                                    _to_kernel(save_invstd), _to_kernel(weight), axis=axis, training=training,
+                                    backend=backend)
+    dtype, channels = (save_mean.dtype if weight is None else weight.dtype), _channels(input, axis)
+    return (_like_input(_to_torch(dx, input), input),
+            _per_channel(_to_torch(dgamma, input), dtype, channels, input),
+            _per_channel(_to_torch(dbeta, input), dtype, channels, input))
+
+
+@batch_norm_backward_op.register_fake
+def _batch_norm_backward_fake(grad_out, input, weight, save_mean, save_invstd, training, axis, backend):
+    dtype, channels = (save_mean.dtype if weight is None else weight.dtype), _channels(input, axis)
+    return torch.empty_like(input), input.new_empty(channels, dtype=dtype), input.new_empty(channels, dtype=dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, _, _, training, _, _, axis, backend = inputs
+    _, save_mean, save_invstd, _, _ = output
+    ctx.save_for_backward(input, weight, save_mean, save_invstd)
+    ctx.training, ctx.axis, ctx.backend = training, axis, backend
+
+
+def _backward(ctx, grad_y, *_):
+    # The saved statistics are outputs for the backward's sake only: no
+    # gradient flows through them (as in torch's native batch norm).
+    input, weight, save_mean, save_invstd = ctx.saved_tensors
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    if not (need_input or need_weight or need_bias):
+        return (None,) * 10
+    dx, dweight, dbias = batch_norm_backward_op(grad_y, input, weight, save_mean, save_invstd, ctx.training,
+                                                ctx.axis, ctx.backend)
+    return (dx if need_input else None, dweight if need_weight else None, dbias if need_bias else None,
+            None, None, None, None, None, None, None)
+
+
+batch_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+               weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5, *, backend: str = "auto") -> Tensor:
+    """``torch.nn.functional.batch_norm`` on bnkernels' kernels, differentiable.
+
+    Args:
+        input: (N, C, *) tensor, float16, bfloat16, float32 or float64, on
+            the CPU (run by the numba backend, else numpy) or CUDA (a GPU
+            backend, on torch's current stream); any memory format.
+        running_mean, running_var: (C,) float tensors or None (required
+            when ``training`` is False); updated in place in training:
+            ``running = (1 - momentum) * running + momentum * batch``, with
+            the unbiased batch variance.
+        weight, bias: (C,) tensors or None.
+        training: normalize with the batch's statistics (True) or the
+            running ones (False).
+        momentum, eps: as in torch.
+        backend: a bnkernels backend name (``"auto"``: by the tensor's
+            device; see ``bnkernels.available_backends()``).
+
+    Returns:
+        y: like ``input`` (same shape, dtype, device and memory format).
+
+    Unlike torch's, the statistics are exact for data far from zero (a
+    shifted Welford reduction, never E[x^2] - E[x]^2). Errors are
+    bnkernels' (ValueError/TypeError naming the argument).
+    """
+    if running_mean is None and not training:
+        raise ValueError("running_mean and running_var must be given when training is False "
+                         "(inference normalizes with them)")
+    return batch_norm_on_axis(input, running_mean, running_var, weight, bias, training, momentum, eps, 1, backend)
+
+
+def batch_norm_on_axis(input, running_mean, running_var, weight, bias, training, momentum, eps, axis: int,
+                       backend: str) -> Tensor:
+    """:func:`batch_norm` with the channels along ``axis`` (Keras: -1):
+    the operator, then the running statistics' in-place update."""
+    training = bool(training)
+    y, _, _, new_mean, new_var = batch_norm_op(input, weight, bias, running_mean, running_var, training,
+                                               float(momentum), float(eps), int(axis), backend)
+    if training and running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+    return y
