@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import axes, call_cache, engine, masking, memory_order
+from . import axes, call_cache, dlpack, engine, masking, memory_order
 from . import validation as v
 from .backends import resolve, runs_on_gpu
 from .backends.interface import Moments
@@ -61,6 +61,10 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
     Args:
         x: array of any shape with ndim >= 1, float16, float32 or float64.
             Channels are along ``axis``; strided and transposed arrays work.
+            NumPy, CuPy, torch, Numba device arrays, or any other array with
+            ``__dlpack__`` (JAX's: viewed without a copy, ``bnkernels.dlpack``),
+            as may every array argument; ``out`` and the running statistics
+            in training must then be writable (JAX arrays are not).
         gamma, beta: per-channel scale and shift, shape (C,), or None
             (scale 1, shift 0).
         running_mean, running_var: shape (C,), float16, float32 or float64
@@ -105,22 +109,34 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
     Returns:
         ``y`` with the shape and dtype of ``x`` (half input is computed in
         float32; ``out`` when given), or ``(y, saved)`` if ``return_saved``.
+        For a DLPack ``x`` (JAX) ``y`` is an array of its library (NumPy
+        where that has no ``from_dlpack``); ``saved`` stays NumPy.
 
     Raises:
         TypeError, ValueError: bad arguments (message names the argument).
         BackendUnavailableError: a named backend cannot run here.
     """
+    if mask is None:
+        # first of all, a call described like an earlier one (its description decides every branch below)
+        arrays = (x, gamma, beta, running_mean, running_var, residual)
+        key = call_cache.forward_key(arrays, training, momentum, eps, axis, activation, backend,
+                                     num_batches_tracked, return_saved, out)
+        prepared = call_cache.lookup(key)
+        if prepared is not None and prepared is not call_cache.UNCACHED:
+            y, saved = prepared.run(arrays, num_batches_tracked)
+            return (y, saved) if return_saved else y
+    if dlpack.any_foreign((x, gamma, beta, running_mean, running_var, out, mask, residual)):
+        # other libraries' arrays (JAX...): the call again on NumPy/CuPy views of them, results back in x's
+        # library; after the cache lookup (it never keeps such a call), so that its hits pay nothing for this
+        return dlpack.call(bn_forward, dict(
+            x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var, training=training,
+            momentum=momentum, eps=eps, axis=axis, activation=activation, backend=backend,
+            return_saved=return_saved, num_batches_tracked=num_batches_tracked, out=out, mask=mask,
+            residual=residual), ("out", "running_mean", "running_var") if training is True or training is np.True_
+            else ("out",))
     if mask is not None:
         return _forward_masked(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, activation,
                                backend, return_saved, num_batches_tracked, out, mask, residual)
-    # first of all, a call described like an earlier one (its description decides every branch below)
-    arrays = (x, gamma, beta, running_mean, running_var, residual)
-    key = call_cache.forward_key(arrays, training, momentum, eps, axis, activation, backend, num_batches_tracked,
-                                 return_saved, out)
-    prepared = call_cache.lookup(key)
-    if prepared is not None and prepared is not call_cache.UNCACHED:
-        y, saved = prepared.run(arrays, num_batches_tracked)
-        return (y, saved) if return_saved else y
     perm = memory_order.order(x)
     if perm is not None:  # run in x's memory order: no copy, y with x's strides
         y, saved = bn_forward(memory_order.permute(x, perm), gamma, beta, running_mean, running_var,
@@ -342,7 +358,9 @@ def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, training
 
     Args:
         dy: gradient of the output, same shape and dtype as ``x``.
-        x: the forward's input.
+        x: the forward's input. Any array argument may be a DLPack array
+            (JAX's) as in :func:`bn_forward`: ``dx``, ``dgamma`` and
+            ``dbeta`` then come back in the library of x (else of dy).
         saved_mean, saved_invstd: ``saved.mean`` and ``saved.invstd`` from
             ``bn_forward(..., return_saved=True)``, shape (C,).
         gamma: the forward's scale, shape (C,), or None.
@@ -369,16 +387,24 @@ def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, training
         ``dbeta = sum(g)`` per channel, shape (C,), float32 (float64 for
         float64 input). They are returned even when ``gamma`` is None.
     """
-    if activation is not None or y is not None or residual is not False:
+    fused = activation is not None or y is not None or residual is not False
+    masked = mask is not None and training is True
+    if not (fused or masked):
+        arrays = (dy, x, saved_mean, saved_invstd, gamma)
+        key = call_cache.backward_key(arrays, axis, backend, out) if training is True else None
+        prepared = call_cache.lookup(key)
+        if prepared is not None and prepared is not call_cache.UNCACHED:
+            return prepared.run(arrays)
+    if dlpack.any_foreign((dy, x, saved_mean, saved_invstd, gamma, out, mask, y)):  # as in bn_forward
+        return dlpack.call(bn_backward, dict(
+            dy=dy, x=x, saved_mean=saved_mean, saved_invstd=saved_invstd, gamma=gamma, axis=axis,
+            training=training, backend=backend, out=out, mask=mask, activation=activation, y=y,
+            residual=residual), ("out",), like=("x", "dy"))
+    if fused:
         return _backward_through_activation(dy, x, saved_mean, saved_invstd, gamma, axis, training, backend, out,
                                             mask, activation, y, residual)
-    if mask is not None and training is True:
+    if masked:
         return _backward_masked(dy, x, saved_mean, saved_invstd, gamma, axis, backend, out, mask)
-    arrays = (dy, x, saved_mean, saved_invstd, gamma)
-    key = call_cache.backward_key(arrays, axis, backend, out) if training is True else None
-    prepared = call_cache.lookup(key)
-    if prepared is not None and prepared is not call_cache.UNCACHED:
-        return prepared.run(arrays)
     perm = memory_order.order(x)
     if perm is not None:  # in x's memory order, as bn_forward
         p = memory_order.permute
@@ -414,10 +440,14 @@ def channel_stats(x, *, axis=1, backend="auto") -> ChannelStats:
     1e-7 relative for float16/float32 input, whatever the mean.
 
     Args:
-        x: array with ndim >= 1, float16/32/64; channels along ``axis``.
+        x: array with ndim >= 1, float16/32/64; channels along ``axis``;
+            a DLPack array (JAX's) too, viewed without a copy.
     Returns:
-        :class:`ChannelStats` with float64 ``mean`` and ``m2`` of shape (C,).
+        :class:`ChannelStats` with float64 ``mean`` and ``m2`` of shape (C,)
+        (NumPy for a DLPack x as for a NumPy one).
     """
+    if dlpack.is_foreign(x):
+        return dlpack.call(channel_stats, dict(x=x, axis=axis, backend=backend))
     perm = memory_order.order(x)
     if perm is not None:
         return channel_stats(memory_order.permute(x, perm), axis=memory_order.axis_in(perm, axis), backend=backend)

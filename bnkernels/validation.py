@@ -14,6 +14,7 @@ import numbers
 
 import numpy as np
 
+from . import dlpack
 from .backends.interface import ChannelLayout
 
 #: Input dtypes accepted for ``x`` and ``dy`` (and bfloat16: :func:`is_bfloat16`).
@@ -49,11 +50,15 @@ def is_bfloat16(dtype) -> bool:
 def host_array(obj):
     """``np.asarray(obj)``, and a CPU torch bfloat16 tensor as a NumPy
     bfloat16 view of its memory (NumPy has no bfloat16 of its own, so
-    torch's ``numpy()`` refuses it)."""
+    torch's ``numpy()`` refuses it), and another library's DLPack array
+    (JAX's) as ``np.from_dlpack`` views it (``dlpack.host``; the public
+    functions convert those first, this serves every other caller)."""
     if is_torch(obj) and str(obj.dtype) == "torch.bfloat16" and obj.device.type == "cpu":
         import torch
 
         return obj.view(torch.int16).numpy().view(bfloat16_dtype())
+    if dlpack.is_foreign(obj):
+        return dlpack.host(obj)
     return np.asarray(obj)
 
 
@@ -131,6 +136,8 @@ def writable_view(obj, name: str, *, gpu_backend: bool):
         raise TypeError(f"{name} must be an array (it is updated in place): a NumPy ndarray, or an object "
                         f"NumPy views without a copy such as a CPU torch tensor; got {type(obj).__name__}, "
                         "whose copy would receive the result instead")
+    if dlpack.is_foreign(obj):
+        dlpack.check_writable(view, obj, name)  # its own messages (a read-only JAX array)
     if not view.flags.writeable:
         raise ValueError(f"{name} is read-only, but it is updated in place")
     return view
