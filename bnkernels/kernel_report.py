@@ -587,16 +587,38 @@ def inspect(arch: str | int = "sm_90", source: str | os.PathLike | None = None,
     return inspect_with_sass(arch, source, name_expressions, options, mirror_cupy=mirror_cupy)[0]
 
 
+#: bnkernels' own builds by (source, name expressions, options, arch).
+_OWN_BUILDS: dict = {}
+
+
+def own_build(arch: str | int = "sm_90") -> CompiledModule:
+    """bnkernels' own CuPy kernels (:func:`bnkernels_sources`) compiled
+    for ``arch`` as :func:`compile_cubin` does, once per process and
+    architecture (NVRTC takes most of a minute for them): the command and
+    the tests share it. NVRTC is still looked up on every call, so that its
+    absence is always reported."""
+    src = bnkernels_sources()
+    key = (str(src.source), tuple(src.name_expressions), tuple(src.options), normalize_arch(arch))
+    if key in _OWN_BUILDS:
+        _nvrtc()
+    else:
+        _OWN_BUILDS[key] = compile_cubin(src.source, src.name_expressions, src.options, arch)
+    return _OWN_BUILDS[key]
+
+
 def inspect_with_sass(arch: str | int = "sm_90", source: str | os.PathLike | None = None,
                       name_expressions: Iterable[str] | None = None, options: Sequence[str] | None = None, *,
                       mirror_cupy: bool = True) -> tuple[list[KernelReport], str]:
     """:func:`inspect`, and the SASS text it read (for ``sass_loops``)."""
-    if source is None:
-        src = bnkernels_sources()
-        source = src.source
-        name_expressions = src.name_expressions if name_expressions is None else name_expressions
-        options = src.options if options is None else options
-    compiled = compile_cubin(source, name_expressions or (), options or (), arch,
-                             mirror_cupy=mirror_cupy, resource_report=True)
+    if source is None and name_expressions is None and options is None and mirror_cupy:
+        compiled = own_build(arch)
+    else:
+        if source is None:
+            src = bnkernels_sources()
+            source = src.source
+            name_expressions = src.name_expressions if name_expressions is None else name_expressions
+            options = src.options if options is None else options
+        compiled = compile_cubin(source, name_expressions or (), options or (), arch,
+                                 mirror_cupy=mirror_cupy, resource_report=True)
     sass = disassemble(compiled.cubin)
     return build_reports(compiled, sass, arch), sass

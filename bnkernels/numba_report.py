@@ -23,8 +23,10 @@ this
    (``[bfloat16]``: the kernels on int16 arrays of bfloat16 bits).
 
 PTX is compiled once per (kernel, storage, architecture) in a process
-(2-5 s each with numba-cuda 0.30), by :func:`compile_all` in as many
-worker processes as there are CPUs.
+(2-5 s each with numba-cuda 0.30, mostly Numba's typing and lowering,
+which :func:`compile_all` does once for all the architectures asked for:
+from sm_75 on they lower alike), by :func:`compile_all` in as many worker
+processes as there are CPUs.
 
 Needs numba-cuda (not the simulator: ``NUMBA_ENABLE_CUDASIM`` unset), a
 ptxas that accepts numba-cuda's PTX version (``pip install "cuda-toolkit[nvcc]"``)
@@ -103,12 +105,50 @@ def _cc(arch: str) -> tuple[int, int]:
 _PTX: dict[tuple[int, str], str] = {}
 
 
-def _compile_ptx(index: int, arch: str) -> str:
+#: From this compute capability on, numba-cuda lowers a kernel to the same
+#: LLVM IR whatever the architecture (its only architecture-dependent
+#: lowerings: float64 atomic add from 6.0, fastmath tanh from 7.5), so the
+#: IR of one such architecture serves all: only NVVM runs per architecture.
+_SAME_LOWERING_FROM = (7, 5)
+
+
+def _lowered(target: Target, cc):
+    """numba-cuda's code library of ``target`` (typed and lowered for
+    ``cc``), as ``cuda.compile_ptx`` builds it before NVVM (its own
+    internal step: None where this numba-cuda has another)."""
+    try:
+        from numba.cuda import compiler
+
+        lib, _ = compiler._compile_pyfunc_with_fixup(
+            target.func, target.argtypes, debug=None, lineinfo=False, device=False, fastmath=False, cc=cc,
+            opt=None, abi="numba", abi_info=None, forceinline=False, launch_bounds=None, lto=False)
+        return lib
+    except (AttributeError, TypeError):
+        return None
+
+
+def _compile_ptx(index: int, archs) -> list[str]:
+    """The PTX of target ``index`` for each of ``archs``: what
+    ``cuda.compile_ptx(func, argtypes, cc=...)`` gives for each, typing and
+    lowering once for all architectures that lower alike (Numba's typing and
+    lowering take about 90 % of a compile), NVVM once per architecture.
+    The PTX is then the same instruction for instruction; only the kernel's
+    mangled symbol (which digests the compile flags, the compute capability
+    among them) is that of the first such architecture."""
     from numba import cuda
 
     target = targets()[index]
-    text, _ = cuda.compile_ptx(target.func, target.argtypes, cc=_cc(arch))
-    return text
+    ccs = [_cc(a) for a in archs]
+    shared = [cc for cc in ccs if cc >= _SAME_LOWERING_FROM]
+    lib = _lowered(target, shared[0]) if len(shared) > 1 else None
+    texts = []
+    for cc in ccs:
+        if lib is not None and cc in shared:
+            (text,) = lib.get_asm_strs(cc=cc)
+        else:
+            text, _ = cuda.compile_ptx(target.func, target.argtypes, cc=cc)
+        texts.append(text)
+    return texts
 
 
 def ptx(target: Target, arch: str) -> str:
@@ -116,14 +156,14 @@ def ptx(target: Target, arch: str) -> str:
     arch = kr.normalize_arch(arch)
     key = (targets().index(target), arch)
     if key not in _PTX:
-        _PTX[key] = _compile_ptx(*key)
+        (_PTX[key],) = _compile_ptx(key[0], [arch])
     return _PTX[key]
 
 
 def _serve(jobs: str) -> None:
-    """A worker of :func:`compile_all`: ``jobs``, ``[[index, arch], ...]``
-    as JSON; writes ``[ptx, ...]`` as JSON to stdout."""
-    json.dump([_compile_ptx(index, arch) for index, arch in json.loads(jobs)], sys.stdout)
+    """A worker of :func:`compile_all`: ``jobs``, ``[[index, [arch, ...]], ...]``
+    as JSON; writes ``[[ptx per arch], ...]`` as JSON to stdout."""
+    json.dump([_compile_ptx(index, archs) for index, archs in json.loads(jobs)], sys.stdout)
 
 
 def compile_all(archs, workers: int | None = None) -> None:
@@ -132,8 +172,9 @@ def compile_all(archs, workers: int | None = None) -> None:
     use) Python processes at once: Numba compiles one kernel at a time,
     a few seconds each. Worker processes are plain ``python -c`` (not
     multiprocessing, which would run ``python -m bnkernels`` again in each)."""
-    jobs = [[i, kr.normalize_arch(a)] for a in archs for i in range(len(targets()))
-            if (i, kr.normalize_arch(a)) not in _PTX]
+    archs = list(dict.fromkeys(kr.normalize_arch(a) for a in archs))
+    jobs = [[i, [a for a in archs if (i, a) not in _PTX]] for i in range(len(targets()))]
+    jobs = [job for job in jobs if job[1]]  # per target, its missing architectures (one lowering)
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = max(1, min(workers, len(jobs) // 4))  # a worker's start (imports) costs about one compile
@@ -145,10 +186,13 @@ def compile_all(archs, workers: int | None = None) -> None:
         for proc, share in zip(procs, shares):
             out, _ = proc.communicate()  # reads and closes stdout, waits
             if proc.returncode == 0:
-                _PTX.update({(i, a): text for (i, a), text in zip(share, json.loads(out))})
+                _PTX.update({(i, a): text for (i, job_archs), texts in zip(share, json.loads(out))
+                             for a, text in zip(job_archs, texts)})
             # else: compiled again below, in this process, where the error shows
-    for i, a in jobs:
-        ptx(targets()[i], a)
+    for i, job_archs in jobs:
+        missing_archs = [a for a in job_archs if (i, a) not in _PTX]
+        if missing_archs:
+            _PTX.update(zip(((i, a) for a in missing_archs), _compile_ptx(i, missing_archs)))
 
 
 def compile_target(target: Target, arch: str) -> kr.CompiledModule:

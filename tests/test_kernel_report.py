@@ -339,8 +339,7 @@ def _real_build(arch):
     module and ptxas' report by name expression."""
     arch = kr.normalize_arch(arch)
     if arch not in _REAL_BUILDS:
-        src = kr.bnkernels_sources()
-        compiled = kr.compile_cubin(src.source, src.name_expressions, src.options, arch)
+        compiled = kr.own_build(arch)  # (the same build as the command's below)
         by_symbol = {r.kernel: r for r in parse_report(compiled.log)}
         resources = {ne: by_symbol[sym] for ne, sym in compiled.lowered_names.items()}
         _REAL_BUILDS[arch] = compiled, resources
