@@ -18,9 +18,11 @@ PYTHON=${PYTHON:-python3}
 #   machine's CUDA 13.0 ptxas rejects PTX 9.5) to assemble for sm_80/sm_90
 #   and report resources, and cuobjdump/nvdisasm to read the SASS.
 # - ml_dtypes: NumPy's bfloat16, so bfloat16 is tested on every backend;
+# - keras==3.15.1 (torch backend), jax[cpu], scikit-learn: bnkernels.keras,
+#   DLPack with real JAX arrays, and the digits example (examples/) for real;
 # - tbb: Numba's TBB threading layer, so that calls from several threads are
 #   tested on every layer (tbb, omp, workqueue: tests/backends/test_threads.py).
-TEST_EXTRAS=${BNKERNELS_TEST_EXTRAS-"matplotlib torch==2.13.0 cupy-cuda13x numba numba-cuda[cu13] cuda-toolkit[nvcc,cuobjdump,nvdisasm] tbb ml_dtypes"}
+TEST_EXTRAS=${BNKERNELS_TEST_EXTRAS-"matplotlib torch==2.13.0 cupy-cuda13x numba numba-cuda[cu13] cuda-toolkit[nvcc,cuobjdump,nvdisasm] tbb ml_dtypes keras==3.15.1 jax[cpu]==0.10.2 scikit-learn==1.9.1"}
 
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv

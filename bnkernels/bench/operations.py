@@ -29,6 +29,7 @@ class Operation:
     ``textbook(inputs, to_dev)`` as tutorials write it (NumPy or CuPy);
     ``torch(inputs, tensor, F)`` with ``torch.nn.functional`` (``tensor``:
     host array to tensor on the device; backward through autograd).
+    ``default``: measured when ``--ops`` is not given.
     """
 
     name: str
@@ -38,6 +39,7 @@ class Operation:
     bnkernels: Callable[..., Runner]
     textbook: Callable[..., Runner]
     torch: Callable[..., Runner]
+    default: bool = True
 
 
 # --- the textbook code -------------------------------------------------------
@@ -235,6 +237,80 @@ def _add_relu_torch(inp, tensor, F):
         1, inp.axis),)
 
 
+# --- a training step of one layer through autograd: torch's module, bnkernels' drop-in ---
+# Forward then backward (dy: the case's dy) of nn.BatchNorm{1,2,3}d and of
+# bnkernels.torch's drop-in, the same tensors: what the integration costs
+# beside the plain calls (the "train" and "backward" rows of the same
+# backend in the same run).
+
+def _module_step(module, inp, tensor):
+    """The step's runner: ``(dx, dweight, dbias)`` of ``module`` (a fresh
+    torch batch norm class of x's rank) on x and dy as tensors, channels
+    at dim 1 (a view: NHWC is channels_last)."""
+    import torch
+
+    pdt = torch.float64 if inp.x.dtype == np.float64 else torch.float32  # half data: float32 parameters
+    xt, dyt = tensor(inp.x), tensor(inp.dy)
+    layer = module(inp.x.shape[inp.axis], eps=inp.eps).to(device=xt.device, dtype=pdt)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(inp.gamma.astype(np.float64)))
+        layer.bias.copy_(torch.from_numpy(inp.beta.astype(np.float64)))
+    xt.requires_grad_(True)
+    xv, dyv = xt.movedim(inp.axis, 1), dyt.movedim(inp.axis, 1)
+    params = (xt, layer.weight, layer.bias)
+    return lambda: torch.autograd.grad(layer(xv), params, dyv)
+
+
+def _torch_class(ndim: int, namespace):
+    return {2: namespace.BatchNorm1d, 3: namespace.BatchNorm1d, 4: namespace.BatchNorm2d,
+            5: namespace.BatchNorm3d}.get(ndim)
+
+
+def _module_bnkernels(inp, to_dev, backend, out):
+    from .ops import Unsupported
+
+    try:
+        import torch
+        from .. import torch as bnkernels_torch
+    except ImportError as exc:
+        raise Unsupported(f"bnkernels.torch needs torch ({exc})") from None
+    cls = _torch_class(inp.x.ndim, bnkernels_torch)
+    if cls is None or out is not None:
+        raise Unsupported("torch's batch norm layers take 2-D to 5-D input, and no out=")
+
+    def tensor(a):
+        d = to_dev(a)
+        if type(d).__module__.split(".")[0] == "torch":
+            return d
+        return torch.as_tensor(d, device="cuda") if hasattr(d, "__cuda_array_interface__") else \
+            torch.from_numpy(np.asarray(d).view(np.int16)).view(torch.bfloat16) if d.dtype.name == "bfloat16" \
+            else torch.from_numpy(d)
+
+    def module(*args, **kwargs):
+        layer = cls(*args, **kwargs)
+        layer.backend = backend
+        return layer
+
+    return _module_step(module, inp, tensor)
+
+
+def _module_textbook(inp, to_dev):
+    from .ops import Unsupported
+
+    raise Unsupported("the textbook code has no torch module")
+
+
+def _module_torch(inp, tensor, F):
+    import torch
+
+    cls = _torch_class(inp.x.ndim, torch.nn)
+    if cls is None:
+        from .ops import Unsupported
+
+        raise Unsupported("torch's batch norm layers take 2-D to 5-D input")
+    return _module_step(cls, inp, tensor)
+
+
 #: Every operation, in the order they are reported. The bytes are those of
 #: a two-pass method (``ops.BYTES_MODEL``).
 OPERATIONS = {op.name: op for op in (
@@ -244,6 +320,8 @@ OPERATIONS = {op.name: op for op in (
               _backward_torch),
     Operation("train-add-relu", "training forward + residual + ReLU", 4, _add_relu_reference,
               _add_relu_bnkernels, _add_relu_textbook, _add_relu_torch),
+    Operation("torch-module", "training step of a torch BatchNorm layer (forward + backward, autograd)", 8,
+              _backward_reference, _module_bnkernels, _module_textbook, _module_torch, default=False),
 )}
 
 __all__ = ["OPERATIONS", "Operation", "Runner", "textbook_backward", "textbook_forward_infer",

@@ -14,8 +14,10 @@ import numpy as np
 
 from .operations import OPERATIONS
 
-#: Operations (``operations.OPERATIONS``), in the order they are reported.
-OPS = tuple(OPERATIONS)
+#: Operations measured by default (``operations.OPERATIONS``), in the order they are reported;
+#: :data:`ALL_OPS` adds those run only when named (``--ops torch-module``).
+OPS = tuple(name for name, op in OPERATIONS.items() if op.default)
+ALL_OPS = tuple(OPERATIONS)
 OP_TITLES = {op.name: op.title for op in OPERATIONS.values()}
 
 #: Minimum traffic of each operation in units of ``x.nbytes`` (see
@@ -25,7 +27,8 @@ BYTES_FACTOR = {**{op.name: op.bytes_factor for op in OPERATIONS.values()}, "cop
 BYTES_MODEL = (
     "minimum bytes an operation must move, in sizes of x (storage dtype), for a two-pass method: "
     "training forward 3 (read x for the statistics, read x again and write y), inference 2 "
-    "(read x, write y), backward 5 (read x and dy for the sums, read x and dy again and write dx); "
+    "(read x, write y), backward 5 (read x and dy for the sums, read x and dy again and write dx), "
+    "the torch-module step 8 (a training forward, then a backward); "
     "per-channel vectors are ignored; the same-size copy 2 (read x, write a buffer of its size). "
     "GB/s = bytes / median time / 1e9"
 )
@@ -255,6 +258,10 @@ def min_bytes(op: str, x_nbytes: int) -> int:
 
 
 def _host(a) -> np.ndarray:
+    """An output as NumPy (a torch tensor detached, bfloat16 as float32: exact)."""
+    if type(a).__module__.split(".")[0] == "torch":
+        a = a.detach().cpu()
+        return (a.float() if str(a.dtype) == "torch.bfloat16" else a).numpy()
     return np.asarray(a)
 
 
@@ -289,7 +296,7 @@ def check_outputs(outputs: Sequence[Any], expected: Sequence[np.ndarray],
 
 
 __all__ = [
-    'ALLOCATION_NOTE', 'BASELINE', 'BYTES_FACTOR', 'BYTES_MODEL', 'CANDIDATE', 'COPY', 'Case',
+    'ALLOCATION_NOTE', 'ALL_OPS', 'BASELINE', 'BYTES_FACTOR', 'BYTES_MODEL', 'CANDIDATE', 'COPY', 'Case',
     'DEFAULT_CASES', 'EPS', 'GiB', 'Inputs', 'MiB', 'NAMED_CASES', 'OPS', 'OP_TITLES', 'QUICK_CASES',
     'QUICK_DIVISOR', 'bench_dtype', 'SAME_SIZE_COPY_NOTE', 'TEXTBOOK', 'TOLERANCE', 'TORCH', 'Unsupported', '_host',
     'check_outputs', 'layout_label', 'make_inputs', 'min_bytes', 'parse_case', 'parse_cases',

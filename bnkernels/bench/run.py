@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from .ops import (
-    COPY, Case, DEFAULT_CASES, Inputs, OPS, TEXTBOOK, TOLERANCE, TORCH, Unsupported, bench_dtype, check_outputs,
+    ALL_OPS, COPY, Case, DEFAULT_CASES, Inputs, OPS, TEXTBOOK, TOLERANCE, TORCH, Unsupported, bench_dtype, check_outputs,
     make_inputs, min_bytes, reference_outputs,
 )
 from .implementations import Implementation
@@ -157,8 +157,8 @@ def run_benchmarks(implementations: Sequence[Implementation], cases: Iterable[Ca
     """
     cases = list(cases)
     for op in ops:
-        if op not in OPS:
-            raise ValueError(f"unknown op {op!r}; valid: {', '.join(OPS)}")
+        if op not in ALL_OPS:
+            raise ValueError(f"unknown op {op!r}; valid: {', '.join(ALL_OPS)}")
     devices = dict(devices or {})
     for impl in implementations:
         if impl.device not in devices:

@@ -232,8 +232,8 @@ def run_bench(args, parser, implementations=None, argv=()) -> int:
         return host_overhead.run(args.json)
     ops = _split(args.ops)
     for op in ops:
-        if op not in bm.OPS:
-            parser.error(f"--ops: unknown op {op!r}; valid: {', '.join(bm.OPS)}")
+        if op not in bm.ALL_OPS:
+            parser.error(f"--ops: unknown op {op!r}; valid: {', '.join(bm.ALL_OPS)}")
     if not ops:
         parser.error("--ops: nothing to run")
     dtypes = _split(args.dtype if args.dtype is not None else QUICK_DTYPES if args.quick else DEFAULT_DTYPES)
@@ -337,7 +337,8 @@ def add_bench_parser(sub) -> None:
                          help=f"the named shapes with the batch divided by {bm.QUICK_DIVISOR}, "
                               f"{QUICK_DTYPES} only, fewer calls (under a minute on 2 cores)")
     p_bench.add_argument("--ops", default=",".join(bm.OPS),
-                         help="comma list of operations (default: %(default)s)")
+                         help="comma list of operations (default: %(default)s; also: "
+                              + ", ".join(op for op in bm.ALL_OPS if op not in bm.OPS) + ")")
     p_bench.add_argument("--dtype", "--dtypes", dest="dtype", default=None,
                          help="comma list of float16, float32, float64 "
                               f"(default: {DEFAULT_DTYPES}; {QUICK_DTYPES} with --quick)")

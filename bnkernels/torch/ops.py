@@ -78,10 +78,10 @@ def _like_input(result: Tensor, input: Tensor) -> Tensor:
     """``result`` laid out as ``torch.empty_like(input)`` (what the fake
     kernels say): as it is when it already is (contiguous and
     channels_last inputs: always), else copied into such a tensor."""
-    target = torch.empty_like(input)
-    if result.stride() == target.stride() or result.numel() <= 1:
+    if result.stride() == input.stride() or result.numel() <= 1:  # (a dense input's empty_like has its strides)
         return result
-    return target.copy_(result)
+    target = torch.empty_like(input)
+    return result if result.stride() == target.stride() else target.copy_(result)
 
 
 def _per_channel(t: Optional[Tensor], dtype: torch.dtype, channels: int, like: Tensor) -> Tensor:
@@ -99,6 +99,31 @@ def _updated(running: Optional[Tensor], training: bool) -> Optional[Tensor]:
     return running.clone() if training and running is not None else None
 
 
+def _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, axis, backend):
+    """bn_forward on tensors: ``(y, save_mean, save_invstd)``, y laid out as
+    ``torch.empty_like(input)``; the running statistics given are updated
+    in place in training."""
+    y, saved = bn_forward(_to_kernel(input), _to_kernel(weight), _to_kernel(bias), _to_kernel(running_mean),
+                          _to_kernel(running_var), training=training, momentum=momentum, eps=eps, axis=axis,
+                          backend=backend, return_saved=True)
+    acc, channels = _acc_dtype(input.dtype), _channels(input, axis)
+    return (_like_input(_to_torch(y, input), input),
+            _per_channel(_to_torch(saved.mean, input), acc, channels, input),
+            _per_channel(_to_torch(saved.invstd, input), acc, channels, input))
+
+
+def _backward(grad_out, input, weight, save_mean, save_invstd, training, axis, backend):
+    """bn_backward on tensors: ``(grad_input, grad_weight, grad_bias)``,
+    the parameter gradients in the weight's dtype (else the statistics')."""
+    dx, dgamma, dbeta = bn_backward(_to_kernel(grad_out), _to_kernel(input), _to_kernel(save_mean),
+                                    _to_kernel(save_invstd), _to_kernel(weight), axis=axis, training=training,
+                                    backend=backend)
+    dtype, channels = (save_mean.dtype if weight is None else weight.dtype), _channels(input, axis)
+    return (_like_input(_to_torch(dx, input), input),
+            _per_channel(_to_torch(dgamma, input), dtype, channels, input),
+            _per_channel(_to_torch(dbeta, input), dtype, channels, input))
+
+
 @torch.library.custom_op("bnkernels::batch_norm", mutates_args=())
 def batch_norm_op(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                   running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
@@ -106,13 +131,9 @@ def batch_norm_op(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     new_mean, new_var = _updated(running_mean, training), _updated(running_var, training)
     stats = (new_mean, new_var) if training else (running_mean, running_var)
-    y, saved = bn_forward(_to_kernel(input), _to_kernel(weight), _to_kernel(bias), *map(_to_kernel, stats),
-                          training=training, momentum=momentum, eps=eps, axis=axis, backend=backend,
-                          return_saved=True)
-    acc, channels = _acc_dtype(input.dtype), _channels(input, axis)
-    return (_like_input(_to_torch(y, input), input),
-            _per_channel(_to_torch(saved.mean, input), acc, channels, input),
-            _per_channel(_to_torch(saved.invstd, input), acc, channels, input),
+    y, mean, invstd = _forward(input, weight, bias, *stats, training, momentum, eps, axis, backend)
+    acc = mean.dtype
+    return (y, mean, invstd,
             input.new_empty(0, dtype=acc) if new_mean is None else new_mean,  # (outputs must not alias)
             input.new_empty(0, dtype=acc) if new_var is None else new_var)
 
@@ -132,13 +153,7 @@ def _batch_norm_fake(input, weight, bias, running_mean, running_var, training, m
 def batch_norm_backward_op(grad_out: Tensor, input: Tensor, weight: Optional[Tensor], save_mean: Tensor,
                            save_invstd: Tensor, training: bool, axis: int,
                            backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dgamma, dbeta = bn_backward(_to_kernel(grad_out), _to_kernel(input), _to_kernel(save_mean),
-                                    _to_kernel(save_invstd), _to_kernel(weight), axis=axis, training=training,
-                                    backend=backend)
-    dtype, channels = (save_mean.dtype if weight is None else weight.dtype), _channels(input, axis)
-    return (_like_input(_to_torch(dx, input), input),
-            _per_channel(_to_torch(dgamma, input), dtype, channels, input),
-            _per_channel(_to_torch(dbeta, input), dtype, channels, input))
+    return _backward(grad_out, input, weight, save_mean, save_invstd, training, axis, backend)
 
 
 @batch_norm_backward_op.register_fake
@@ -154,20 +169,24 @@ def _setup_context(ctx, inputs, output):
     ctx.training, ctx.axis, ctx.backend = training, axis, backend
 
 
-def _backward(ctx, grad_y, *_):
-    # The saved statistics are outputs for the backward's sake only: no
-    # gradient flows through them (as in torch's native batch norm).
+def _input_grads(ctx, grad_y, backward):
+    """The gradients of the 10 inputs (``input``, ``weight``, ``bias``; None
+    for the others) by ``backward`` (the operator, or ``_backward``
+    eagerly). The saved statistics are outputs for the backward's sake
+    only: no gradient flows through them (as in torch's own batch norm)."""
     input, weight, save_mean, save_invstd = ctx.saved_tensors
-    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-    if not (need_input or need_weight or need_bias):
+    need = ctx.needs_input_grad[:3]
+    if not any(need):
         return (None,) * 10
-    dx, dweight, dbias = batch_norm_backward_op(grad_y, input, weight, save_mean, save_invstd, ctx.training,
-                                                ctx.axis, ctx.backend)
-    return (dx if need_input else None, dweight if need_weight else None, dbias if need_bias else None,
-            None, None, None, None, None, None, None)
+    grads = backward(grad_y, input, weight, save_mean, save_invstd, ctx.training, ctx.axis, ctx.backend)
+    return (*(g if n else None for g, n in zip(grads, need)), *(None,) * 7)
 
 
-batch_norm_op.register_autograd(_backward, setup_context=_setup_context)
+def _op_backward(ctx, grad_y, *_):
+    return _input_grads(ctx, grad_y, batch_norm_backward_op)
+
+
+batch_norm_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -208,6 +227,13 @@ def batch_norm_on_axis(input, running_mean, running_var, weight, bias, training,
     """:func:`batch_norm` with the channels along ``axis`` (Keras: -1):
     the operator, then the running statistics' in-place update."""
     training = bool(training)
+    if not torch.compiler.is_compiling():
+        # eager: the same kernels through an autograd.Function, the running
+        # statistics updated in place (the operator's dispatch, its
+        # functional copies of the statistics and their copy back cost tens
+        # of microseconds a step, which tracing needs and eager does not)
+        return _Eager.apply(input, weight, bias, running_mean, running_var, training, float(momentum), float(eps),
+                            int(axis), backend)
     y, _, _, new_mean, new_var = batch_norm_op(input, weight, bias, running_mean, running_var, training,
                                                float(momentum), float(eps), int(axis), backend)
     if training and running_mean is not None:
@@ -215,3 +241,20 @@ def batch_norm_on_axis(input, running_mean, running_var, weight, bias, training,
             running_mean.copy_(new_mean)
             running_var.copy_(new_var)
     return y
+
+
+class _Eager(torch.autograd.Function):
+    """The eager form of ``bnkernels::batch_norm`` and its autograd formula
+    (the same ``_forward``/``_backward``; only y is differentiable)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, axis, backend):
+        y, mean, invstd = _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, axis,
+                                   backend)
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.training, ctx.axis, ctx.backend = training, axis, backend
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _input_grads(ctx, grad_y, _backward)
