@@ -14,6 +14,9 @@
 #    float16 (and bfloat16 where ml_dtypes is installed; its bnkernels rows
 #    take torch CUDA tensors), against torch-cuda and textbook CuPy, writing bench-gpu.json,
 #    bench-gpu.png and bench-gpu.txt;
+#    then the training step of a torch BatchNorm layer through autograd
+#    (`--ops torch-module`: bnkernels.torch's drop-in on each GPU backend
+#    against torch's layer) beside the plain calls, bench-gpu-module.*;
 # 4. prints one summary table (GB/s, % of the same-size copy, vs torch).
 #
 # Exit status: 0 when the tests passed and every bnkernels result was
@@ -67,6 +70,12 @@ dtypes=float32,float16
 "${BNK[@]}" bench --device gpu "${quick[@]}" --dtype "$dtypes" --shapes all \
   --backends cupy,numba-cuda,torch-cuda,textbook-cupy \
   --json "$OUT_DIR/bench-gpu.json" --plot "$OUT_DIR/bench-gpu.png" 2>&1 | tee "$OUT_DIR/bench-gpu.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== bench: a torch layer's training step (bnkernels.torch's BatchNorm against torch's)"
+"${BNK[@]}" bench --device gpu "${quick[@]}" --ops torch-module,train,backward --dtype float32 --shapes all \
+  --backends cupy,numba-cuda,torch-cuda \
+  --json "$OUT_DIR/bench-gpu-module.json" 2>&1 | tee "$OUT_DIR/bench-gpu-module.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== summary"
