@@ -59,7 +59,7 @@ def _converters(device: str):
             return cp.asarray(a)
 
         def to_host(a):
-            return _torch_to_host(a) if type(a).__module__.startswith("torch") else cp.asnumpy(a)
+            return _host(a) if type(a).__module__.startswith("torch") else cp.asnumpy(a)
 
         return to_dev, to_host
     return np.asarray, _host
@@ -135,13 +135,6 @@ def import_torch():
     return torch
 
 
-def _torch_to_host(t) -> np.ndarray:
-    """A torch result as NumPy (bfloat16, which NumPy lacks, as float32:
-    exact)."""
-    t = t.detach().cpu()
-    return (t.float() if str(t.dtype) == "torch.bfloat16" else t).numpy()
-
-
 def torch_implementation(threads: int | None = None, device: str = "cpu") -> Implementation | None:
     """``torch.nn.functional.batch_norm`` (backward through autograd) on the
     CPU or, with ``device="gpu"``, on CUDA; None when torch does not import
@@ -173,7 +166,7 @@ def torch_implementation(threads: int | None = None, device: str = "cpu") -> Imp
     where = "CUDA" if device == "gpu" else "CPU"
     return Implementation("torch-cuda" if device == "gpu" else "torch", prepare,
                           f"torch {torch.__version__} F.batch_norm + autograd ({where})",
-                          to_host=_torch_to_host, device=device, role=TORCH)
+                          to_host=_host, device=device, role=TORCH)
 
 
 def gpu_problem() -> str | None:

@@ -278,13 +278,11 @@ def _module_bnkernels(inp, to_dev, backend, out):
     if cls is None or out is not None:
         raise Unsupported("torch's batch norm layers take 2-D to 5-D input, and no out=")
 
-    def tensor(a):
+    def tensor(a):  # the backend's device array (CuPy on the GPU) or host array, as a tensor of its memory
         d = to_dev(a)
-        if type(d).__module__.split(".")[0] == "torch":
-            return d
-        return torch.as_tensor(d, device="cuda") if hasattr(d, "__cuda_array_interface__") else \
-            torch.from_numpy(np.asarray(d).view(np.int16)).view(torch.bfloat16) if d.dtype.name == "bfloat16" \
-            else torch.from_numpy(d)
+        if not isinstance(d, torch.Tensor) and hasattr(d, "__cuda_array_interface__"):
+            return torch.as_tensor(d, device="cuda")
+        return bnkernels_torch.ops.to_tensor(d)
 
     def module(*args, **kwargs):
         layer = cls(*args, **kwargs)

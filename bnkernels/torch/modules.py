@@ -81,8 +81,7 @@ def convert(module: nn.Module, *, backend: str = "auto") -> nn.Module:
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             new.register_buffer(name, getattr(module, name))
         new.train(module.training)
-        if type(new).backend != backend:
-            new.backend = backend
+        new.backend = backend
         if hasattr(module, "qconfig"):
             new.qconfig = module.qconfig
         return new

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from ..batch_norm import bn_backward, bn_forward
-from ..validation import bfloat16_dtype
+from ..validation import bfloat16_dtype, host_array
 
 Tensor = torch.Tensor
 
@@ -52,20 +52,19 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _to_kernel(t: Optional[Tensor]):
-    """What bnkernels gets for a tensor: a NumPy view of a CPU tensor (the
-    same memory: in-place updates reach the tensor), a CUDA tensor itself."""
+    """What bnkernels gets for a tensor: a CUDA tensor itself, a CPU one as
+    ``validation.host_array`` views it (NumPy, the same memory, bfloat16
+    through its bits: in-place updates reach the tensor)."""
     if t is None:
         return None
     t = t.detach()
-    if t.is_cuda:
-        return t
-    if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: view its bits as ml_dtypes' bfloat16
-        return t.view(torch.int16).numpy().view(bfloat16_dtype())
-    return t.numpy()
+    return t if t.is_cuda else host_array(t)
 
 
-def _to_torch(a, like: Tensor) -> Tensor:
-    """A bnkernels result as a tensor on ``like``'s device, without a copy."""
+def to_tensor(a) -> Tensor:
+    """A bnkernels result (or a host array) as a torch tensor, without a
+    copy: a tensor as it is, a NumPy array (ml_dtypes' bfloat16 through its
+    bits) by ``torch.from_numpy``."""
     if isinstance(a, Tensor):
         return a
     a = np.asarray(a)
@@ -84,8 +83,7 @@ def _like_input(result: Tensor, input: Tensor) -> Tensor:
     return result if result.stride() == target.stride() else target.copy_(result)
 
 
-def _per_channel(t: Optional[Tensor], dtype: torch.dtype, channels: int, like: Tensor) -> Tensor:
-    t = like.new_zeros(channels, dtype=dtype) if t is None else t
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
@@ -106,10 +104,8 @@ def _forward(input, weight, bias, running_mean, running_var, training, momentum,
     y, saved = bn_forward(_to_kernel(input), _to_kernel(weight), _to_kernel(bias), _to_kernel(running_mean),
                           _to_kernel(running_var), training=training, momentum=momentum, eps=eps, axis=axis,
                           backend=backend, return_saved=True)
-    acc, channels = _acc_dtype(input.dtype), _channels(input, axis)
-    return (_like_input(_to_torch(y, input), input),
-            _per_channel(_to_torch(saved.mean, input), acc, channels, input),
-            _per_channel(_to_torch(saved.invstd, input), acc, channels, input))
+    acc = _acc_dtype(input.dtype)
+    return _like_input(to_tensor(y), input), _cast(to_tensor(saved.mean), acc), _cast(to_tensor(saved.invstd), acc)
 
 
 def _backward(grad_out, input, weight, save_mean, save_invstd, training, axis, backend):
@@ -118,10 +114,8 @@ def _backward(grad_out, input, weight, save_mean, save_invstd, training, axis, b
     dx, dgamma, dbeta = bn_backward(_to_kernel(grad_out), _to_kernel(input), _to_kernel(save_mean),
                                     _to_kernel(save_invstd), _to_kernel(weight), axis=axis, training=training,
                                     backend=backend)
-    dtype, channels = (save_mean.dtype if weight is None else weight.dtype), _channels(input, axis)
-    return (_like_input(_to_torch(dx, input), input),
-            _per_channel(_to_torch(dgamma, input), dtype, channels, input),
-            _per_channel(_to_torch(dbeta, input), dtype, channels, input))
+    dtype = save_mean.dtype if weight is None else weight.dtype
+    return _like_input(to_tensor(dx), input), _cast(to_tensor(dgamma), dtype), _cast(to_tensor(dbeta), dtype)
 
 
 @torch.library.custom_op("bnkernels::batch_norm", mutates_args=())
@@ -162,11 +156,15 @@ def _batch_norm_backward_fake(grad_out, input, weight, save_mean, save_invstd, t
     return torch.empty_like(input), input.new_empty(channels, dtype=dtype), input.new_empty(channels, dtype=dtype)
 
 
-def _setup_context(ctx, inputs, output):
-    input, weight, bias, _, _, training, _, _, axis, backend = inputs
-    _, save_mean, save_invstd, _, _ = output
+def _save(ctx, input, weight, save_mean, save_invstd, training, axis, backend):
+    """Keep what the backward needs (both the operator's and the eager form's)."""
     ctx.save_for_backward(input, weight, save_mean, save_invstd)
     ctx.training, ctx.axis, ctx.backend = training, axis, backend
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, _, _, training, _, _, axis, backend = inputs
+    _save(ctx, input, weight, output[1], output[2], training, axis, backend)
 
 
 def _input_grads(ctx, grad_y, backward):
@@ -251,8 +249,7 @@ class _Eager(torch.autograd.Function):
     def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, axis, backend):
         y, mean, invstd = _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, axis,
                                    backend)
-        ctx.save_for_backward(input, weight, mean, invstd)
-        ctx.training, ctx.axis, ctx.backend = training, axis, backend
+        _save(ctx, input, weight, mean, invstd, training, axis, backend)
         return y
 
     @staticmethod
