@@ -28,6 +28,7 @@ import importlib
 
 import numpy as np
 
+from . import validation  # (its own import of this module comes first: used at call time only)
 from .errors import BackendUnavailableError
 
 #: DLPack device types (``__dlpack_device__()[0]``) bnkernels takes.
@@ -43,12 +44,8 @@ _PLAIN: set = {type(None), np.ndarray}
 _FOREIGN: set = set()
 
 
-def _library(a) -> str:
-    return type(a).__module__.split(".")[0]
-
-
 def _is_jax(a) -> bool:
-    return _library(a) in ("jax", "jaxlib")
+    return validation.library(a) in ("jax", "jaxlib")
 
 
 def _is_foreign_type(kind) -> bool:
@@ -77,7 +74,7 @@ def any_foreign(arrays) -> bool:
 
 def _what(obj, readonly: str = "") -> str:
     """``a [read-only ]JAX array (ArrayImpl)``: an argument for messages."""
-    return f"a {readonly}{'JAX' if _is_jax(obj) else _library(obj)} array ({type(obj).__name__})"
+    return f"a {readonly}{'JAX' if _is_jax(obj) else validation.library(obj)} array ({type(obj).__name__})"
 
 
 def host(obj, name: str = "the array"):
@@ -159,7 +156,7 @@ def check_writable(native, obj, name: str) -> None:
 def _importer(x):
     """The module whose ``from_dlpack`` makes arrays of ``x``'s library, or
     None (then results stay NumPy/CuPy)."""
-    top = _library(x)
+    top = validation.library(x)
     try:
         module = importlib.import_module(_FROM_DLPACK_MODULE.get(top, top))
     except ImportError:  # a type defined in __main__ or a module gone since
