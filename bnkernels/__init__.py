@@ -14,7 +14,7 @@ probed when they are first asked for.
 """
 from .batch_norm import ChannelStats, SavedStats, bn_backward, bn_forward, channel_stats, merge_stats
 from .backends import BackendStatus, available_backends
-from .errors import BackendFallbackWarning, BackendUnavailableError
+from .errors import BackendFallbackWarning, BackendUnavailableError, SyncError
 from .layer import BatchNorm
 from .prepared import PreparedBackward, PreparedForward, prepare_backward, prepare_forward
 
@@ -26,6 +26,7 @@ __all__ = [
     "BackendUnavailableError",
     "BatchNorm",
     "PreparedBackward",
+    "SyncError",
     "PreparedForward",
     "ChannelStats",
     "SavedStats",

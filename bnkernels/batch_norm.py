@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import axes, call_cache, dlpack, engine, masking, memory_order
+from . import axes, call_cache, distributed, dlpack, engine, masking, memory_order
 from . import validation as v
 from .backends import resolve, runs_on_gpu
 from .backends.interface import Moments
@@ -52,7 +52,7 @@ class ChannelStats(Moments):
 
 def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *, training=True,
                momentum=0.1, eps=1e-5, axis=1, activation=None, backend="auto",
-               return_saved=False, num_batches_tracked=None, out=None, mask=None, residual=None):
+               return_saved=False, num_batches_tracked=None, out=None, mask=None, residual=None, comm=None):
     """Batch normalization forward.
 
     ``y = (x - mean) / sqrt(var + eps) * gamma + beta`` per channel, plus the
@@ -105,6 +105,19 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
             add-ReLU, oneDNN's ``fuse_norm_add_relu``). ``out`` may be ``z``
             itself. Its gradient: ``bn_backward(..., y=y, activation="relu",
             residual=True)``.
+        comm: synchronized batch norm (``bnkernels.distributed``): a
+            communicator (``MPI()``, ``Torch()``, ``NCCL(...)``, or a raw
+            mpi4py one) whose every rank makes this call on its part of
+            the batch (any size, empty included). Training normalizes with
+            the statistics of all the parts together (one all-gather of
+            each rank's count, mean and M2, merged exactly) and updates
+            the running statistics identically on every rank; the saved
+            statistics are the global ones. Inference needs no statistics
+            but still takes part (a header only), so that ranks which
+            disagree on ``training``, the channels or the dtype raise
+            ``bnkernels.SyncError`` together instead of hanging; a rank whose
+            arguments are refused raises its error and the others a
+            SyncError naming it. Not with ``mask``.
 
     Returns:
         ``y`` with the shape and dtype of ``x`` (half input is computed in
@@ -116,7 +129,13 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
         TypeError, ValueError: bad arguments (message names the argument).
         BackendUnavailableError: a named backend cannot run here.
     """
-    if mask is None:
+    if comm is not None and not isinstance(comm, distributed.Call):  # one synchronized call, whatever follows
+        return distributed.synchronized(comm, distributed.FORWARD, lambda call: bn_forward(
+            x, gamma, beta, running_mean, running_var, training=training, momentum=momentum, eps=eps, axis=axis,
+            activation=activation, backend=backend, return_saved=return_saved,
+            num_batches_tracked=num_batches_tracked, out=out, mask=mask, residual=residual, comm=call))
+    prepared = call_cache.UNCACHED  # (a synchronized call is never kept: its stages run between collectives)
+    if mask is None and comm is None:
         # first of all, a call described like an earlier one (its description decides every branch below)
         arrays = (x, gamma, beta, running_mean, running_var, residual)
         key = call_cache.forward_key(arrays, training, momentum, eps, axis, activation, backend,
@@ -132,9 +151,11 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
             x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var, training=training,
             momentum=momentum, eps=eps, axis=axis, activation=activation, backend=backend,
             return_saved=return_saved, num_batches_tracked=num_batches_tracked, out=out, mask=mask,
-            residual=residual), ("out", "running_mean", "running_var") if training is True or training is np.True_
+            residual=residual, comm=comm), ("out", "running_mean", "running_var") if training is True or training is np.True_
             else ("out",))
     if mask is not None:
+        if comm is not None:
+            raise ValueError("mask and comm cannot be used together: masked statistics are not synchronized")
         return _forward_masked(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, activation,
                                backend, return_saved, num_batches_tracked, out, mask, residual)
     perm = memory_order.order(x)
@@ -143,26 +164,30 @@ def bn_forward(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
                               training=training, momentum=momentum, eps=eps, axis=memory_order.axis_in(perm, axis),
                               activation=activation, backend=backend, return_saved=True,
                               num_batches_tracked=num_batches_tracked, out=memory_order.permute(out, perm),
-                              residual=memory_order.permute(residual, perm))
+                              residual=memory_order.permute(residual, perm), comm=comm)
         y = out if out is not None else memory_order.permute(y, memory_order.inverse(perm))
         return (y, saved) if v.check_flag(return_saved, "return_saved") else y
     if axes.is_several(axis):
         return _forward_on_axes(x, gamma, beta, running_mean, running_var, training=training, momentum=momentum,
                                 eps=eps, axis=axis, activation=activation, backend=backend,
                                 return_saved=return_saved, num_batches_tracked=num_batches_tracked, out=out,
-                                residual=residual)
+                                residual=residual, comm=comm)
     c = _check_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, activation,
                        backend, num_batches_tracked, out, residual)
     return_saved = v.check_flag(return_saved, "return_saved")
     impl, x, layout, gamma, beta, relu, eps = c.impl, c.x, c.layout, c.gamma, c.beta, c.relu, c.eps
     training, running_mean, running_var, factor, out, out_view = (c.training, c.running_mean, c.running_var,
                                                                   c.factor, c.out, c.out_view)
+    if comm is not None:
+        comm.describe(layout.channels, x.dtype, training)
     if training:
-        v.check_training_count(layout)
+        if comm is None:  # (synchronized: the count of every rank's batch together, checked by the exchange)
+            v.check_training_count(layout)
         # an empty batch (as torch): an empty y, zero statistics, the running ones untouched
-        running = None if running_mean is None or layout.count == 0 else (running_mean, running_var, factor)
+        empty = layout.count == 0 and comm is None
+        running = None if running_mean is None or empty else (running_mean, running_var, factor)
         y, mean, invstd = engine.forward_train(impl, x, layout, gamma, beta, eps, relu, running, out_view,
-                                               residual=c.residual)
+                                               exchange=comm, residual=c.residual)
     else:
         if running_mean is None:
             raise ValueError("inference (training=False) normalizes with the running statistics: "
@@ -216,7 +241,7 @@ def _forward_masked(x, gamma, beta, running_mean, running_var, training, momentu
 
 
 def _backward_through_activation(dy, x, saved_mean, saved_invstd, gamma, axis, training, backend, out, mask,
-                                 activation, y, residual):
+                                 activation, y, residual, comm=None):
     """:func:`bn_backward` of ``y = act(bn(x) [+ z])``: ``g = dy * (y > 0)``
     for ReLU (the backend's ``relu_backward``: the pass that writes dz is
     needed anyway, and fusing the mask into both backward passes would read
@@ -238,7 +263,7 @@ def _backward_through_activation(dy, x, saved_mean, saved_invstd, gamma, axis, t
         g = impl.relu_backward(dy_b, v.check_like_x(p(y, perm), "y", dy_b, impl.asarray))
         g = p(g, None if perm is None else memory_order.inverse(perm))
     grads = bn_backward(g, x, saved_mean, saved_invstd, gamma, axis=axis, training=training, backend=backend,
-                        out=out, mask=mask)
+                        out=out, mask=mask, comm=comm)
     return (*grads, g) if residual else grads
 
 
@@ -352,7 +377,7 @@ def check_forward_aliasing(arrays: dict, given: dict, training: bool, out_view=N
 
 
 def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, training=True, backend="auto",
-                out=None, mask=None, activation=None, y=None, residual=False):
+                out=None, mask=None, activation=None, y=None, residual=False, comm=None):
     """Gradients of :func:`bn_forward`: of the training forward, or with
     ``training=False`` of the inference forward.
 
@@ -380,6 +405,15 @@ def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, training
             backward of ``g``).
         residual: True when the forward had a ``residual`` z: also return
             ``dz = g`` (``dy`` itself without an activation).
+        comm: the forward's communicator (synchronized batch norm): one
+            all-reduce of every rank's ``sum(dy)`` and ``sum(dy * xhat)``
+            (and count), so that ``dx`` is the exact gradient of the
+            normalization by the global statistics. ``dgamma`` and ``dbeta``
+            are this rank's contributions (torch's convention): their sum
+            over the ranks, which data-parallel training makes for every
+            parameter gradient, is the gradient of the whole batch. With
+            ``training=False`` the call takes part with a header only (see
+            :func:`bn_forward`). Not with ``mask``.
 
     Returns:
         ``(dx, dgamma, dbeta)`` (and ``dz`` with ``residual=True``): ``dx``
@@ -387,9 +421,14 @@ def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, training
         ``dbeta = sum(g)`` per channel, shape (C,), float32 (float64 for
         float64 input). They are returned even when ``gamma`` is None.
     """
+    if comm is not None and not isinstance(comm, distributed.Call):  # one synchronized call, as bn_forward
+        return distributed.synchronized(comm, distributed.BACKWARD, lambda call: bn_backward(
+            dy, x, saved_mean, saved_invstd, gamma, axis=axis, training=training, backend=backend, out=out,
+            mask=mask, activation=activation, y=y, residual=residual, comm=call))
     fused = activation is not None or y is not None or residual is not False
     masked = mask is not None and training is True
-    if not (fused or masked):
+    prepared = call_cache.UNCACHED
+    if not (fused or masked or comm is not None):
         arrays = (dy, x, saved_mean, saved_invstd, gamma)
         key = call_cache.backward_key(arrays, axis, backend, out) if training is True else None
         prepared = call_cache.lookup(key)
@@ -399,11 +438,13 @@ def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, training
         return dlpack.call(bn_backward, dict(
             dy=dy, x=x, saved_mean=saved_mean, saved_invstd=saved_invstd, gamma=gamma, axis=axis,
             training=training, backend=backend, out=out, mask=mask, activation=activation, y=y,
-            residual=residual), ("out",), like=("x", "dy"))
+            residual=residual, comm=comm), ("out",), like=("x", "dy"))
     if fused:
         return _backward_through_activation(dy, x, saved_mean, saved_invstd, gamma, axis, training, backend, out,
-                                            mask, activation, y, residual)
+                                            mask, activation, y, residual, comm)
     if masked:
+        if comm is not None:
+            raise ValueError("mask and comm cannot be used together: masked statistics are not synchronized")
         return _backward_masked(dy, x, saved_mean, saved_invstd, gamma, axis, backend, out, mask)
     perm = memory_order.order(x)
     if perm is not None:  # in x's memory order, as bn_forward
@@ -411,20 +452,22 @@ def bn_backward(dy, x, saved_mean, saved_invstd, gamma=None, *, axis=1, training
         dy = dy if hasattr(dy, "shape") else np.asarray(dy)  # a list: in x's logical order
         dx, dgamma, dbeta = bn_backward(p(dy, perm), p(x, perm), saved_mean,
                                         saved_invstd, gamma, axis=memory_order.axis_in(perm, axis),
-                                        training=training, backend=backend, out=p(out, perm))
+                                        training=training, backend=backend, out=p(out, perm), comm=comm)
         return (p(dx, memory_order.inverse(perm)) if out is None else out), dgamma, dbeta
     if axes.is_several(axis):
         m = axes.merge(np.shape(x), axis)
         out_view = None if out is None else m.written_view(out, "out")
         dx, dgamma, dbeta = bn_backward(m.view(dy, "dy"), m.view(x, "x"), m.flat_param(saved_mean, "saved_mean"),
                                         m.flat_param(saved_invstd, "saved_invstd"), m.flat_param(gamma, "gamma"),
-                                        axis=m.axis, training=training, backend=backend, out=out_view)
+                                        axis=m.axis, training=training, backend=backend, out=out_view, comm=comm)
         return (m.unview(dx) if out is None else out), m.shaped(dgamma), m.shaped(dbeta)
     c = _check_backward(dy, x, saved_mean, saved_invstd, gamma, axis, backend, out)
     training = v.check_flag(training, "training")
+    if comm is not None:
+        comm.describe(c.layout.channels, c.x.dtype, training)
     out, out_view = c.out, c.out_view
     dx, dgamma, dbeta = engine.backward(c.impl, c.dy, c.x, c.layout, c.saved_mean, c.saved_invstd, c.gamma,
-                                        out_view, training=training)
+                                        out_view, exchange=comm, training=training)
     if prepared is None and training:
         call_cache.store(key, c.impl, lambda: _prepared().PreparedBackward(c, arrays))
     return (dx if out is None else out), dgamma, dbeta

@@ -60,6 +60,8 @@ def forward_train(impl, x, layout: ChannelLayout, gamma, beta, eps: float, relu:
     if exchange is None:
         return impl.forward_train(x, layout, gamma, beta, eps, relu, running, out, **_extra(residual))
     moments = exchange.moments(impl.statistics(x, layout))
+    if moments.count == 0:  # every participant's batch is empty: as a local empty batch (running ones untouched)
+        return impl.forward_train(x, layout, gamma, beta, eps, relu, None, out, **_extra(residual))
     return forward_with_moments(impl, x, layout, moments, gamma, beta, eps, relu, running, out, residual)
 
 
@@ -149,15 +151,21 @@ def backward(impl, dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None, 
     ``training=False``, of the inference forward (``mean``, ``invstd`` from
     the running statistics, held constant): ``backward_reduce ->
     backward_apply(frozen)``, never exchanged (dx needs no sums; dgamma and
-    dbeta are this process's, as any parameter gradient)."""
+    dbeta are this process's, as any parameter gradient). With an exchange,
+    dx is the gradient of the normalization by every participant's
+    statistics, and dgamma, dbeta are this participant's contributions
+    (their sum over the participants is the gradient of the whole)."""
     require_affine_per_group(layout, gamma, None)
     if not training:
         sums = impl.backward_reduce(dy, x, layout, mean, invstd)
         return impl.backward_apply(dy, x, layout, mean, invstd, gamma, sums, layout.count, out, frozen=True)
     if exchange is None:
         return impl.backward(dy, x, layout, mean, invstd, gamma, out)
-    sums, count = exchange.grad_sums(impl.backward_reduce(dy, x, layout, mean, invstd), layout.count)
-    return impl.backward_apply(dy, x, layout, mean, invstd, gamma, sums, count, out)
+    local = impl.backward_reduce(dy, x, layout, mean, invstd)
+    sums, count = exchange.grad_sums(local, layout.count)
+    # dx from everyone's sums; dgamma, dbeta this participant's own (summed over ranks as any parameter's gradient
+    # is); a count of 0 means every x is empty (nothing to scale)
+    return impl.backward_apply(dy, x, layout, mean, invstd, gamma, sums, max(count, 1), out, grads=local)
 
 
 __all__ = ["GradSums", "Moments", "backward", "forward_infer", "forward_train", "forward_with_moments", "merge",

@@ -31,3 +31,10 @@ class BackendFallbackWarning(RuntimeWarning):
     is a ``RuntimeWarning``, so ``python -W error::RuntimeWarning`` works,
     for every runtime warning.
     """
+
+
+class SyncError(RuntimeError):
+    """Ranks of a synchronized call (``comm=``) disagree: on the operation,
+    the channel count, the dtype, the training flag or the number of calls
+    made, or a rank refused its arguments. Raised on every rank, from the
+    same collective, so that no rank hangs waiting for the others."""

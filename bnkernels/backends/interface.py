@@ -202,13 +202,15 @@ class Backend(Protocol):
         saved statistics."""
 
     def backward_apply(self, dy, x, layout: ChannelLayout, mean, invstd, gamma, sums: GradSums,
-                       count: int, out=None, frozen: bool = False):
+                       count: int, out=None, frozen: bool = False, grads: GradSums | None = None):
         """``dx = gamma * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat
         / count)``, with ``count`` the number of values the sums are over
         (all processes'); ``frozen``: the gradient of the inference forward
         (mean and invstd constants), ``dx = gamma * invstd * dy``. Returns
         ``(dx, dgamma, dbeta)``: dx like x, ``dgamma = sum_dy_xhat`` and
-        ``dbeta = sum_dy`` (G,) in the compute dtype, arrays of x's kind."""
+        ``dbeta = sum_dy`` (G,) in the compute dtype, arrays of x's kind,
+        from ``grads`` when given (a synchronized backward: dx from every
+        process's ``sums``, the parameter gradients from this one's own)."""
 
     # --- fused forms (the fast paths) -------------------------------------------
 

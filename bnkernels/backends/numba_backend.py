@@ -599,7 +599,7 @@ def backward_reduce(dy, x, layout: ChannelLayout, mean, invstd) -> GradSums:
 @thread_safe
 @ieee_semantics
 def backward_apply(dy, x, layout: ChannelLayout, mean, invstd, gamma, sums: GradSums, count: int, out=None,
-                   frozen: bool = False):
+                   frozen: bool = False, grads: GradSums | None = None):
     """See ``numpy_backend.backward_apply``; dx is written into a
     C-contiguous ``out`` directly."""
     C, cdt = layout.channels, compute_dtype(x.dtype)
@@ -608,7 +608,8 @@ def backward_apply(dy, x, layout: ChannelLayout, mean, invstd, gamma, sums: Grad
         x3 = _view3(x, layout)
         a, b, c = dx_coefficients(sums.sum_dy, sums.sum_dy_xhat, count, invstd, gamma, frozen)
         _dx(_view3(dy, layout), x3, out_store, layout, _work(x3, np.asarray(mean, np.float64), a, b, c))
-    return deliver(dx, out), sums.sum_dy_xhat.astype(cdt), sums.sum_dy.astype(cdt)
+    grads = sums if grads is None else grads
+    return deliver(dx, out), grads.sum_dy_xhat.astype(cdt), grads.sum_dy.astype(cdt)
 
 
 @thread_safe

@@ -485,7 +485,7 @@ def backward_reduce(dy, x, layout: ChannelLayout, mean, invstd) -> GradSums:
 
 @ieee_semantics
 def backward_apply(dy, x, layout: ChannelLayout, mean, invstd, gamma, sums: GradSums, count: int, out=None,
-                   frozen: bool = False):
+                   frozen: bool = False, grads: GradSums | None = None):
     """``dx`` from :func:`backward_reduce`'s sums (over ``count`` values
     per group), applied as one fused ``dy * a + (x - mean) * b + c`` per
     channel (``coefficients.dx_coefficients``). Returns ``(dx, dgamma,
@@ -504,7 +504,8 @@ def backward_apply(dy, x, layout: ChannelLayout, mean, invstd, gamma, sums: Grad
     if center is None:
         c = c - mean64 * b
     _affine_pass(plan, [(plan.view(dy), None, a), (plan.view(x), center, b)], c, False, plan.view(dx), x.dtype)
-    return deliver(dx, out), dgamma.astype(cdt), sum_dy.astype(cdt)
+    grads = sums if grads is None else grads
+    return deliver(dx, out), grads.sum_dy_xhat.astype(cdt), grads.sum_dy.astype(cdt)
 
 
 def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None):

@@ -176,7 +176,7 @@ class GpuBackend:
             return GradSums(sum_dy, sum_dy_xhat)
 
     def backward_apply(self, dy, x, layout: ChannelLayout, mean, invstd, gamma, sums: GradSums, count: int,
-                       out=None, frozen: bool = False):
+                       out=None, frozen: bool = False, grads: GradSums | None = None):
         """Kernel: dx, with coefficients from the host (float64)."""
         x, dev = self._start(x)
         with dev:
@@ -187,7 +187,8 @@ class GpuBackend:
             coeffs = {n: A.to_device(np.asarray(v, acc), dev)
                       for n, v in zip(plans.BWD_OUTPUTS[1], (self._host(mean, dev), a, b, c))}
             dx = plans.run_dx(dev, A.flat(A.operand(dy), dev), A.flat(x, dev), layout, coeffs)
-            grads = (A.to_device(np.asarray(s, acc), dev) for s in (sums.sum_dy_xhat, sums.sum_dy))
+            g = sums if grads is None else grads
+            grads = (A.to_device(np.asarray(s, acc), dev) for s in (g.sum_dy_xhat, g.sum_dy))
             return (deliver(A.result(x, dx.reshape(layout.shape), dev), out), *self._result(x, dev, *grads))
 
     # --- fused forms ----------------------------------------------------------
