@@ -15,7 +15,7 @@ probed when they are first asked for.
 from .batch_norm import ChannelStats, SavedStats, bn_backward, bn_forward, channel_stats, merge_stats
 from .backends import BackendStatus, available_backends
 from .errors import BackendFallbackWarning, BackendUnavailableError, SyncError
-from .layer import BatchNorm
+from .layer import BatchNorm, SyncBatchNorm
 from .prepared import PreparedBackward, PreparedForward, prepare_backward, prepare_forward
 
 __version__ = "0.1.0"
@@ -26,6 +26,7 @@ __all__ = [
     "BackendUnavailableError",
     "BatchNorm",
     "PreparedBackward",
+    "SyncBatchNorm",
     "SyncError",
     "PreparedForward",
     "ChannelStats",

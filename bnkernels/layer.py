@@ -9,6 +9,7 @@ import numpy as np
 from . import axes
 from . import renorm as renormalization
 from . import validation as v
+from . import distributed
 from .batch_norm import bn_backward, bn_forward, channel_stats
 from .backends import check_backend_name
 
@@ -208,14 +209,20 @@ class BatchNorm:
             self.running_var if use_running else None,
             training=batch, momentum=self.momentum, eps=self.eps, axis=self.axis,
             backend=self.backend, return_saved=True,
-            num_batches_tracked=self.num_batches_tracked if update else None, mask=mask if batch else None)
+            num_batches_tracked=self.num_batches_tracked if update else None, mask=mask if batch else None,
+            comm=self._communicator() if batch and self.training else None)
         if update:
             self.num_batches_tracked += 1
         if corrections is not None:
             renormalization.update(self.renorm_mean, self.renorm_stddev, stats.mean, stats.var, self.eps,
                           self.renorm_momentum)
-        self._saved = (x, saved, batch, gamma, corrections, mask if batch else None)
+        self._saved = (x, saved, batch, gamma, corrections, mask if batch else None, batch and self.training)
         return y
+
+    def _communicator(self):
+        """Whom a training forward and its backward synchronize with: nobody
+        (:class:`SyncBatchNorm` says otherwise)."""
+        return None
 
     __call__ = forward
 
@@ -230,9 +237,10 @@ class BatchNorm:
         """
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() first")
-        x, saved, batch, gamma, corrections, mask = self._saved
+        x, saved, batch, gamma, corrections, mask, synced = self._saved
         dx, dgamma, dbeta = bn_backward(dy, x, saved.mean, saved.invstd, gamma, axis=self.axis,
-                                        training=batch, backend=self.backend, mask=mask)
+                                        training=batch, backend=self.backend, mask=mask,
+                                        comm=self._communicator() if synced else None)
         if corrections is not None:  # renorm: y = (xhat * r + d) * gamma + beta, r and d constants
             r, d = corrections
             dgamma = r * np.asarray(dgamma, np.float64) + d * np.asarray(dbeta, np.float64)
@@ -344,3 +352,38 @@ def _affine_parts(affine: bool, bias, scale, center) -> tuple[bool, bool]:
         raise ValueError(f"bias={bias} and center={center} contradict each other (they are the same switch)")
     shift = center if center is not None else bias
     return (affine if scale is None else bool(scale)), (affine if shift is None else bool(shift))
+
+
+class SyncBatchNorm(BatchNorm):
+    """Synchronized batch normalization: :class:`BatchNorm` whose training
+    forward normalizes with the statistics of every rank's batch together,
+    and whose backward is the gradient of that (``bn_forward(...,
+    comm=)``, ``bnkernels.distributed``). As torch's ``SyncBatchNorm``:
+    eval mode communicates nothing (each rank uses its running statistics,
+    which training kept identical on every rank), so one rank may validate
+    alone.
+
+    Args:
+        num_features: as :class:`BatchNorm`.
+        comm: a ``bnkernels.distributed`` communicator or an mpi4py one;
+            None: ``MPI()`` over ``COMM_WORLD``, made at the first training
+            call. Every rank must call forward (and backward) in training
+            in the same order; a rank's batch may be empty.
+        The other arguments: as :class:`BatchNorm`, except ``renorm`` (its
+        corrections are per-rank statistics) and forward's ``mask``.
+
+    ``grad_gamma``, ``grad_beta`` after :meth:`backward` are this rank's
+    contributions: sum them over the ranks (as data-parallel training does
+    for every parameter) for the gradient of the global batch.
+    """
+
+    def __init__(self, num_features=None, *, comm=None, **options):
+        if options.get("renorm"):
+            raise ValueError("SyncBatchNorm does not support renorm (its corrections use one rank's statistics)")
+        super().__init__(num_features, **options)
+        self.comm = None if comm is None else distributed.as_communicator(comm)
+
+    def _communicator(self):
+        if self.comm is None:
+            self.comm = distributed.MPI()
+        return self.comm
