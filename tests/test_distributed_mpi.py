@@ -18,7 +18,7 @@ import bnkernels  # noqa: E402
 from bnkernels.reference import reference_backward, reference_forward  # noqa: E402
 from helpers import assert_close  # noqa: E402
 from launch import mpiexec, run  # noqa: E402
-from sync_cases import CASES  # noqa: E402
+from sync_cases import CASES, SIMULATED_GPU_CASES  # noqa: E402
 
 pytest.importorskip("mpi4py", reason="the MPI tests need mpi4py and an MPI library (CI installs both)")
 
@@ -27,11 +27,11 @@ RANKS = (1, 2, 3)
 TIMEOUT = 300  # seconds for a whole job (numba compiles in every rank the first time)
 
 
-def _job(tmp_path_factory, ranks: int, mode: str) -> Path:
+def _job(tmp_path_factory, ranks: int, mode: str, env=None) -> Path:
     if mpiexec() is None:
         pytest.fail("mpi4py is installed but no mpiexec was found (pip install mpich)")
     out = tmp_path_factory.mktemp(f"{mode}{ranks}")
-    proc = run([mpiexec(), "-n", str(ranks), sys.executable, str(WORKER), str(out), mode], TIMEOUT)
+    proc = run([mpiexec(), "-n", str(ranks), sys.executable, str(WORKER), str(out), mode], TIMEOUT, env)
     assert proc.returncode == 0, f"mpiexec -n {ranks} failed:\n{proc.stdout}"
     return out
 
@@ -57,13 +57,14 @@ def _ranks(folder: Path, name: str, ranks: int) -> list[dict]:
     return [dict(np.load(folder / f"{name}.{r}.npz")) for r in range(ranks)]
 
 
-def _whole(case, ranks: int, steps: int = 2):
-    """One process, the whole batch, ``steps`` training steps."""
+def _whole(case, ranks: int, steps: int = 2, backend=None):
+    """One process, the whole batch, ``steps`` training steps (on the
+    case's backend, or ``backend``)."""
     x, dy, gamma, beta, rm, rv = case.data(ranks)
+    backend = backend or case.backend
     for _ in range(steps):
-        y, s = bnkernels.bn_forward(x, gamma, beta, rm, rv, axis=case.axis, backend=case.backend,
-                                    return_saved=True)
-    dx, dgamma, dbeta = bnkernels.bn_backward(dy, x, s.mean, s.invstd, gamma, axis=case.axis, backend=case.backend)
+        y, s = bnkernels.bn_forward(x, gamma, beta, rm, rv, axis=case.axis, backend=backend, return_saved=True)
+    dx, dgamma, dbeta = bnkernels.bn_backward(dy, x, s.mean, s.invstd, gamma, axis=case.axis, backend=backend)
     return dict(x=x, dy=dy, gamma=gamma, beta=beta, y=y, mean=s.mean, invstd=s.invstd, dx=dx, dgamma=dgamma,
                 dbeta=dbeta, running_mean=rm, running_var=rv)
 
@@ -71,8 +72,30 @@ def _whole(case, ranks: int, steps: int = 2):
 @pytest.mark.parametrize("ranks", RANKS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_synchronized_equals_one_process_with_the_whole_batch(jobs, name, ranks):
-    case = CASES[name]
-    got, whole = _ranks(jobs[ranks], name, ranks), _whole(case, ranks)
+    check_against_whole_batch(_ranks(jobs[ranks], name, ranks), CASES[name], ranks)
+
+
+@pytest.fixture(scope="module")
+def simulated_gpu_job(tmp_path_factory):
+    """Two ranks on numba-cuda under the CUDA simulator."""
+    pytest.importorskip("numba.cuda", reason="the simulated GPU path needs numba-cuda")
+    return _job(tmp_path_factory, 2, "simulated-gpu", {"NUMBA_ENABLE_CUDASIM": "1"})
+
+
+@pytest.mark.parametrize("name", list(SIMULATED_GPU_CASES))
+def test_synchronized_gpu_backend_under_the_simulator(simulated_gpu_job, name):
+    """The GPU path: device statistics to the host, the MPI collective,
+    finalize and normalize on the device, against the whole batch (on
+    numpy: the simulator's own backend is checked elsewhere)."""
+    case = SIMULATED_GPU_CASES[name]
+    check_against_whole_batch(_ranks(simulated_gpu_job, name, 2), case, 2, whole_backend="numpy")
+
+
+def check_against_whole_batch(got: list[dict], case, ranks: int, whole_backend=None):
+    """Every rank's saved results ``got`` against one process with the
+    whole batch (``case``'s backend, or ``whole_backend``) and the
+    float64 reference."""
+    whole = _whole(case, ranks, backend=whole_backend)
     x, dy, gamma = whole["x"], whole["dy"], whole["gamma"]
     ref = reference_forward(x, gamma, whole["beta"], *case.data(ranks)[4:], axis=case.axis)
     # the global statistics and the running ones: identical on every rank (one merge, in rank order)

@@ -8,7 +8,9 @@ Every rank runs the same calls and saves what it got to
   statistics) and backward on this rank's part; the number of collectives
   each made; then ``SyncBatchNorm`` for two training steps and an eval;
 - ``mismatch``: ranks that disagree, one scenario after the other, each
-  followed by a good call (which must still work: no rank left behind).
+  followed by a good call (which must still work: no rank left behind);
+- ``simulated-gpu`` (with ``NUMBA_ENABLE_CUDASIM=1``): the
+  ``SIMULATED_GPU_CASES`` on numba-cuda device arrays, as ``cases``.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.
 
 import bnkernels  # noqa: E402
 from bnkernels import distributed  # noqa: E402
-from sync_cases import CASES  # noqa: E402
+from sync_cases import CASES, SIMULATED_GPU_CASES  # noqa: E402
 
 
 class Counting(distributed.MPI):
@@ -39,23 +41,25 @@ class Counting(distributed.MPI):
         return super().allreduce(frame)
 
 
-def run_cases(out: str, comm: Counting) -> None:
+def run_cases(out: str, comm: Counting, cases=CASES, device=lambda a: a, host=np.asarray) -> None:
+    """Each case's forward and backward on this rank's part: the arrays
+    through ``device`` first, the results back through ``host``."""
     P, r = comm.size, comm.rank
-    for case in CASES.values():
+    for case in cases.values():
         x, dy, gamma, beta, rm, rv = case.data(P)
-        part, dpart = case.part(x, P, r), case.part(dy, P, r)
+        part, dpart = device(np.ascontiguousarray(case.part(x, P, r))), device(case.part(dy, P, r))
+        gamma, beta, rm_given, rv_given = (device(a) for a in (gamma, beta, rm, rv))
         counts = []
         for step in range(2):  # the second call: the steady state (the capacity has grown, if it had to)
             g0, r0 = comm.gathers, comm.reduces
-            y, saved = bnkernels.bn_forward(part, gamma, beta, rm, rv, axis=case.axis, backend=case.backend,
-                                            return_saved=True, comm=comm)
+            y, saved = bnkernels.bn_forward(part, gamma, beta, rm_given, rv_given, axis=case.axis,
+                                            backend=case.backend, return_saved=True, comm=comm)
             dx, dgamma, dbeta = bnkernels.bn_backward(dpart, part, saved.mean, saved.invstd, gamma,
                                                       axis=case.axis, backend=case.backend, comm=comm)
             counts.append((comm.gathers - g0, comm.reduces - r0))
-        # the first step's running statistics: undo nothing, save after two steps (the test runs two too)
-        np.savez(f"{out}/{case.name}.{r}.npz", y=y, dx=dx, dgamma=dgamma, dbeta=dbeta, running_mean=rm,
-                 running_var=rv, mean=saved.mean, invstd=saved.invstd, counts=np.array(counts))
-    run_layer(out, comm)
+        results = dict(y=y, dx=dx, dgamma=dgamma, dbeta=dbeta, running_mean=rm_given, running_var=rv_given,
+                       mean=saved.mean, invstd=saved.invstd)  # (after two steps: the test makes two too)
+        np.savez(f"{out}/{case.name}.{r}.npz", counts=np.array(counts), **{k: host(v) for k, v in results.items()})
 
 
 def run_layer(out: str, comm: Counting) -> None:
@@ -120,11 +124,27 @@ def run_mismatch(out: str, comm) -> None:
                  untouched=np.array([np.array_equal(rm, rm_before) and np.array_equal(rv, rv_before)]))
 
 
+def run_simulated_gpu(out: str, comm: Counting) -> None:
+    import cudasim_shuffles
+    from numba import cuda
+
+    cudasim_shuffles.install()
+    sys.setswitchinterval(2e-4)  # (as tests/cudasim/conftest.py: the simulator's threads hand over faster)
+    run_cases(out, comm, SIMULATED_GPU_CASES, cuda.to_device,
+              lambda a: a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a))
+
+
 def main() -> int:
     out, mode = sys.argv[1], sys.argv[2]
     comm = Counting()
     try:
-        run_cases(out, comm) if mode == "cases" else run_mismatch(out, comm)
+        if mode == "cases":
+            run_cases(out, comm)
+            run_layer(out, comm)
+        elif mode == "simulated-gpu":
+            run_simulated_gpu(out, comm)
+        else:
+            run_mismatch(out, comm)
     except BaseException:
         traceback.print_exc()
         sys.stdout.flush()

@@ -55,3 +55,9 @@ def _cases():
 
 
 CASES = {c.name: c for c in _cases()}
+#: the GPU path (statistics copied to the host, which waits for the stream, then the collective): numba-cuda
+#: on device arrays under Numba's CUDA simulator, in real MPI processes
+SIMULATED_GPU_CASES = {c.name: c for c in (
+    Case("numba-cuda-nchw-float32", "numba-cuda", "float32", (3, 4, 5), 1, SIZES),
+    Case("numba-cuda-nhwc-float16", "numba-cuda", "float16", (4, 5, 3), -1, SIZES),
+)}
