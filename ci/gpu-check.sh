@@ -9,7 +9,9 @@
 #    CUDA 12 or 13 chosen from the driver;
 # 2. runs every GPU-marked test: the cupy backend through the public API and
 #    the numba-cuda suite of tests/cudasim on the real device (that
-#    conftest marks them gpu when no simulator is asked for);
+#    conftest marks them gpu when no simulator is asked for), and, where
+#    mpi4py is installed, synchronized batch norm on the GPU backends over
+#    MPI (2 ranks) and over NCCL (one rank per GPU): tests/test_distributed_mpi.py;
 # 3. runs `bnkernels bench --device gpu` for the named shapes, float32 and
 #    float16 (and bfloat16 where ml_dtypes is installed; its bnkernels rows
 #    take torch CUDA tensors), against torch-cuda and textbook CuPy, writing bench-gpu.json,
@@ -45,8 +47,8 @@ if "$PY" -c "$NEEDS" 2>/dev/null; then
 else
   major=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1 | cut -d. -f1)
   extra=cuda13; [ "${major:-0}" -lt 580 ] && extra=cuda12  # CUDA 13 needs driver 580+
-  echo "ci/gpu-check.sh: installing bnkernels[$extra,torch,test,plot,bf16] into .venv-gpu" >&2
-  python3 -m venv .venv-gpu && .venv-gpu/bin/python -m pip install -q -e ".[$extra,torch,test,plot,bf16]" || exit 1
+  echo "ci/gpu-check.sh: installing bnkernels[$extra,torch,test,plot,bf16,mpi] into .venv-gpu" >&2
+  python3 -m venv .venv-gpu && .venv-gpu/bin/python -m pip install -q -e ".[$extra,torch,test,plot,bf16,mpi]" || exit 1
   PY=.venv-gpu/bin/python
   "$PY" -c "$NEEDS" || exit 1
   BNK=(.venv-gpu/bin/bnkernels)

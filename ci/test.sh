@@ -20,9 +20,12 @@ PYTHON=${PYTHON:-python3}
 # - ml_dtypes: NumPy's bfloat16, so bfloat16 is tested on every backend;
 # - keras==3.15.1 (torch backend), jax[cpu], scikit-learn: bnkernels.keras,
 #   DLPack with real JAX arrays, and the digits example (examples/) for real;
+# - mpi4py + mpich (PyPI): synchronized batch norm on real `mpiexec -n 1/2/3`
+#   processes (tests/test_distributed_mpi.py; torch.distributed's gloo needs
+#   nothing more);
 # - tbb: Numba's TBB threading layer, so that calls from several threads are
 #   tested on every layer (tbb, omp, workqueue: tests/backends/test_threads.py).
-TEST_EXTRAS=${BNKERNELS_TEST_EXTRAS-"matplotlib torch==2.13.0 cupy-cuda13x numba numba-cuda[cu13] cuda-toolkit[nvcc,cuobjdump,nvdisasm] tbb ml_dtypes keras==3.15.1 jax[cpu]==0.10.2 scikit-learn==1.9.1"}
+TEST_EXTRAS=${BNKERNELS_TEST_EXTRAS-"matplotlib torch==2.13.0 cupy-cuda13x numba numba-cuda[cu13] cuda-toolkit[nvcc,cuobjdump,nvdisasm] tbb ml_dtypes keras==3.15.1 jax[cpu]==0.10.2 scikit-learn==1.9.1 mpi4py==4.1.2 mpich==5.0.2"}
 
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv

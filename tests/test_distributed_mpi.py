@@ -18,7 +18,7 @@ import bnkernels  # noqa: E402
 from bnkernels.reference import reference_backward, reference_forward  # noqa: E402
 from helpers import assert_close  # noqa: E402
 from launch import mpiexec, run  # noqa: E402
-from sync_cases import CASES, SIMULATED_GPU_CASES  # noqa: E402
+from sync_cases import CASES, GPU_CASES, SIMULATED_GPU_CASES  # noqa: E402
 
 pytest.importorskip("mpi4py", reason="the MPI tests need mpi4py and an MPI library (CI installs both)")
 
@@ -89,6 +89,36 @@ def test_synchronized_gpu_backend_under_the_simulator(simulated_gpu_job, name):
     numpy: the simulator's own backend is checked elsewhere)."""
     case = SIMULATED_GPU_CASES[name]
     check_against_whole_batch(_ranks(simulated_gpu_job, name, 2), case, 2, whole_backend="numpy")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_synchronized_on_the_gpu(tmp_path_factory, name):
+    """Two MPI ranks on the GPU backends (device arrays; sharing one GPU
+    where there is one), against the whole batch on numpy."""
+    job = _gpu_job(tmp_path_factory, "gpu", 2)
+    check_against_whole_batch(_ranks(job, name, 2), GPU_CASES[name], 2, whole_backend="numpy")
+
+
+@pytest.mark.gpu
+def test_synchronized_over_nccl(tmp_path_factory):
+    """An NCCL communicator from MPI (one rank per GPU: NCCL refuses two
+    ranks on one device), the frames on CuPy's current stream."""
+    import cupy
+
+    ranks = min(2, cupy.cuda.runtime.getDeviceCount())
+    job = _gpu_job(tmp_path_factory, "gpu-nccl", ranks)
+    check_against_whole_batch(_ranks(job, "cupy-nchw-float32", ranks), GPU_CASES["cupy-nchw-float32"], ranks,
+                              whole_backend="numpy")
+
+
+_GPU_JOBS: dict = {}
+
+
+def _gpu_job(tmp_path_factory, mode: str, ranks: int) -> Path:
+    if mode not in _GPU_JOBS:
+        _GPU_JOBS[mode] = _job(tmp_path_factory, ranks, mode)
+    return _GPU_JOBS[mode]
 
 
 def check_against_whole_batch(got: list[dict], case, ranks: int, whole_backend=None):

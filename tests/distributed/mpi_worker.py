@@ -10,7 +10,11 @@ Every rank runs the same calls and saves what it got to
 - ``mismatch``: ranks that disagree, one scenario after the other, each
   followed by a good call (which must still work: no rank left behind);
 - ``simulated-gpu`` (with ``NUMBA_ENABLE_CUDASIM=1``): the
-  ``SIMULATED_GPU_CASES`` on numba-cuda device arrays, as ``cases``.
+  ``SIMULATED_GPU_CASES`` on numba-cuda device arrays, as ``cases``;
+- ``gpu``: the ``GPU_CASES`` on a real GPU (CuPy and numba-cuda device
+  arrays; rank r on device r % devices), over MPI;
+- ``gpu-nccl``: the first cupy case over an NCCL communicator made from
+  MPI (``NCCL.from_mpi``; one rank per device).
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.
 
 import bnkernels  # noqa: E402
 from bnkernels import distributed  # noqa: E402
-from sync_cases import CASES, SIMULATED_GPU_CASES  # noqa: E402
+from sync_cases import CASES, GPU_CASES, SIMULATED_GPU_CASES  # noqa: E402
 
 
 class Counting(distributed.MPI):
@@ -51,12 +55,12 @@ def run_cases(out: str, comm: Counting, cases=CASES, device=lambda a: a, host=np
         gamma, beta, rm_given, rv_given = (device(a) for a in (gamma, beta, rm, rv))
         counts = []
         for step in range(2):  # the second call: the steady state (the capacity has grown, if it had to)
-            g0, r0 = comm.gathers, comm.reduces
+            g0, r0 = getattr(comm, "gathers", 0), getattr(comm, "reduces", 0)
             y, saved = bnkernels.bn_forward(part, gamma, beta, rm_given, rv_given, axis=case.axis,
                                             backend=case.backend, return_saved=True, comm=comm)
             dx, dgamma, dbeta = bnkernels.bn_backward(dpart, part, saved.mean, saved.invstd, gamma,
                                                       axis=case.axis, backend=case.backend, comm=comm)
-            counts.append((comm.gathers - g0, comm.reduces - r0))
+            counts.append((getattr(comm, "gathers", 0) - g0, getattr(comm, "reduces", 0) - r0))
         results = dict(y=y, dx=dx, dgamma=dgamma, dbeta=dbeta, running_mean=rm_given, running_var=rv_given,
                        mean=saved.mean, invstd=saved.invstd)  # (after two steps: the test makes two too)
         np.savez(f"{out}/{case.name}.{r}.npz", counts=np.array(counts), **{k: host(v) for k, v in results.items()})
@@ -134,6 +138,24 @@ def run_simulated_gpu(out: str, comm: Counting) -> None:
               lambda a: a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a))
 
 
+def run_gpu(out: str, comm: Counting, nccl: bool) -> None:
+    import cupy
+    from numba import cuda
+
+    cupy.cuda.Device(comm.rank % cupy.cuda.runtime.getDeviceCount()).use()
+
+    def host(a):
+        return cupy.asnumpy(a) if isinstance(a, cupy.ndarray) else (
+            a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a))
+
+    if nccl:
+        case = GPU_CASES["cupy-nchw-float32"]
+        run_cases(out, distributed.NCCL.from_mpi(comm.comm), {case.name: case}, cupy.asarray, host)
+        return
+    for backend, device in (("cupy", cupy.asarray), ("numba-cuda", cuda.to_device)):
+        run_cases(out, comm, {n: c for n, c in GPU_CASES.items() if c.backend == backend}, device, host)
+
+
 def main() -> int:
     out, mode = sys.argv[1], sys.argv[2]
     comm = Counting()
@@ -143,6 +165,8 @@ def main() -> int:
             run_layer(out, comm)
         elif mode == "simulated-gpu":
             run_simulated_gpu(out, comm)
+        elif mode in ("gpu", "gpu-nccl"):
+            run_gpu(out, comm, nccl=mode == "gpu-nccl")
         else:
             run_mismatch(out, comm)
     except BaseException:

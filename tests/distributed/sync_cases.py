@@ -61,3 +61,9 @@ SIMULATED_GPU_CASES = {c.name: c for c in (
     Case("numba-cuda-nchw-float32", "numba-cuda", "float32", (3, 4, 5), 1, SIZES),
     Case("numba-cuda-nhwc-float16", "numba-cuda", "float16", (4, 5, 3), -1, SIZES),
 )}
+#: the same on a real GPU (``pytest -m gpu``: ci/gpu-check.sh), both GPU backends, ranks sharing the device
+GPU_CASES = {**SIMULATED_GPU_CASES, **{c.name: c for c in (
+    Case("cupy-nchw-float32", "cupy", "float32", (3, 4, 5), 1, SIZES),
+    Case("cupy-nhwc-float16", "cupy", "float16", (4, 5, 3), -1, SIZES),
+    Case("cupy-wide-float32", "cupy", "float32", (150, 7), 1, SIZES),
+)}}
