@@ -47,10 +47,10 @@ def _layer(case, data, rank, group=None):
     dtype = DTYPES[spec.get("dtypes", [spec["dtype"]] * 2)[rank]]
     C = spec.get("channels", [spec["C"]] * 2)[rank]
     m = SyncBatchNorm(C, process_group=group, dtype=dtype, **spec["options"])
-    if m.affine:
-        with torch.no_grad():
-            m.weight.copy_(torch.from_numpy(data["weight"][:C]))
-            m.bias.copy_(torch.from_numpy(data["bias"][:C]))
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            if getattr(m, name) is not None:
+                getattr(m, name).copy_(torch.from_numpy(data[name][:C]))
     fmt = torch.channels_last if spec["channels_last"] else torch.contiguous_format
     out = {}
     for step in range(spec["steps"]):
@@ -62,9 +62,10 @@ def _layer(case, data, rank, group=None):
         out[f"y{step}"], out[f"dx{step}"] = y.detach().numpy(), x.grad.numpy()
         out[f"kept_format{step}"] = np.array(y.is_contiguous(memory_format=fmt) and x.grad.is_contiguous(
             memory_format=fmt))
-        if m.affine:
-            out[f"dw{step}"], out[f"db{step}"] = _summed(m.weight.grad), _summed(m.bias.grad)
-            m.zero_grad()
+        for key, p in (("dw", m.weight), ("db", m.bias)):
+            if p is not None:
+                out[f"{key}{step}"] = _summed(p.grad)
+        m.zero_grad()
         if m.track_running_stats:
             out[f"rm{step}"], out[f"rv{step}"] = m.running_mean.numpy().copy(), m.running_var.numpy().copy()
             out[f"nbt{step}"] = m.num_batches_tracked.numpy().copy()
@@ -78,7 +79,7 @@ def _model(case, data, rank):
     """A small conv net converted by ``convert_sync_batchnorm``: one step."""
     torch.manual_seed(case["seed"])
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-                              torch.nn.Conv2d(4, 5, 1), torch.nn.BatchNorm2d(5, momentum=None)).double()
+                              torch.nn.Conv2d(4, 3, 1), torch.nn.BatchNorm2d(3, momentum=None)).double()
     net = SyncBatchNorm.convert_sync_batchnorm(net)
     assert [type(net[i]) for i in (1, 4)] == [SyncBatchNorm] * 2
     x = _slice(data["x0"], case["counts"], rank).requires_grad_()
