@@ -382,8 +382,35 @@ class SyncBatchNorm(BatchNorm):
             raise ValueError("SyncBatchNorm does not support renorm (its corrections use one rank's statistics)")
         super().__init__(num_features, **options)
         self.comm = None if comm is None else distributed.as_communicator(comm)
+        self._call = None  # the synchronized call in progress (the layer's own checks are part of it)
 
-    def _communicator(self):
+    def forward(self, x, mask=None):
+        """As :meth:`BatchNorm.forward`; in training one synchronized call,
+        the layer's own checks included (a rank whose x is refused still
+        takes part, and the others raise ``SyncError`` naming it)."""
+        if not self.training:
+            return super().forward(x, mask)
+        return self._synchronized(distributed.FORWARD, super().forward, x, mask)
+
+    def backward(self, dy):
+        """As :meth:`BatchNorm.backward`; synchronized after a training
+        forward (``grad_gamma``, ``grad_beta``: this rank's part)."""
+        if self._saved is not None and not self._saved[-1]:  # the last forward was not synchronized
+            return super().backward(dy)
+        return self._synchronized(distributed.BACKWARD, super().backward, dy)
+
+    def _synchronized(self, op, method, *args):
         if self.comm is None:
             self.comm = distributed.MPI()
-        return self.comm
+
+        def run(call):
+            self._call = call
+            try:
+                return method(*args)
+            finally:
+                self._call = None
+
+        return distributed.synchronized(self.comm, op, run)
+
+    def _communicator(self):
+        return self._call

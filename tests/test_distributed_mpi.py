@@ -121,6 +121,8 @@ EXPECTED = {
     "channels-backward": ("SyncError", "SyncError", ["number of channels"]),
     "wide-channels": ("SyncError", "SyncError", ["number of channels", "rank 1: 150"]),
     "one-value-in-all": ("ValueError", "ValueError", ["Expected more than 1 value per channel"]),
+    "layer-channels": ("ValueError", "SyncError", ["expects 3 channels"]),
+    "layer-backward-first": ("RuntimeError", "SyncError", []),
 }
 
 
@@ -139,7 +141,7 @@ def test_ranks_that_disagree_all_raise_and_stay_in_step(mismatch_jobs, scenario,
         assert kind == (rank1 if r == 1 else others), (r, kind, message)
         for word in words:
             assert word in message, (r, message)
-        if kind == "SyncError" and scenario.startswith("refused"):
+        if kind == "SyncError" and scenario.startswith(("refused", "layer")):
             assert "refused" in message and ("[1]" in message or "1 rank" in message), message
         assert g["untouched"].all(), f"rank {r}: the running statistics changed"
     # the good call after it: normalized over every rank's (constant) values, so the ranks are still in step

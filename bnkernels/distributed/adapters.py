@@ -33,6 +33,9 @@ class Communicator:
     Subclass it for another engine: implement :meth:`allgather` and
     :meth:`allreduce` on float64 host arrays; both must be called by every
     rank in the same order (bnkernels guarantees that for its own calls).
+    One synchronized call at a time per communicator: threads that
+    synchronize concurrently need one communicator each (as MPI and NCCL
+    require of their own communicators).
     """
 
     def __init__(self, rank: int, size: int):

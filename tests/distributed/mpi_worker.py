@@ -96,6 +96,8 @@ def scenarios(comm):
 
     y, saved = forward(return_saved=True)
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    layer, trained = (bnkernels.SyncBatchNorm(3, comm=comm, backend="numpy") for _ in range(2))
+    trained.forward(x)
     return {
         "channels": lambda: forward(x=x[:, :2] if one else x),
         "dtype": lambda: forward(x=x.astype(np.float64) if one else x),
@@ -109,6 +111,9 @@ def scenarios(comm):
                                                            comm=comm, backend="numpy"),
         # beyond the capacity on one rank only: the round is repeated, and the channels still disagree
         "wide-channels": lambda: forward(x=np.tile(x, (1, 50, 1)) if one else x),
+        # the layer's own check of x (before bn_forward) is part of the synchronized call
+        "layer-channels": lambda: layer.forward(x[:, :2] if one else x),
+        "layer-backward-first": lambda: (layer if one else trained).backward(x),
         # one value per channel over all ranks together: every rank raises the ValueError a local call would
         "one-value-in-all": lambda: forward(x=x[:1, :, 0] if comm.rank == 0 else x[:0, :, 0]),
     }, (rm, rv)
