@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from bnkernels.distributed import Communicator
+
 
 #: Per-dtype tolerances for outputs of size O(1), applied as
 #: ``|actual - expected| <= atol * scale + rtol * |expected|``.
@@ -110,3 +112,22 @@ def tiny_device(tuning):
     from bnkernels.backends.gpu import geometry
 
     return geometry.DeviceLimits(sm_count=1, max_threads_per_sm=2 * tuning.block_threads)
+
+
+class OneRank(Communicator):
+    """A communicator of one rank, no transport (the collectives of a world
+    of one return the frame itself); ``frames`` records each collective's
+    kind and frame length."""
+
+    def __init__(self):
+        super().__init__(0, 1)
+        self.frames = []
+
+    def allgather(self, frame):
+        self.frames.append(("gather", frame.size))
+        return frame[None].copy()
+
+    def allreduce(self, frame):
+        self.frames.append(("reduce", frame.size))
+        return frame.copy()
+

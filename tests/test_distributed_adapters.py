@@ -12,7 +12,7 @@ import pytest
 import bnkernels
 from bnkernels import distributed
 from bnkernels.reference import reference_backward, reference_forward
-from helpers import assert_close, make_input
+from helpers import OneRank, assert_close, make_input
 
 
 class _Memory:
@@ -154,24 +154,8 @@ def test_one_rank_mpi_comm_self_equals_a_local_call(rng):
     assert wrapped is distributed.as_communicator(MPI.COMM_SELF) and wrapped.calls >= 1
 
 
-class _Counting(distributed.Communicator):
-    """One rank, counting: what a call sends, without a transport."""
-
-    def __init__(self):
-        super().__init__(0, 1)
-        self.frames = []
-
-    def allgather(self, frame):
-        self.frames.append(("gather", frame.size))
-        return frame[None].copy()
-
-    def allreduce(self, frame):
-        self.frames.append(("reduce", frame.size))
-        return frame.copy()
-
-
 def test_every_synchronized_call_takes_part_once_inference_included(rng):
-    comm = _Counting()
+    comm = OneRank()
     x = make_input((4, 3), np.float32, rng)
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
     y, s = bnkernels.bn_forward(x, running_mean=rm, running_var=rv, return_saved=True, comm=comm)
@@ -189,7 +173,7 @@ def test_bad_comm_and_mask_with_comm_are_refused_and_change_nothing(rng):
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
     with pytest.raises(TypeError, match="comm must be"):
         bnkernels.bn_forward(x, running_mean=rm, running_var=rv, comm="world")
-    comm = _Counting()
+    comm = OneRank()
     with pytest.raises(ValueError, match="mask and comm"):
         bnkernels.bn_forward(x, running_mean=rm, running_var=rv, comm=comm, mask=np.ones(4, bool))
     assert (rm == 0).all() and (rv == 1).all()

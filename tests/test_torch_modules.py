@@ -110,7 +110,7 @@ def test_convert_keeps_the_same_tensors_mode_and_options():
     weight = tree[1].weight
     assert bt.convert(tree) is tree
     assert type(tree[1]) is bt.BatchNorm1d and tree[1].weight is weight
-    assert type(tree[2]) is nn.SyncBatchNorm  # SyncBatchNorm is left alone (not a plain batch norm)
+    assert type(tree[2]) is bt.SyncBatchNorm  # torch's SyncBatchNorm becomes bnkernels' (its process group kept)
     loss = tree[1](tree[0](torch.randn(5, 3))).sum()
     loss.backward()
     opt.step()  # the optimizer made before convert updates the same parameters

@@ -16,8 +16,9 @@ import time
 
 
 from .. import bench as bm
-from .exits import EXIT_FAILED, EXIT_OK
-from .tables import format_table, format_results_table
+from ..bench.sync import SYNC_CASES
+from .exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from .tables import format_results_table, format_sync_table, format_table
 
 
 DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
@@ -132,18 +133,27 @@ def _timing_text(t: bm.Timing, timer: str) -> str:
             f"calls{more}; {timer}")
 
 
-def _print_bench(results, ceilings: dict, devices: dict, timings: dict, args, info: dict,
-                 torch_threads, cases, dtypes, date: str, gpu_note: str | None) -> None:
-    def para(text):
-        print(textwrap.fill(text, width=100, subsequent_indent="  "))
+def _para(text: str) -> None:
+    """Print ``text`` wrapped at 100 columns, continuation lines indented."""
+    print(textwrap.fill(text, width=100, subsequent_indent="  "))
 
+
+def _print_machine(info: dict, date: str, torch_threads: int | None = None, what: str = "bench") -> None:
+    """The first lines of a bench report: versions (``info``:
+    ``bm.system_info()``), the date, torch's threads when used, the CPU."""
     torch_text = (f", torch {info['torch']} ({torch_threads} thread{'s' if torch_threads != 1 else ''})"
                   if torch_threads else "")
-    print(f"bnkernels {info['bnkernels']} bench, {date}: Python {info['python']}, NumPy {info['numpy']}"
+    print(f"bnkernels {info['bnkernels']} {what}, {date}: Python {info['python']}, NumPy {info['numpy']}"
           f"{torch_text}")
     llc = info.get("last_level_cache_bytes")
     llc_text = f", last-level cache {llc / bm.MiB:.0f} MiB" if llc else ""
     print(f"CPU: {info['cpu']}, {info['cpu_count']} cores ({info['cpus_usable']} usable){llc_text}")
+
+
+def _print_bench(results, ceilings: dict, devices: dict, timings: dict, args, info: dict,
+                 torch_threads, cases, dtypes, date: str, gpu_note: str | None) -> None:
+    para = _para
+    _print_machine(info, date, torch_threads)
     if "gpu" in devices:
         print(f"GPU: {devices['gpu'].name}")
     elif gpu_note:
@@ -223,7 +233,56 @@ def _print_list() -> int:
     return EXIT_OK
 
 
+def _dtypes_and_cases(args, parser, default_cases) -> tuple[list[str], list]:
+    """``--dtype`` and ``--shapes`` (``default_cases`` without it), and the
+    timing options' ranges checked: ``(dtype names, bm.Case list)``; a bad
+    value is a usage error (``parser.error``)."""
+    dtypes = _split(args.dtype if args.dtype is not None else QUICK_DTYPES if args.quick else DEFAULT_DTYPES)
+    for d in dtypes:
+        if d not in DTYPE_NAMES:
+            parser.error(f"--dtype: unsupported {d!r}; valid: {', '.join(DTYPE_NAMES)}")
+    if args.shapes:
+        try:
+            cases = bm.parse_cases(args.shapes)
+        except ValueError as exc:
+            parser.error(f"--shapes: {exc}")
+    else:
+        cases = list(default_cases)
+    if args.repeat is not None and args.repeat < 1:
+        parser.error("--repeat must be >= 1")
+    if args.warmup is not None and args.warmup < 0:
+        parser.error("--warmup must be >= 0")
+    if args.min_time is not None and args.min_time < 0:
+        parser.error("--min-time must be >= 0")
+    return dtypes, cases
+
+
+def _timing(device, args) -> bm.Timing:
+    """``device``'s timing (its quick one with ``--quick``) with
+    ``--repeat``, ``--warmup`` and ``--min-time`` applied."""
+    t = device.quick_timing if args.quick else device.default_timing
+    over = {f: v for f, v in (("repeat", args.repeat), ("warmup", args.warmup),
+                              ("min_time", args.min_time)) if v is not None}
+    return dataclasses.replace(t, **over)
+
+
+def _check_paths(parser, *options: tuple[str, str | None]) -> None:
+    """A usage error unless the directory of each given ``(option, path)`` exists."""
+    for option, path in options:
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            parser.error(f"{option}: no directory {os.path.dirname(os.path.abspath(path))!r} to write {path!r} in")
+
+
+def _write_json(path: str, payload: dict) -> None:
+    """Write ``payload`` to ``path`` as indented JSON."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+
+
 def run_bench(args, parser, implementations=None, argv=()) -> int:
+    if args.sync:
+        return run_sync_bench(args, parser, argv)
     if args.list:
         return _print_list()
     if args.host_overhead:
@@ -236,23 +295,7 @@ def run_bench(args, parser, implementations=None, argv=()) -> int:
             parser.error(f"--ops: unknown op {op!r}; valid: {', '.join(bm.ALL_OPS)}")
     if not ops:
         parser.error("--ops: nothing to run")
-    dtypes = _split(args.dtype if args.dtype is not None else QUICK_DTYPES if args.quick else DEFAULT_DTYPES)
-    for d in dtypes:
-        if d not in DTYPE_NAMES:
-            parser.error(f"--dtype: unsupported {d!r}; valid: {', '.join(DTYPE_NAMES)}")
-    if args.shapes:
-        try:
-            cases = bm.parse_cases(args.shapes)
-        except ValueError as exc:
-            parser.error(f"--shapes: {exc}")
-    else:
-        cases = list(bm.QUICK_CASES if args.quick else bm.DEFAULT_CASES)
-    if args.repeat is not None and args.repeat < 1:
-        parser.error("--repeat must be >= 1")
-    if args.warmup is not None and args.warmup < 0:
-        parser.error("--warmup must be >= 0")
-    if args.min_time is not None and args.min_time < 0:
-        parser.error("--min-time must be >= 0")
+    dtypes, cases = _dtypes_and_cases(args, parser, bm.QUICK_CASES if args.quick else bm.DEFAULT_CASES)
     if args.ceiling_mib is not None and args.ceiling_mib <= 0:
         parser.error("--ceiling-mib must be > 0")
     if args.torch_threads is not None and args.torch_threads < 1:
@@ -262,9 +305,7 @@ def run_bench(args, parser, implementations=None, argv=()) -> int:
             importlib.import_module("matplotlib")
         except ImportError:
             parser.error('--plot needs matplotlib: pip install "bnkernels[plot]"')
-    for option, path in (("--json", args.json), ("--plot", args.plot)):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            parser.error(f"{option}: no directory {os.path.dirname(os.path.abspath(path))!r} to write {path!r} in")
+    _check_paths(parser, ("--json", args.json), ("--plot", args.plot))
     if implementations is not None:
         impls = list(implementations)
     else:
@@ -280,12 +321,7 @@ def run_bench(args, parser, implementations=None, argv=()) -> int:
     kinds = list(dict.fromkeys(i.device for i in impls))
     devices = {k: bm.make_device(k) for k in kinds}
     gpu_note = None if "gpu" in devices else bm.gpu_problem()
-    timings = {}
-    for k, d in devices.items():
-        t = d.quick_timing if args.quick else d.default_timing
-        over = {f: v for f, v in (("repeat", args.repeat), ("warmup", args.warmup),
-                                  ("min_time", args.min_time)) if v is not None}
-        timings[k] = dataclasses.replace(t, **over)
+    timings = {k: _timing(d, args) for k, d in devices.items()}
 
     progress = Progress()
     ceilings = {}
@@ -309,10 +345,8 @@ def run_bench(args, parser, implementations=None, argv=()) -> int:
               + "; ".join(f"{r.implementation} {r.op} {r.shape_name} {r.dtype} {r.status.upper()}"
                           for r in failed))
     if args.json:
-        payload = _bench_payload(results, ceilings, devices, timings, args, info, torch_threads, date, argv)
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
+        _write_json(args.json, _bench_payload(results, ceilings, devices, timings, args, info, torch_threads, date,
+                                              argv))
         print(f"\nAll figures: {args.json}")
     if args.plot:
         where = "; ".join(f"{d.name} ({k.upper()})" for k, d in devices.items())
@@ -322,6 +356,153 @@ def run_bench(args, parser, implementations=None, argv=()) -> int:
                               f"{state}\n{where}")
         print(f"{'' if args.json else chr(10)}Plot: {args.plot}")
     return EXIT_FAILED if failed else EXIT_OK
+
+
+class _QuietParser:
+    """The parser of a rank other than 0 under ``--sync``: the same usage
+    errors (exit status 2), printed by rank 0 only."""
+
+    def __init__(self, parser):
+        self._parser = parser
+
+    def error(self, message: str):
+        raise SystemExit(EXIT_USAGE)
+
+    def __getattr__(self, name):
+        return getattr(self._parser, name)
+
+
+#: options of the bench that ``--sync`` does not take, with their defaults
+_NOT_WITH_SYNC = {"--ops": ("ops", ",".join(bm.OPS)), "--cold": ("cold", False), "--plot": ("plot", None),
+                  "--ceiling-mib": ("ceiling_mib", None), "--torch-threads": ("torch_threads", None),
+                  "--list": ("list", False), "--host-overhead": ("host_overhead", False)}
+
+
+def _sync_backends(args, parser) -> list[str]:
+    """The bnkernels CPU backends ``--backends`` names (default: every
+    usable one); anything else is a usage error saying why."""
+    catalog = bm.implementation_catalog()
+    usable = [n for n, e in catalog.items() if e.role == bm.CANDIDATE and e.device == "cpu" and e.default
+              and e.problem is None]
+    if not args.backends:
+        return usable
+    names = _split(args.backends)
+    for name in names:
+        e = catalog.get(name)
+        if e is None or e.role != bm.CANDIDATE or name.endswith(bm.OUT_SUFFIX):
+            parser.error(f"--sync --backends: {name!r} is not a bnkernels backend (--sync times bn_forward and "
+                         f"bn_backward with comm=); usable here: {', '.join(usable)}")
+        if e.device != "cpu":
+            parser.error(f"--sync --backends {name}: runs on the GPU; --sync times CPU backends only so far")
+        if e.problem:
+            parser.error(f"--sync --backends {name}: not usable here: {e.problem}")
+    return names
+
+
+def run_sync_bench(args, parser, argv=()) -> int:
+    """``bnkernels bench --sync`` on every rank of ``MPI.COMM_WORLD``: the
+    options checked (usage errors printed by rank 0 only), the rows measured
+    (``bm.sync.run_sync_benchmarks``), rank 0's report and ``--json``.
+    Returns the exit status, the same on every rank: 1 when a row is wrong
+    or raised, 2 for a usage error or without MPI."""
+    from ..bench import sync
+
+    try:
+        comm = sync.world()
+    except RuntimeError as exc:
+        print(f"bnkernels bench: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    lead = comm.rank == 0
+    if not lead:
+        parser = _QuietParser(parser)
+    for option, (name, default) in _NOT_WITH_SYNC.items():
+        if getattr(args, name) != default:
+            parser.error(f"--sync does not take {option}")
+    if args.device in ("gpu", "all"):
+        parser.error(f"--sync --device {args.device}: --sync times CPU backends only so far")
+    dtypes, cases = _dtypes_and_cases(args, parser, sync.SYNC_CASES)
+    for case in cases:
+        try:
+            sync.split_case(case, comm.size)
+        except ValueError as exc:
+            parser.error(f"--shapes: {exc} (each shape is the whole batch, split equally over the ranks)")
+    backends = _sync_backends(args, parser)
+    if not backends:
+        parser.error("--backends: no bnkernels CPU backend to run")
+    _check_paths(parser, ("--json", args.json))
+
+    timing = _timing(bm.CpuDevice, args)
+    info = bm.system_info()
+    mpi = sync.mpi_description(comm)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    progress = Progress() if lead else None
+    results = sync.run_sync_benchmarks(comm, cases, dtypes, backends, timing, progress)
+    threads = {}
+    if "numba" in backends:
+        import numba
+
+        threads["numba"] = numba.get_num_threads()
+    failed = [r for r in results if r.status != "ok"]
+    if lead:
+        progress.close()
+        _print_sync(results, comm.size, mpi, threads, timing, info, date, dtypes)
+        if failed:
+            print(f"\n{len(failed)} row(s) failed: " + "; ".join(
+                f"{r.backend} {r.shape_name} {r.dtype} {r.status.upper()}" for r in failed))
+        if args.json:
+            _write_json(args.json, {
+                "bnkernels": info["bnkernels"], "date": date, "command": "bnkernels " + " ".join(argv),
+                "system": info, "ranks": comm.size, "mpi": mpi, "threads_per_rank": threads,
+                "timing": dataclasses.asdict(timing), "tolerance": dict(bm.TOLERANCE),
+                "protocol": {"forward_header_values": sync.protocol.H, "backward_header_values": 2 * sync.protocol.H,
+                             "initial_capacity": sync.protocol.INITIAL_CAPACITY},
+                "results": [r.to_dict() for r in results]})
+            print(f"\nAll figures: {args.json}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _print_sync(results, size: int, mpi: dict, threads: dict, timing: bm.Timing, info: dict, date: str,
+                dtypes) -> None:
+    """Rank 0's report of ``bnkernels bench --sync``: the machine, what was
+    measured and how, then the table."""
+    from ..bench import sync
+
+    _print_machine(info, date, what="bench --sync")
+    hosts = sorted(set(mpi["hosts"]))
+    print(f"MPI: {mpi['library']} (mpi4py {mpi['mpi4py']}), {size} rank{'s' if size != 1 else ''} on "
+          f"{len(hosts)} host{'s' if len(hosts) != 1 else ''} ({', '.join(hosts)})")
+    if size == 1:
+        _para(f"World size 1 (no mpiexec, or -n 1): every collective goes to this process alone, so the rows show "
+              f"the protocol's own cost, no communication. Across processes: {sync.MPIEXEC_LINE}.")
+    for name, n in threads.items():
+        per_host = size // max(len(hosts), 1)
+        _para(f"Threads: each rank's {name} backend uses {n} thread{'s' if n != 1 else ''}; {per_host} rank(s) per "
+              f"host share its {info['cpus_usable']} usable cores"
+              + (" (oversubscribed: the times include that contention)" if per_host * n > info["cpus_usable"]
+                 else "") + ".")
+    _para("Step: bn_forward (training, running statistics updated) then bn_backward, through the public "
+          "functions: synchronized (comm= a bnkernels.distributed.MPI adapter inside a timing Communicator that "
+          "keeps the protocol's state; a fresh one per row) and local (no comm, each rank on its part alone, "
+          "all ranks at once). Each shape is the whole batch, split equally along its batch axis.")
+    _para("Checked before timing against the float64 bnkernels.reference: the synchronized y and dx (each rank's "
+          "part), saved and running statistics, and dgamma, dbeta summed over the ranks, against the whole "
+          "batch; the local step against its part. max |error| / max |reference| <= "
+          + ", ".join(f"{d} {bm.TOLERANCE[d]:.0e}" for d in dtypes) + "; a WRONG result is not timed and fails "
+          "the command.")
+    _para(f"Timing: {_timing_text(timing, bm.CpuDevice.timer)}; the number of timed calls is the same on every "
+          "rank (from the slowest rank's pilot call). sync ms, local ms: the slowest rank's median; sync/local "
+          "their ratio. in colls: of the time all ranks spent in synchronized steps, the share inside "
+          "allgather/allreduce, waiting for the other ranks included; coll ms: that time per step and rank; "
+          "colls: collectives per step (2 in the steady state).")
+    _para(f"Bytes each rank sends per step, read from the frames: payload = 2C+1 values (forward: count, mean, "
+          f"M2; backward: sum dy, sum dy*xhat, count), padded to the protocol's capacity (from "
+          f"{sync.protocol.INITIAL_CAPACITY} values, grown to the largest payload); fwd B = ({sync.protocol.H} "
+          f"header + capacity) float64 all-gathered (each rank receives ranks x that), bwd B = "
+          f"({2 * sync.protocol.H} header values + capacity) float64 all-reduced. GB/s: per rank, "
+          f"{bm.BYTES_FACTOR['train'] + bm.BYTES_FACTOR['backward']} sizes of the rank's x (training forward 3 "
+          "+ backward 5) over the median.")
+    print()
+    print(format_sync_table(results))
 
 
 def add_bench_parser(sub) -> None:
@@ -380,4 +561,14 @@ def add_bench_parser(sub) -> None:
                               "F.batch_norm in the same run (no GPU needed), and exit")
     p_bench.add_argument("--list", action="store_true",
                          help="list the named shapes and the implementations usable here, and exit")
+    p_bench.add_argument("--sync", action="store_true",
+                         help="synchronized batch norm across MPI processes, run as "
+                              "'mpiexec -n 2 python -m bnkernels bench --sync' (needs mpi4py: "
+                              'pip install "bnkernels[mpi]"; without mpiexec: one rank). Each --shapes entry '
+                              "is the whole batch, split equally over the ranks (default: "
+                              + ", ".join(c.label for c in SYNC_CASES) + "); per (shape, dtype, backend) a "
+                              "training forward + backward with comm= and the same local step without, timed "
+                              "in the same run, with the collectives' share of the time and the bytes each "
+                              "rank sends. Takes --shapes, --dtype, --backends (bnkernels CPU backends), "
+                              "--repeat, --warmup, --min-time, --quick and --json; only rank 0 prints")
     p_bench.set_defaults(subparser=p_bench)

@@ -72,12 +72,52 @@ def format_results_table(results: Sequence[bm.Result]) -> str:
     """The bench table; a blank line between (dtype, shape) groups, each
     led by its same-size copy rows (op ``copy``)."""
     right = [False] * 6 + [True] * 7
-    text = format_table(TABLE_HEADERS, [_result_row(r) for r in results], right).split("\n")
+    return _grouped(format_table(TABLE_HEADERS, [_result_row(r) for r in results], right), results,
+                    lambda r: (r.dtype, r.shape_name, r.shape, r.device))
+
+
+def _grouped(table: str, results: Sequence, group) -> str:
+    """``table`` (headers, rule, one line per result) with a blank line
+    wherever ``group(result)`` changes from the row before."""
+    text = table.split("\n")
     lines, prev = text[:2], None
     for r, line in zip(results, text[2:]):
-        group = (r.dtype, r.shape_name, r.shape, r.device)
-        if prev is not None and group != prev:
+        if prev is not None and group(r) != prev:
             lines.append("")
         lines.append(line)
-        prev = group
+        prev = group(r)
     return "\n".join(lines)
+
+
+SYNC_HEADERS = ["shape", "whole", "per rank", "layout", "dtype", "backend", "sync ms", "local ms", "sync/local",
+                "in colls", "coll ms", "colls", "payload", "fwd B", "bwd B", "sync GB/s", "local GB/s"]
+
+
+def _dims(shape: Sequence[int]) -> str:
+    """``(8, 64, 56, 56)`` as ``"8x64x56x56"``."""
+    return "x".join(map(str, shape))
+
+
+def _sync_row(r) -> list[str]:
+    """One row of :func:`format_sync_table` (``r``: ``bm.sync.SyncResult``)."""
+    base = [r.shape_name, _dims(r.shape), _dims(r.part_shape), r.layout, r.dtype, r.backend]
+    if r.status == "ok":
+        payloads = sorted({r.forward_payload_values, r.backward_payload_values}, key=str)
+        return base + [
+            _fmt_ms(r.sync_s), _fmt_ms(r.local_s), _fmt_x(r.ratio), _fmt_pct(100 * r.collective_share),
+            _fmt_ms(r.collective_s), f"{r.collectives_per_step:g}", "/".join(map(str, payloads)),
+            str(r.forward_frame_bytes), str(r.backward_frame_bytes), f"{r.sync_gbps:.2f}", f"{r.local_gbps:.2f}",
+        ] + ([f"({r.message})"] if r.message else [])
+    if r.status == "wrong":
+        return base + [f"WRONG (max err synchronized {r.max_err:.2e}, local {r.local_max_err:.2e}; tolerance "
+                       f"{r.tolerance:.0e}; not timed)"]
+    return base + [f"ERROR ({r.message})"]
+
+
+def format_sync_table(results: Sequence) -> str:
+    """The ``bnkernels bench --sync`` table (``results``:
+    ``bm.sync.SyncResult`` rows); a blank line between (dtype, shape)
+    groups. Returns the text."""
+    right = [False] * 6 + [True] * 11
+    return _grouped(format_table(SYNC_HEADERS, [_sync_row(r) for r in results], right), results,
+                    lambda r: (r.dtype, r.shape))

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import protocol
 
-_MPI_EXTRA = 'pip install "bnkernels[mpi]" (mpi4py and an MPI library: mpich from PyPI, or your system\'s)'
+MPI_INSTALL = 'pip install "bnkernels[mpi]" (mpi4py and an MPI library: mpich from PyPI, or your system\'s)'
 
 
 def _need(module: str, extra: str):
@@ -69,7 +69,7 @@ class MPI(Communicator):
     """
 
     def __init__(self, comm=None):
-        mpi = _need("mpi4py.MPI", _MPI_EXTRA)
+        mpi = _need("mpi4py.MPI", MPI_INSTALL)
         self.comm = mpi.COMM_WORLD if comm is None else comm
         if not isinstance(self.comm, mpi.Intracomm):
             raise TypeError(f"comm must be an mpi4py intracommunicator, got {type(comm).__name__}")
@@ -112,9 +112,12 @@ class Torch(Communicator):
         return self._torch.from_numpy(frame).to(self.device)
 
     def allgather(self, frame):
-        rows = self._torch.empty((self.size, frame.size), dtype=self._torch.float64, device=self.device)
-        self._dist.all_gather_into_tensor(rows, self._tensor(frame), group=self.group)
-        return rows.cpu().numpy()
+        # into a flat (size * len,) tensor: gloo refuses a (size, len) output ("invalid tensor size"); torch
+        # 2.13 names the collective all_gather_single (all_gather_into_tensor: deprecated, a FutureWarning)
+        gather = getattr(self._dist, "all_gather_single", None) or self._dist.all_gather_into_tensor
+        rows = self._torch.empty(self.size * frame.size, dtype=self._torch.float64, device=self.device)
+        gather(rows, self._tensor(frame), group=self.group)
+        return rows.cpu().numpy().reshape(self.size, frame.size)
 
     def allreduce(self, frame):
         t = self._tensor(frame.copy())

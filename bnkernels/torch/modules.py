@@ -1,5 +1,6 @@
 """Drop-ins for ``torch.nn.BatchNorm1d/2d/3d`` on bnkernels' kernels, and
-:func:`convert`, which swaps them into a model.
+:func:`convert`, which swaps them (and ``bnkernels.torch.SyncBatchNorm``,
+``bnkernels.torch.sync``) into a model.
 
 Each class subclasses torch's own (so ``isinstance(m, nn.BatchNorm2d)``
 holds, and the constructor, parameters, buffers, ``state_dict`` keys,
@@ -26,6 +27,11 @@ class _BnkernelsForward:
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """input: (N, C, *) as torch's layer takes; returns y like input."""
         self._check_input_dim(input)
+        return self._bnkernels_forward(input)
+
+    def _bnkernels_forward(self, input: torch.Tensor, comm=None) -> torch.Tensor:
+        """The forward after the input checks; ``comm``: a communicator to
+        normalize with the statistics of every rank's batch (``SyncBatchNorm``)."""
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -37,7 +43,7 @@ class _BnkernelsForward:
         pass_buffers = not self.training or self.track_running_stats
         return batch_norm(input, self.running_mean if pass_buffers else None,
                           self.running_var if pass_buffers else None, self.weight, self.bias, use_batch, factor,
-                          self.eps, backend=self.backend)
+                          self.eps, backend=self.backend, comm=comm)
 
 
 class BatchNorm1d(_BnkernelsForward, nn.BatchNorm1d):
@@ -52,14 +58,25 @@ class BatchNorm3d(_BnkernelsForward, nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` ((N, C, D, H, W)) on bnkernels."""
 
 
-#: torch's classes (exactly these: not subclasses, nor SyncBatchNorm) and their drop-ins.
+#: torch's classes (exactly these: not subclasses) and their drop-ins; ``nn.SyncBatchNorm``'s,
+#: ``bnkernels.torch.SyncBatchNorm``, is looked up by :func:`_drop_in` (its module imports this one).
 _DROP_INS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
 
 
+def _drop_in(kind: type):
+    """bnkernels' class for a module of exactly the type ``kind``, or None."""
+    if kind is nn.SyncBatchNorm:
+        from .sync import SyncBatchNorm
+
+        return SyncBatchNorm
+    return _DROP_INS.get(kind)
+
+
 def convert(module: nn.Module, *, backend: str = "auto") -> nn.Module:
-    """Return ``module`` with every ``torch.nn.BatchNorm1d/2d/3d`` in it
-    (itself included) replaced by bnkernels' drop-in, as
-    ``nn.SyncBatchNorm.convert_sync_batchnorm`` does: the same parameter
+    """Return ``module`` with every ``torch.nn.BatchNorm1d/2d/3d`` and
+    ``torch.nn.SyncBatchNorm`` in it (itself included) replaced by
+    bnkernels' drop-in (a ``SyncBatchNorm`` keeps its ``process_group``),
+    as ``nn.SyncBatchNorm.convert_sync_batchnorm`` does: the same parameter
     and buffer tensors (not copies: an optimizer made before still
     updates them), the same training mode, ``requires_grad``, device and
     dtype. Submodules are replaced in place; the returned module is
@@ -72,24 +89,53 @@ def convert(module: nn.Module, *, backend: str = "auto") -> nn.Module:
         ValueError: a lazy batch norm whose parameters are not yet
             initialized (run one forward first).
     """
-    drop_in = _DROP_INS.get(type(module))
-    if drop_in is not None:
-        new = drop_in(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                      device="meta", bias=module.bias is not None or not module.affine)
-        for name in ("weight", "bias"):  # the same Parameters (or None)
-            setattr(new, name, getattr(module, name))
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            new.register_buffer(name, getattr(module, name))
-        new.train(module.training)
-        new.backend = backend
-        if hasattr(module, "qconfig"):
-            new.qconfig = module.qconfig
-        return new
+    def replace(m):
+        drop_in = _drop_in(type(m))
+        if drop_in is None:
+            return None
+        options = {"process_group": m.process_group} if isinstance(m, nn.SyncBatchNorm) else {}
+        return rebuild(m, drop_in, backend, **options)
+
+    return replace_modules(module, replace)
+
+
+def rebuild(module: nn.Module, cls: type, backend: str, **options) -> nn.Module:
+    """A ``cls`` (bnkernels' batch norm) made from the batch norm ``module``
+    with its options, its Parameter and buffer tensors themselves (or
+    None), its training mode and ``qconfig``; ``options``: more constructor
+    arguments (``process_group``)."""
+    # made on "meta": nothing is allocated for tensors replaced at once
+    new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+              device="meta", bias=module.bias is not None or not module.affine, **options)
+    for name in ("weight", "bias"):  # the same Parameters (or None)
+        setattr(new, name, getattr(module, name))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        new.register_buffer(name, getattr(module, name))
+    new.train(module.training)
+    new.backend = backend
+    if hasattr(module, "qconfig"):
+        new.qconfig = module.qconfig
+    return new
+
+
+def replace_modules(module: nn.Module, replace) -> nn.Module:
+    """``module`` with each submodule (itself included, outermost first)
+    for which ``replace(m)`` returns a module replaced by it, in place;
+    what a replacement holds is not looked into. Returns ``module``, or its
+    replacement.
+
+    Raises:
+        ValueError: a lazy module with uninitialized parameters (its
+            options, ``num_features``, are not known yet).
+    """
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         raise ValueError(f"convert: {type(module).__name__} has uninitialized parameters; "
                          "run one forward pass before converting")
+    new = replace(module)
+    if new is not None:
+        return new
     for name, child in module.named_children():
-        converted = convert(child, backend=backend)
+        converted = replace_modules(child, replace)
         if converted is not child:
             setattr(module, name, converted)
     return module

@@ -77,7 +77,9 @@ def _like_input(result: Tensor, input: Tensor) -> Tensor:
     """``result`` laid out as ``torch.empty_like(input)`` (what the fake
     kernels say): as it is when it already is (contiguous and
     channels_last inputs: always), else copied into such a tensor."""
-    if result.stride() == input.stride() or result.numel() <= 1:  # (a dense input's empty_like has its strides)
+    if result.numel() == 0:  # (an empty result may have any strides, zeros included: no format of its own)
+        return torch.empty_like(input)
+    if result.stride() == input.stride() or result.numel() == 1:  # (a dense input's empty_like has its strides)
         return result
     target = torch.empty_like(input)
     return result if result.stride() == target.stride() else target.copy_(result)
@@ -97,23 +99,27 @@ def _updated(running: Optional[Tensor], training: bool) -> Optional[Tensor]:
     return running.clone() if training and running is not None else None
 
 
-def _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, axis, backend):
+def _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, axis, backend, comm=None):
     """bn_forward on tensors: ``(y, save_mean, save_invstd)``, y laid out as
     ``torch.empty_like(input)``; the running statistics given are updated
-    in place in training."""
+    in place in training. ``comm``: synchronized over its ranks (the
+    statistics of every rank's batch; ``bnkernels.distributed``)."""
     y, saved = bn_forward(_to_kernel(input), _to_kernel(weight), _to_kernel(bias), _to_kernel(running_mean),
                           _to_kernel(running_var), training=training, momentum=momentum, eps=eps, axis=axis,
-                          backend=backend, return_saved=True)
+                          backend=backend, return_saved=True, comm=comm)
     acc = _acc_dtype(input.dtype)
     return _like_input(to_tensor(y), input), _cast(to_tensor(saved.mean), acc), _cast(to_tensor(saved.invstd), acc)
 
 
-def _backward(grad_out, input, weight, save_mean, save_invstd, training, axis, backend):
+def _backward(grad_out, input, weight, save_mean, save_invstd, training, axis, backend, comm=None):
     """bn_backward on tensors: ``(grad_input, grad_weight, grad_bias)``,
-    the parameter gradients in the weight's dtype (else the statistics')."""
+    the parameter gradients in the weight's dtype (else the statistics').
+    ``comm``: the forward's; one all-reduce, grad_input of the global
+    normalization, grad_weight/grad_bias this rank's share (sum them over
+    the ranks, as data-parallel training does)."""
     dx, dgamma, dbeta = bn_backward(_to_kernel(grad_out), _to_kernel(input), _to_kernel(save_mean),
                                     _to_kernel(save_invstd), _to_kernel(weight), axis=axis, training=training,
-                                    backend=backend)
+                                    backend=backend, comm=comm)
     dtype = save_mean.dtype if weight is None else weight.dtype
     return _like_input(to_tensor(dx), input), _cast(to_tensor(dgamma), dtype), _cast(to_tensor(dbeta), dtype)
 
@@ -156,10 +162,10 @@ def _batch_norm_backward_fake(grad_out, input, weight, save_mean, save_invstd, t
     return torch.empty_like(input), input.new_empty(channels, dtype=dtype), input.new_empty(channels, dtype=dtype)
 
 
-def _save(ctx, input, weight, save_mean, save_invstd, training, axis, backend):
+def _save(ctx, input, weight, save_mean, save_invstd, training, axis, backend, comm=None):
     """Keep what the backward needs (both the operator's and the eager form's)."""
     ctx.save_for_backward(input, weight, save_mean, save_invstd)
-    ctx.training, ctx.axis, ctx.backend = training, axis, backend
+    ctx.training, ctx.axis, ctx.backend, ctx.comm = training, axis, backend, comm
 
 
 def _setup_context(ctx, inputs, output):
@@ -174,7 +180,7 @@ def _input_grads(ctx, grad_y, backward):
     only: no gradient flows through them (as in torch's own batch norm)."""
     input, weight, save_mean, save_invstd = ctx.saved_tensors
     need = ctx.needs_input_grad[:3]
-    if not any(need):
+    if not any(need):  # (never with a comm: autograd calls a backward only where some input needs a gradient)
         return (None,) * 10
     grads = backward(grad_y, input, weight, save_mean, save_invstd, ctx.training, ctx.axis, ctx.backend)
     return (*(g if n else None for g, n in zip(grads, need)), *(None,) * 7)
@@ -189,7 +195,7 @@ batch_norm_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
-               momentum: float = 0.1, eps: float = 1e-5, *, backend: str = "auto") -> Tensor:
+               momentum: float = 0.1, eps: float = 1e-5, *, backend: str = "auto", comm=None) -> Tensor:
     """``torch.nn.functional.batch_norm`` on bnkernels' kernels, differentiable.
 
     Args:
@@ -206,6 +212,17 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         momentum, eps: as in torch.
         backend: a bnkernels backend name (``"auto"``: by the tensor's
             device; see ``bnkernels.available_backends()``).
+        comm: synchronized batch norm: a ``bnkernels.distributed``
+            communicator (``Torch(group)``) whose every rank makes this
+            call, and later its backward, on its part of the batch (any
+            size, 0 included). Training normalizes with the statistics of
+            all the parts and updates the running statistics alike on
+            every rank; the backward's input gradient is that of the
+            global normalization and the weight/bias gradients are this
+            rank's shares (their sum over the ranks, which data-parallel
+            training forms, is the whole batch's). Eager only (the
+            custom operators do not take it): under ``torch.compile`` it
+            raises. ``bnkernels.torch.SyncBatchNorm`` passes it for you.
 
     Returns:
         y: like ``input`` (same shape, dtype, device and memory format).
@@ -217,21 +234,28 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if running_mean is None and not training:
         raise ValueError("running_mean and running_var must be given when training is False "
                          "(inference normalizes with them)")
-    return batch_norm_on_axis(input, running_mean, running_var, weight, bias, training, momentum, eps, 1, backend)
+    return batch_norm_on_axis(input, running_mean, running_var, weight, bias, training, momentum, eps, 1, backend,
+                              comm)
 
 
 def batch_norm_on_axis(input, running_mean, running_var, weight, bias, training, momentum, eps, axis: int,
-                       backend: str) -> Tensor:
+                       backend: str, comm=None) -> Tensor:
     """:func:`batch_norm` with the channels along ``axis`` (Keras: -1):
     the operator, then the running statistics' in-place update."""
     training = bool(training)
+    if comm is not None and torch.compiler.is_compiling():
+        # the operators' schema has no place for a communicator, and a traced graph would replay collectives
+        # the protocol numbers call by call
+        raise RuntimeError("bnkernels: synchronized batch norm (comm=...) runs eagerly, not under torch.compile: "
+                           "call it outside the compiled region (torch.compiler.disable), as "
+                           "bnkernels.torch.SyncBatchNorm does")
     if not torch.compiler.is_compiling():
         # eager: the same kernels through an autograd.Function, the running
         # statistics updated in place (the operator's dispatch, its
         # functional copies of the statistics and their copy back cost tens
         # of microseconds a step, which tracing needs and eager does not)
         return _Eager.apply(input, weight, bias, running_mean, running_var, training, float(momentum), float(eps),
-                            int(axis), backend)
+                            int(axis), backend, comm)
     y, _, _, new_mean, new_var = batch_norm_op(input, weight, bias, running_mean, running_var, training,
                                                float(momentum), float(eps), int(axis), backend)
     if training and running_mean is not None:
@@ -243,15 +267,20 @@ def batch_norm_on_axis(input, running_mean, running_var, weight, bias, training,
 
 class _Eager(torch.autograd.Function):
     """The eager form of ``bnkernels::batch_norm`` and its autograd formula
-    (the same ``_forward``/``_backward``; only y is differentiable)."""
+    (the same ``_forward``/``_backward``; only y is differentiable), with
+    the communicator of synchronized batch norm as an 11th argument."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, axis, backend):
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, axis, backend,
+                comm=None):
         y, mean, invstd = _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, axis,
-                                   backend)
-        _save(ctx, input, weight, mean, invstd, training, axis, backend)
+                                   backend, comm)
+        _save(ctx, input, weight, mean, invstd, training, axis, backend, comm)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        return _input_grads(ctx, grad_y, _backward)
+        def backward(*args):  # the forward's comm: every rank's backward takes part in the all-reduce
+            return _backward(*args, comm=ctx.comm)
+
+        return (*_input_grads(ctx, grad_y, backward), None)

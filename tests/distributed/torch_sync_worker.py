@@ -16,6 +16,7 @@ whatever fails (an exception of one case is recorded, not raised).
 import json
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,7 @@ def _compiled(case, data, rank):
 
 
 def main(cases_dir: Path, out_dir: Path) -> None:
+    warnings.simplefilter("error")  # as the test suite: a warning (a deprecated collective...) is a failure
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     # every rank creates every group, in the same order (torch's rule); then each its own one-rank group
