@@ -15,7 +15,10 @@ probed when they are first asked for.
 from .batch_norm import ChannelStats, SavedStats, bn_backward, bn_forward, channel_stats, merge_stats
 from .backends import BackendStatus, available_backends
 from .errors import BackendFallbackWarning, BackendUnavailableError, SyncError
+from .group_norm import group_norm, group_norm_backward, instance_norm, instance_norm_backward
 from .layer import BatchNorm, SyncBatchNorm
+from .layer_norm import layer_norm, layer_norm_backward, rms_norm, rms_norm_backward
+from .norm_family import NormSaved, RMSSaved
 from .prepared import PreparedBackward, PreparedForward, prepare_backward, prepare_forward
 
 __version__ = "0.1.0"
@@ -35,7 +38,17 @@ __all__ = [
     "bn_backward",
     "bn_forward",
     "channel_stats",
+    "group_norm",
+    "group_norm_backward",
+    "instance_norm",
+    "instance_norm_backward",
+    "layer_norm",
+    "layer_norm_backward",
     "merge_stats",
+    "NormSaved",
+    "RMSSaved",
+    "rms_norm",
+    "rms_norm_backward",
     "prepare_backward",
     "prepare_forward",
     "__version__",

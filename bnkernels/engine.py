@@ -168,6 +168,19 @@ def backward(impl, dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None, 
     return impl.backward_apply(dy, x, layout, mean, invstd, gamma, sums, max(count, 1), out, grads=local)
 
 
+def norm_forward(impl, x, layout: ChannelLayout, weight, bias, eps: float, rms: bool, out=None):
+    """Layer, RMS, group or instance norm forward on the rows view
+    ``layout`` (``bnkernels.norm_family``): ``(y, mean, invstd)``, the
+    backend's ``norm_forward`` member (its statistics and the affine map
+    fused per row)."""
+    return impl.norm_forward(x, layout, weight, bias, eps, rms, out)
+
+
+def norm_backward(impl, dy, x, layout: ChannelLayout, mean, invstd, weight, rms: bool):
+    """The gradients of :func:`norm_forward`: ``(dx, dweight, dbias)``."""
+    return impl.norm_backward(dy, x, layout, mean, invstd, weight, rms)
+
+
 __all__ = ["GradSums", "Moments", "backward", "forward_infer", "forward_train", "forward_with_moments", "merge",
-           "merge_pair",
+           "merge_pair", "norm_backward", "norm_forward",
            "prepare_backward", "prepare_forward_infer", "prepare_forward_train"]

@@ -520,3 +520,7 @@ def backward(dy, x, layout: ChannelLayout, mean, invstd, gamma, out=None):
     """
     sums = backward_reduce(dy, x, layout, mean, invstd)
     return backward_apply(dy, x, layout, mean, invstd, gamma, sums, layout.count, out)
+
+
+# the norm family (layer, RMS, group, instance norm): rows of a view
+from .numpy_norms import norm_backward, norm_forward  # noqa: E402,F401
