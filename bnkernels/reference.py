@@ -116,7 +116,7 @@ def _rows_forward(x64, rows_shape, rms, eps):
     """Row statistics of ``x64`` viewed ``(rows, -1)``: ``(xhat, mean,
     invstd)`` (RMS: mean None, invstd = 1/sqrt(mean(x^2) + eps))."""
     R = int(np.prod(rows_shape))
-    x2 = x64.reshape(R, -1)
+    x2 = x64.reshape(R, int(np.prod(x64.shape[len(rows_shape):])))  # (not -1: R may be 0)
     if rms:
         inv = 1.0 / np.sqrt((x2 * x2).mean(axis=1) + eps) if x2.shape[1] else np.full(R, 1 / np.sqrt(eps))
         return (x2 * inv[:, None]).reshape(x64.shape), None, inv.reshape(rows_shape)
@@ -132,8 +132,9 @@ def _rows_backward(dy64, xhat, invstd, rows_shape, scale, rms):
     like x, or 1), ``dx = invstd * (g - mean(g) - xhat * mean(g * xhat))``
     per row (RMS: without the ``mean(g)`` term)."""
     R = int(np.prod(rows_shape))
-    g = (dy64 * scale).reshape(R, -1)
-    xh = xhat.reshape(R, -1)
+    F = int(np.prod(dy64.shape[len(rows_shape):]))
+    g = (dy64 * scale).reshape(R, F)
+    xh = xhat.reshape(R, F)
     F = max(g.shape[1], 1)
     dx = g - xh * ((g * xh).sum(axis=1) / F)[:, None]
     if not rms:
@@ -143,7 +144,7 @@ def _rows_backward(dy64, xhat, invstd, rows_shape, scale, rms):
 
 def _rows_xhat(x64, mean, invstd, rows_shape):
     R = int(np.prod(rows_shape))
-    x2 = x64.reshape(R, -1)
+    x2 = x64.reshape(R, int(np.prod(x64.shape[len(rows_shape):])))
     centered = x2 if mean is None else x2 - np.asarray(mean, np.float64).reshape(R, 1)
     return (centered * np.asarray(invstd, np.float64).reshape(R, 1)).reshape(x64.shape)
 
@@ -181,12 +182,16 @@ def _per_channel(a, x64):
     return np.asarray(a, np.float64).reshape((1, -1) + (1,) * (x64.ndim - 2))
 
 
+def _grouped(a, groups):
+    """(N, C, *spatial) viewed (N, G, C/G * prod(spatial))."""
+    return a.reshape(a.shape[0], groups, a.shape[1] // groups * int(np.prod(a.shape[2:])))
+
+
 def reference_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
     """Float64 group norm of (N, C, *): ``(y, mean, invstd)``, mean and
     invstd of shape (N, num_groups)."""
     x64 = np.asarray(x, np.float64)
-    N, C = x64.shape[:2]
-    xhat, mean, inv = _rows_forward(x64.reshape(N, num_groups, -1), (N, num_groups), False, eps)
+    xhat, mean, inv = _rows_forward(_grouped(x64, num_groups), (x64.shape[0], num_groups), False, eps)
     y = xhat.reshape(x64.shape) * (1.0 if weight is None else _per_channel(weight, x64))
     return y + (0.0 if bias is None else _per_channel(bias, x64)), mean, inv
 
@@ -194,11 +199,11 @@ def reference_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
 def reference_group_norm_backward(dy, x, mean, invstd, num_groups, weight=None):
     """Float64 ``(dx, dweight, dbias)`` of group norm."""
     x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
-    N = x64.shape[0]
-    xhat = _rows_xhat(x64.reshape(N, num_groups, -1), mean, invstd, (N, num_groups)).reshape(x64.shape)
+    rows = (x64.shape[0], num_groups)
+    xhat = _rows_xhat(_grouped(x64, num_groups), mean, invstd, rows).reshape(x64.shape)
     scale = np.ones_like(x64) * (1.0 if weight is None else _per_channel(weight, x64))
-    dx = _rows_backward(dy64.reshape(N, num_groups, -1), xhat.reshape(N, num_groups, -1), invstd, (N, num_groups),
-                        scale.reshape(N, num_groups, -1), False).reshape(x64.shape)
+    dx = _rows_backward(_grouped(dy64, num_groups), _grouped(xhat, num_groups), invstd, rows,
+                        _grouped(scale, num_groups), False).reshape(x64.shape)
     axes = (0,) + tuple(range(2, x64.ndim))
     return dx, (dy64 * xhat).sum(axis=axes), dy64.sum(axis=axes)
 
