@@ -19,6 +19,7 @@ from .group_norm import group_norm, group_norm_backward, instance_norm, instance
 from .layer import BatchNorm, SyncBatchNorm
 from .layer_norm import layer_norm, layer_norm_backward, rms_norm, rms_norm_backward
 from .norm_family import NormSaved, RMSSaved
+from .norm_layers import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from .prepared import PreparedBackward, PreparedForward, prepare_backward, prepare_forward
 
 __version__ = "0.1.0"
@@ -38,6 +39,10 @@ __all__ = [
     "bn_backward",
     "bn_forward",
     "channel_stats",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "RMSNorm",
     "group_norm",
     "group_norm_backward",
     "instance_norm",

@@ -17,9 +17,8 @@ from . import validation as v
 from .norm_family import NormSaved, RMSSaved
 
 
-def _normalized(normalized_shape, x) -> tuple:
-    """``normalized_shape`` (an int or a sequence of ints) as a tuple, which
-    must be the trailing dimensions of x."""
+def _normalized_shape(normalized_shape) -> tuple:
+    """``normalized_shape``, an int or a non-empty sequence of ints, as a tuple."""
     if isinstance(normalized_shape, (bool, np.bool_)):
         raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
     shape = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) else normalized_shape
@@ -31,7 +30,12 @@ def _normalized(normalized_shape, x) -> tuple:
     if not shape or not all(isinstance(n, numbers.Integral) and not isinstance(n, (bool, np.bool_))
                             for n in shape):
         raise TypeError(f"normalized_shape must be an int or a non-empty sequence of ints, got {normalized_shape!r}")
-    shape = tuple(int(n) for n in shape)
+    return tuple(int(n) for n in shape)
+
+
+def _normalized(normalized_shape, x) -> tuple:
+    """:func:`_normalized_shape`, which must be the trailing dimensions of x."""
+    shape = _normalized_shape(normalized_shape)
     if len(shape) > len(x.shape) or tuple(x.shape[len(x.shape) - len(shape):]) != shape:
         raise ValueError(f"normalized_shape {shape} must be the trailing dimensions of x, whose shape is "
                          f"{tuple(x.shape)}")
