@@ -1,8 +1,11 @@
-"""pytest-benchmark suite: training forward, inference forward, backward
-and the training forward with a residual and ReLU of every implementation usable here (the bnkernels backends, textbook
-NumPy, ``torch.nn.functional.batch_norm``; with a GPU also the GPU
-backends, textbook CuPy and torch CUDA) on the named shapes of
-:data:`bnkernels.bench.NAMED_CASES`, float32, float16 and bfloat16 (with
+"""pytest-benchmark suite: every operation of :data:`bnkernels.bench.OPERATIONS`
+(batch norm's training forward, inference forward, backward, the training
+forward with a residual and ReLU and the torch-module step; layer, RMS, group
+and instance norm forward and backward) of every implementation usable here
+(the bnkernels backends, textbook NumPy, ``torch.nn.functional``; with a GPU
+also the GPU backends, textbook CuPy and torch CUDA), each op on the named
+shapes of :data:`bnkernels.bench.NAMED_CASES` that belong to it
+(:func:`bnkernels.bench.own_cases`), float32, float16 and bfloat16 (with
 ml_dtypes)::
 
     pytest bench --benchmark-only                            # everything, a few minutes on 2 cores
@@ -14,7 +17,9 @@ Groups are ``op shape dtype``, so each table compares the implementations
 of one case. Each output is checked against the float64 reference before
 it is timed (that call is also the warm-up); a comparison point that is
 wrong on a case (textbook NumPy's float16 sums overflow) is skipped with
-the reason instead of being timed, a wrong bnkernels result fails.
+the reason instead of being timed, a wrong bnkernels result fails. A
+bnkernels backend without kernels for an op (the GPU backends for the norm
+family, so far) is skipped with the reason.
 
 ``benchmark.extra_info`` holds op, implementation, role, device,
 device_name, shape_name, shape, axis, layout, dtype, bytes (the minimum
@@ -76,8 +81,9 @@ def copies():
     return {}
 
 
-@pytest.fixture(scope="module", params=list(bm.NAMED_CASES))
+@pytest.fixture(scope="module")
 def case(request, timed):
+    """The named shape of the test's parameters (indirect), tiny unless timed."""
     c = bm.NAMED_CASES[request.param]
     return c if timed else c.tiny()
 
@@ -114,16 +120,22 @@ def _get(cache, key, make):
 
 
 def _op_impl_params():
-    """(op, implementation) pairs: every op with every usable implementation,
-    but the torch-module step only with what has a layer (not the textbook
-    code, nor the ``+out`` rows: a layer allocates its own output)."""
-    return [pytest.param(op, p.values[0], marks=p.marks, id=f"{p.id}-{op}")
-            for op in bm.ALL_OPS for p in _impl_params(usable=True)
-            if op != "torch-module" or (CATALOG[p.values[0]].role != bm.TEXTBOOK
-                                        and not p.values[0].endswith(bm.OUT_SUFFIX))]
+    """(op, implementation, named shape) triples: every op with every usable
+    implementation on each named shape that belongs to it, but the ``+out``
+    rows only for ops that take an ``out=`` (not the torch-module step, whose
+    layer allocates its own output, nor the norm family's backward) and the
+    torch-module step not with the textbook code (no layer)."""
+    return [pytest.param(op, p.values[0], shape, marks=p.marks, id=f"{p.id}-{op}-{shape}")
+            for op in bm.ALL_OPS for shape in bm.own_cases(op) for p in _impl_params(usable=True)
+            if (bm.OPERATIONS[op].out or not p.values[0].endswith(bm.OUT_SUFFIX))
+            and (op != "torch-module" or CATALOG[p.values[0]].role != bm.TEXTBOOK)]
 
 
-@pytest.mark.parametrize("op,name", _op_impl_params())
+#: What a bnkernels backend without norm-family kernels says (bnkernels.norm_family.backend_for).
+NO_KERNELS = "has no kernels for"
+
+
+@pytest.mark.parametrize("op,name,case", _op_impl_params(), indirect=["case"])
 def test_bench(benchmark, name, op, case, dtype, inputs, expected, implementations, devices, ceilings,
                copies, timed, ceiling_bytes):
     impl = _get(implementations, name, CATALOG[name].make)
@@ -132,7 +144,7 @@ def test_bench(benchmark, name, op, case, dtype, inputs, expected, implementatio
     try:
         run = impl.prepare(op, inputs)
     except bm.Unsupported as exc:
-        assert impl.role != bm.CANDIDATE, f"{name} cannot run {op}: {exc}"
+        assert impl.role != bm.CANDIDATE or NO_KERNELS in str(exc), f"{name} cannot run {op}: {exc}"
         pytest.skip(f"{name} does not run {op}: {exc}")
 
     # Correctness first; this call is also the warm-up.

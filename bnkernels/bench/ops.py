@@ -1,7 +1,8 @@
 """What ``bnkernels bench`` measures: the operations (:data:`OPS`, from
 ``operations.OPERATIONS``; the bytes each must move, :func:`min_bytes`),
 the shapes (:class:`Case`,
-:data:`NAMED_CASES`), their inputs (:func:`make_inputs`) and the check of
+:data:`NAMED_CASES`; which ops run on which, :func:`default_cases`,
+:func:`ops_for`), their inputs (:func:`make_inputs`) and the check of
 every output against the float64 reference before anything is timed
 (:func:`reference_outputs`, :func:`check_outputs`)."""
 from __future__ import annotations
@@ -29,7 +30,10 @@ BYTES_MODEL = (
     "training forward 3 (read x for the statistics, read x again and write y), inference 2 "
     "(read x, write y), backward 5 (read x and dy for the sums, read x and dy again and write dx), "
     "the torch-module step 8 (a training forward, then a backward); "
-    "per-channel vectors are ignored; the same-size copy 2 (read x, write a buffer of its size). "
+    "the norm family (layer, RMS, group, instance norm), whose rows fit in cache, in one pass: "
+    "forward 2 (read x, write y), backward 3 (read dy and x, write dx); "
+    "per-channel vectors and saved statistics are ignored; "
+    "the same-size copy 2 (read x, write a buffer of its size). "
     "GB/s = bytes / median time / 1e9"
 )
 
@@ -140,11 +144,12 @@ class Case:
         return Case(shape, self.axis, self.name)
 
 
-#: The named shapes: what ``bnkernels bench`` and ``pytest bench`` measure by
-#: default. ResNet-like activations (stage conv2_x at 56x56, batch 32; stage
-#: conv4_x at 14x14, batch 256), the same data channels-last, a dense layer,
-#: tall-skinny (many rows, few channels) and small-C (an RGB image batch).
-NAMED_CASES: dict[str, Case] = {c.name: c for c in (
+#: The batch-norm named shapes: what ``bnkernels bench`` and ``pytest bench``
+#: measure the batch-norm ops on by default. ResNet-like activations (stage
+#: conv2_x at 56x56, batch 32; stage conv4_x at 14x14, batch 256), the same
+#: data channels-last, a dense layer, tall-skinny (many rows, few channels)
+#: and small-C (an RGB image batch).
+DEFAULT_CASES = (
     Case((32, 64, 56, 56), 1, "resnet-56"),
     Case((32, 56, 56, 64), -1, "resnet-56-nhwc"),
     Case((256, 256, 14, 14), 1, "resnet-14"),
@@ -152,11 +157,53 @@ NAMED_CASES: dict[str, Case] = {c.name: c for c in (
     Case((8192, 1024), 1, "dense"),
     Case((100000, 32), 1, "tall-skinny"),
     Case((64, 3, 224, 224), 1, "small-c"),
-)}
-DEFAULT_CASES = tuple(NAMED_CASES.values())
+)
+#: The norm family's named shapes (``Operation.cases``), from their users:
+#: layer and RMS norm over the last axis of transformer activations (8192
+#: tokens x 1024 features, 4096 x 4096, a batch of 16 sequences of 512
+#: tokens x 768), group norm with G = 32 of a ResNet-like activation, instance
+#: norm of 128x128 feature maps (style transfer).
+NORM_CASES = (
+    Case((8192, 1024), -1, "ln-8192x1024"),
+    Case((4096, 4096), -1, "ln-4096x4096"),
+    Case((16, 512, 768), -1, "ln-16x512x768"),
+    Case((32, 256, 28, 28), 1, "gn-resnet"),
+    Case((8, 64, 128, 128), 1, "in-128"),
+)
+#: Every named shape (``--shapes NAME``); each belongs to the ops it was named
+#: for (:func:`ops_for`).
+NAMED_CASES: dict[str, Case] = {c.name: c for c in (*DEFAULT_CASES, *NORM_CASES)}
 #: ``--quick`` runs every named case with the batch divided by this.
 QUICK_DIVISOR = 4
 QUICK_CASES = tuple(c.scaled(QUICK_DIVISOR) for c in DEFAULT_CASES)
+
+
+def own_cases(op: str) -> tuple[str, ...]:
+    """Names of the named shapes that belong to ``op``: its
+    ``Operation.cases``, else the batch-norm ones (:data:`DEFAULT_CASES`)."""
+    return OPERATIONS[op].cases or tuple(c.name for c in DEFAULT_CASES)
+
+
+def default_cases(ops: Sequence[str], quick: bool = False) -> tuple[Case, ...]:
+    """The shapes ``ops`` are measured on when none are given: the named
+    shapes that belong to any of them, in :data:`NAMED_CASES` order; with
+    ``quick`` the batch divided by :data:`QUICK_DIVISOR`. For the
+    batch-norm ops: :data:`DEFAULT_CASES` (:data:`QUICK_CASES`)."""
+    names = {name for op in ops for name in own_cases(op)}
+    cases = tuple(c for name, c in NAMED_CASES.items() if name in names)
+    return tuple(c.scaled(QUICK_DIVISOR) for c in cases) if quick else cases
+
+
+def ops_for(case: Case, ops: Sequence[str]) -> tuple[str, ...]:
+    """Which of ``ops`` are measured on ``case``. A named shape (also
+    scaled or tiny: its name is kept, ``/divisor`` aside) belongs to the
+    ops it was named for: those of ``ops`` it belongs to, or all of ``ops``
+    when it belongs to none of them (it was asked for by name). Any other
+    shape: all of ``ops`` (each refuses, as unsupported, a layout it
+    cannot take)."""
+    name = case.name.partition("/")[0]
+    own = tuple(op for op in ops if name in own_cases(op))
+    return own or tuple(ops)
 
 
 def parse_case(text: str) -> Case:
@@ -183,7 +230,8 @@ def parse_case(text: str) -> Case:
 
 
 def parse_cases(text: str) -> list[Case]:
-    """Comma list of :func:`parse_case` items; ``all`` is every named shape."""
+    """Comma list of :func:`parse_case` items; ``all`` is every batch-norm
+    named shape (:data:`DEFAULT_CASES`)."""
     cases: list[Case] = []
     for item in (t.strip() for t in text.split(",")):
         if not item:
@@ -297,8 +345,8 @@ def check_outputs(outputs: Sequence[Any], expected: Sequence[np.ndarray],
 
 __all__ = [
     'ALLOCATION_NOTE', 'ALL_OPS', 'BASELINE', 'BYTES_FACTOR', 'BYTES_MODEL', 'CANDIDATE', 'COPY', 'Case',
-    'DEFAULT_CASES', 'EPS', 'GiB', 'Inputs', 'MiB', 'NAMED_CASES', 'OPS', 'OP_TITLES', 'QUICK_CASES',
-    'QUICK_DIVISOR', 'bench_dtype', 'SAME_SIZE_COPY_NOTE', 'TEXTBOOK', 'TOLERANCE', 'TORCH', 'Unsupported', '_host',
-    'check_outputs', 'layout_label', 'make_inputs', 'min_bytes', 'parse_case', 'parse_cases',
-    'reference_outputs',
+    'DEFAULT_CASES', 'EPS', 'GiB', 'Inputs', 'MiB', 'NAMED_CASES', 'NORM_CASES', 'OPS', 'OP_TITLES',
+    'QUICK_CASES', 'QUICK_DIVISOR', 'bench_dtype', 'SAME_SIZE_COPY_NOTE', 'TEXTBOOK', 'TOLERANCE', 'TORCH',
+    'Unsupported', '_host', 'check_outputs', 'default_cases', 'layout_label', 'make_inputs', 'min_bytes',
+    'ops_for', 'own_cases', 'parse_case', 'parse_cases', 'reference_outputs',
 ]

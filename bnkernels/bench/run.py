@@ -4,6 +4,7 @@ them, each group after its same-size copy) and :func:`add_derived` (GB/s as
 % of the ceiling and of the copy, speed-ups)."""
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import statistics
@@ -13,8 +14,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from .ops import (
-    ALL_OPS, COPY, Case, DEFAULT_CASES, Inputs, OPS, TEXTBOOK, TOLERANCE, TORCH, Unsupported, bench_dtype, check_outputs,
-    make_inputs, min_bytes, reference_outputs,
+    ALL_OPS, COPY, Case, Inputs, OPS, TEXTBOOK, TOLERANCE, TORCH, Unsupported, bench_dtype, check_outputs,
+    default_cases, make_inputs, min_bytes, ops_for, reference_outputs,
 )
 from .implementations import Implementation
 from .timing import Timing, rotation_count
@@ -78,13 +79,15 @@ ProgressFn = Callable[[int, int, str], None]
 
 
 def _footprint(op: str, inp: Inputs) -> int:
-    return inp.x.nbytes * (2 if op == "backward" else 1)
+    return inp.x.nbytes * (2 if op.endswith("backward") else 1)
 
 
 def run_one(impl: Implementation, op: str, case: Case, inp: Inputs, expected, device=None,
             timing: Timing | None = None, cold: bool = False) -> Result:
-    """Prepare, check against ``expected`` (float64), and only if correct,
-    time one implementation on ``device`` (default: a :class:`CpuDevice`).
+    """Prepare, check against ``expected`` (float64 outputs, or a callable
+    that returns them, called only once the implementation has prepared:
+    not for a case it refuses), and only if correct, time one
+    implementation on ``device`` (default: a :class:`CpuDevice`).
     An implementation with ``checked`` False (the same-size copy, ``op``
     :data:`COPY`, ``expected`` unused) is called once untimed instead.
 
@@ -103,7 +106,7 @@ def run_one(impl: Implementation, op: str, case: Case, inp: Inputs, expected, de
         fn = impl.prepare(op, inp)
         outputs = fn()
         if impl.checked:
-            err = check_outputs(outputs, expected, impl.to_host)
+            err = check_outputs(outputs, expected() if callable(expected) else expected, impl.to_host)
             res.max_err = err
             if not err <= tol:
                 res.status = "wrong"
@@ -135,19 +138,21 @@ def run_one(impl: Implementation, op: str, case: Case, inp: Inputs, expected, de
     return res
 
 
-def run_benchmarks(implementations: Sequence[Implementation], cases: Iterable[Case] = DEFAULT_CASES,
+def run_benchmarks(implementations: Sequence[Implementation], cases: Iterable[Case] | None = None,
                    ops: Sequence[str] = OPS, dtypes: Sequence = ("float32",),
                    devices: Mapping[str, Any] | None = None,
                    timing: Timing | Mapping[str, Timing] | None = None, cold: bool = False,
                    progress: ProgressFn | None = None, seed: int = 0, repeat: int | None = None,
                    warmup: int | None = None, same_size_copy: bool = True) -> list[Result]:
-    """Check and time every implementation on every (dtype, case, op).
+    """Check and time every implementation on every (dtype, case, op), each
+    case with the ``ops`` measured on it (:func:`ops_for`: a named shape
+    with the ops it belongs to). ``cases`` None: :func:`default_cases`.
 
     ``devices``: kind -> device object (made with :func:`make_device` when
     missing). ``timing``: one :class:`Timing` for all devices, or one per
     kind (default: each device's ``default_timing``); ``repeat``/``warmup``
     override it. The float64 reference is computed once per (dtype, case,
-    op) and shared. ``progress(i, total, label)`` is called before each
+    op), when first needed, and shared. ``progress(i, total, label)`` is called before each
     measurement.
 
     ``same_size_copy``: first in each (dtype, case), on each device the
@@ -155,10 +160,10 @@ def run_benchmarks(implementations: Sequence[Implementation], cases: Iterable[Ca
     :data:`COPY`) with the same timing and ``cold``: the reference of
     ``pct_of_copy``.
     """
-    cases = list(cases)
     for op in ops:
         if op not in ALL_OPS:
             raise ValueError(f"unknown op {op!r}; valid: {', '.join(ALL_OPS)}")
+    plan = [(case, ops_for(case, ops)) for case in (default_cases(ops) if cases is None else cases)]
     devices = dict(devices or {})
     for impl in implementations:
         if impl.device not in devices:
@@ -175,7 +180,7 @@ def run_benchmarks(implementations: Sequence[Implementation], cases: Iterable[Ca
 
     kinds = dict.fromkeys(impl.device for impl in implementations)
     copy_impls = [devices[k].copy_implementation() for k in kinds] if same_size_copy else []
-    total = len(dtypes) * len(cases) * (len(copy_impls) + len(ops) * len(implementations))
+    total = len(dtypes) * sum(len(copy_impls) + len(case_ops) * len(implementations) for _, case_ops in plan)
     results = []
 
     def measure(impls, op, case, inp, expected):
@@ -187,11 +192,12 @@ def run_benchmarks(implementations: Sequence[Implementation], cases: Iterable[Ca
 
     for dtype in dtypes:
         dt = bench_dtype(dtype)
-        for case in cases:
+        for case, case_ops in plan:
             inp = make_inputs(case, dt, seed)
             measure(copy_impls, COPY, case, inp, None)
-            for op in ops:
-                measure(implementations, op, case, inp, reference_outputs(op, inp))
+            for op in case_ops:
+                expected = functools.cache(functools.partial(reference_outputs, op, inp))  # when first needed
+                measure(implementations, op, case, inp, expected)
             del inp
     return results
 

@@ -178,7 +178,7 @@ def _print_bench(results, ceilings: dict, devices: dict, timings: dict, args, in
     tol = ", ".join(f"{d} {t:.0e}" for d, t in bm.TOLERANCE.items() if d in dtypes)
     para(f"Checked before timing against the float64 bnkernels.reference: max |error| / max |reference| "
          f"<= {tol}; a WRONG result is not timed.")
-    para("vs textbook, vs torch: speed-up over textbook NumPy and torch.nn.functional.batch_norm on the "
+    para("vs textbook, vs torch: speed-up over textbook NumPy and the op's torch.nn.functional on the "
          "same device (textbook-cupy and torch-cuda on the GPU); above 1 is faster."
          + ("" if info.get("torch") else ' torch is not installed here, so "vs torch" stays empty: '
             'pip install "bnkernels[torch]".'))
@@ -221,8 +221,10 @@ def _bench_payload(results, ceilings, devices, timings, args, info, torch_thread
 
 def _print_list() -> int:
     print("Named shapes (--shapes NAME[,NAME...] or all; any SHAPE[@AXIS] works too):")
-    rows = [[name, c.shape_str, c.layout, f"axis={c.axis}"] for name, c in bm.NAMED_CASES.items()]
-    print(format_table(["name", "dims", "layout", "channel axis"], rows, [False] * 4))
+    rows = [[name, c.shape_str, c.layout, f"axis={c.axis}",
+             ", ".join(op for op in bm.ALL_OPS if name in bm.own_cases(op))] for name, c in bm.NAMED_CASES.items()]
+    print(format_table(["name", "dims", "layout", "channel axis", "ops (--ops)"], rows, [False] * 5,
+                       free_last=True))
     print()
     print("Implementations (--backends NAME[,NAME...]):")
     rows = [[e.name, e.device, e.role, "yes" if e.default else "when named",
@@ -295,7 +297,7 @@ def run_bench(args, parser, implementations=None, argv=()) -> int:
             parser.error(f"--ops: unknown op {op!r}; valid: {', '.join(bm.ALL_OPS)}")
     if not ops:
         parser.error("--ops: nothing to run")
-    dtypes, cases = _dtypes_and_cases(args, parser, bm.QUICK_CASES if args.quick else bm.DEFAULT_CASES)
+    dtypes, cases = _dtypes_and_cases(args, parser, bm.default_cases(ops, args.quick))
     if args.ceiling_mib is not None and args.ceiling_mib <= 0:
         parser.error("--ceiling-mib must be > 0")
     if args.torch_threads is not None and args.torch_threads < 1:
@@ -519,14 +521,15 @@ def add_bench_parser(sub) -> None:
                               f"{QUICK_DTYPES} only, fewer calls (under a minute on 2 cores)")
     p_bench.add_argument("--ops", default=",".join(bm.OPS),
                          help="comma list of operations (default: %(default)s; also: "
-                              + ", ".join(op for op in bm.ALL_OPS if op not in bm.OPS) + ")")
+                              + ", ".join(op for op in bm.ALL_OPS if op not in bm.OPS) + "). Without --shapes, "
+                              "each op runs on the named shapes that belong to it (--list)")
     p_bench.add_argument("--dtype", "--dtypes", dest="dtype", default=None,
                          help="comma list of float16, float32, float64 "
                               f"(default: {DEFAULT_DTYPES}; {QUICK_DTYPES} with --quick)")
     p_bench.add_argument("--shapes", default=None,
-                         help=f"comma list of named shapes ({names}; 'all' for every one) or "
+                         help=f"comma list of named shapes ({names}; 'all' for every batch-norm one) or "
                               "SHAPE[@AXIS] such as 8x32x28x28 or 8x28x28x32@-1 (axis default 1). "
-                              "Default: all named shapes")
+                              "Default: the named shapes of the selected ops")
     p_bench.add_argument("--device", choices=DEVICE_CHOICES, default=None,
                          help="where to run: auto (the GPU when a bnkernels GPU backend is usable, "
                               "else the CPU; the default), cpu, gpu, or all")
