@@ -649,3 +649,7 @@ def relu_backward(dy, y):
     if g.size:
         relu_grad(dy1, y1, np.reshape(_bits(g.transpose(order)), -1, copy=False))
     return g
+
+
+# the norm family (layer, RMS, group, instance norm): rows of a view
+from .numba_norms import norm_backward, norm_forward  # noqa: E402,F401

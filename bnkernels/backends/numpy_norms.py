@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from .interface import ChannelLayout
 from ..validation import compute_dtype
+from .cpu_common import ieee_semantics
+from .interface import ChannelLayout
 
 
 def _blocks(a, layout: ChannelLayout):
-    """``a`` (G, F) viewed (G // period, period, span, divisor)."""
+    """``a`` (G, F) viewed (G // period, period, span, divisor) (rows of no
+    values: span 0, divisor 1)."""
     f = layout.affine
     G, F = layout.shape[1], layout.shape[2]
-    return a.reshape(G // f.period, f.period, f.span, F // f.span)
+    return a.reshape(G // f.period, f.period, f.span, F // f.span if f.span else 1)
 
 
 def _param(p, layout: ChannelLayout):
@@ -36,6 +38,7 @@ def _rows(x, layout: ChannelLayout):
     return np.asarray(x, np.float64).reshape(G, F)
 
 
+@ieee_semantics  # NaN and inf data give NaN and inf results, as IEEE arithmetic does, without warnings
 def norm_forward(x, layout: ChannelLayout, weight, bias, eps: float, rms: bool, out=None):
     """``(y, mean, invstd)``: y like x (``out`` when given), mean and invstd
     (G,) in the compute dtype; RMS norm (``rms``): ``y = x * invrms *
@@ -65,6 +68,7 @@ def norm_forward(x, layout: ChannelLayout, weight, bias, eps: float, rms: bool, 
     return y, None if mean is None else mean.astype(cdt), inv.astype(cdt)
 
 
+@ieee_semantics
 def norm_backward(dy, x, layout: ChannelLayout, mean, invstd, weight, rms: bool, out=None):
     """``(dx, dweight, dbias)`` of :func:`norm_forward` from its saved
     statistics (``mean`` None for RMS norm): per row ``g = dy * weight``,
