@@ -1,6 +1,7 @@
 """Drop-ins for ``torch.nn.BatchNorm1d/2d/3d`` on bnkernels' kernels, and
 :func:`convert`, which swaps them (and ``bnkernels.torch.SyncBatchNorm``,
-``bnkernels.torch.sync``) into a model.
+``bnkernels.torch.sync``, and the norm family's drop-ins,
+``bnkernels.torch.norms``) into a model.
 
 Each class subclasses torch's own (so ``isinstance(m, nn.BatchNorm2d)``
 holds, and the constructor, parameters, buffers, ``state_dict`` keys,
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import norms
 from .ops import batch_norm
 
 
@@ -60,7 +62,24 @@ class BatchNorm3d(_BnkernelsForward, nn.BatchNorm3d):
 
 #: torch's classes (exactly these: not subclasses) and their drop-ins; ``nn.SyncBatchNorm``'s,
 #: ``bnkernels.torch.SyncBatchNorm``, is looked up by :func:`_drop_in` (its module imports this one).
-_DROP_INS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+_DROP_INS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d,
+             nn.InstanceNorm1d: norms.InstanceNorm1d, nn.InstanceNorm2d: norms.InstanceNorm2d,
+             nn.InstanceNorm3d: norms.InstanceNorm3d, nn.LayerNorm: norms.LayerNorm, nn.GroupNorm: norms.GroupNorm,
+             nn.RMSNorm: norms.RMSNorm}
+
+
+def _constructor_args(m: nn.Module) -> tuple[tuple, dict]:
+    """The positional and keyword arguments that construct a module like
+    the norm ``m`` (its options; the tensors are put in afterwards)."""
+    if isinstance(m, nn.LayerNorm):
+        return (m.normalized_shape, m.eps, m.elementwise_affine), {"bias": m.bias is not None}
+    if isinstance(m, nn.RMSNorm):
+        return (m.normalized_shape, m.eps, m.elementwise_affine), {}
+    if isinstance(m, nn.GroupNorm):
+        return (m.num_groups, m.num_channels, m.eps, m.affine), {"bias": m.bias is not None or not m.affine}
+    # batch and instance norm (torch's _NormBase)
+    return ((m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats),
+            {"bias": m.bias is not None or not m.affine})
 
 
 def _drop_in(kind: type):
@@ -73,14 +92,16 @@ def _drop_in(kind: type):
 
 
 def convert(module: nn.Module, *, backend: str = "auto") -> nn.Module:
-    """Return ``module`` with every ``torch.nn.BatchNorm1d/2d/3d`` and
-    ``torch.nn.SyncBatchNorm`` in it (itself included) replaced by
-    bnkernels' drop-in (a ``SyncBatchNorm`` keeps its ``process_group``),
+    """Return ``module`` with every ``torch.nn.BatchNorm1d/2d/3d``,
+    ``torch.nn.SyncBatchNorm``, ``LayerNorm``, ``RMSNorm``, ``GroupNorm``
+    and ``InstanceNorm1d/2d/3d`` in it (itself included; exactly these
+    types, not subclasses) replaced by bnkernels' drop-in (a
+    ``SyncBatchNorm`` keeps its ``process_group``),
     as ``nn.SyncBatchNorm.convert_sync_batchnorm`` does: the same parameter
     and buffer tensors (not copies: an optimizer made before still
     updates them), the same training mode, ``requires_grad``, device and
     dtype. Submodules are replaced in place; the returned module is
-    ``module`` itself unless ``module`` is a batch norm.
+    ``module`` itself unless ``module`` is one of those norms.
 
     Args:
         module: any ``torch.nn.Module``.
@@ -100,17 +121,18 @@ def convert(module: nn.Module, *, backend: str = "auto") -> nn.Module:
 
 
 def rebuild(module: nn.Module, cls: type, backend: str, **options) -> nn.Module:
-    """A ``cls`` (bnkernels' batch norm) made from the batch norm ``module``
-    with its options, its Parameter and buffer tensors themselves (or
-    None), its training mode and ``qconfig``; ``options``: more constructor
-    arguments (``process_group``)."""
+    """A ``cls`` (bnkernels' drop-in) made from the norm ``module`` (batch,
+    instance, layer, RMS or group norm) with its options, its Parameter and
+    buffer tensors themselves (or None), its training mode and
+    ``qconfig``; ``options``: more constructor arguments
+    (``process_group``)."""
+    args, kwargs = _constructor_args(module)
     # made on "meta": nothing is allocated for tensors replaced at once
-    new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-              device="meta", bias=module.bias is not None or not module.affine, **options)
-    for name in ("weight", "bias"):  # the same Parameters (or None)
-        setattr(new, name, getattr(module, name))
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        new.register_buffer(name, getattr(module, name))
+    new = cls(*args, device="meta", **kwargs, **options)
+    for name, p in module._parameters.items():  # the same Parameters (or None)
+        setattr(new, name, p)
+    for name, b in module._buffers.items():
+        new.register_buffer(name, b, persistent=name not in module._non_persistent_buffers_set)
     new.train(module.training)
     new.backend = backend
     if hasattr(module, "qconfig"):
