@@ -427,9 +427,9 @@ def test_cli_kernels_json_on_the_real_kernels(cli_sm90):
 def test_cli_kernels_sass_hot_loops_and_geometry_on_the_real_kernels(cli_sm90):
     """``--sass DIR`` writes one file per kernel; the JSON gives each
     kernel's hot loops (``sass_loops``), its blocks per SM, and the launch
-    geometry on an H100 for every named bench shape."""
+    geometry on an H100 for every named batch-norm bench shape."""
     sources = pytest.importorskip("bnkernels.backends.cupy_backend.sources")
-    from bnkernels.bench.ops import NAMED_CASES
+    from bnkernels.bench.ops import DEFAULT_CASES
 
     data, tmp_path = cli_sm90
     files = sorted(p.name for p in (tmp_path / "sm_90").iterdir())
@@ -440,7 +440,7 @@ def test_cli_kernels_sass_hot_loops_and_geometry_on_the_real_kernels(cli_sm90):
     assert stats["hot_loops"] and all(lp["load_bytes"] > 0 and lp["instructions"] > 0 for lp in stats["hot_loops"])
     assert k["bn_infer_coeffs<float, float>"]["hot_loops"] == []  # no loop: one channel per thread
     assert all(1 <= d["blocks_per_sm"] <= 8 for d in data["kernels"] if d.get("backend", "cupy") == "cupy")
-    assert [g["shape"] for g in data["h100_geometry"]] == list(NAMED_CASES)
+    assert [g["shape"] for g in data["h100_geometry"]] == [c.name for c in DEFAULT_CASES]
 
 
 # --------------------------------------------------------------------------
