@@ -88,8 +88,8 @@ def backend_for(backend: str, x):
 
 
 def check_x(x, impl, name: str = "x"):
-    x = v.check_input(v.convert(x, name, impl.asarray), name)
-    return x
+    """An input (x, dy) as the backend's array, a float dtype, ndim >= 1."""
+    return v.check_input(v.convert(x, name, impl.asarray), name)
 
 
 def check_param(p, name: str, shape: tuple, impl, what: str):

@@ -70,9 +70,16 @@ class Result:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["shape"] = list(self.shape)
-        if d["max_err"] is not None and not math.isfinite(d["max_err"]):
-            d["max_err"] = None if math.isnan(d["max_err"]) else "inf"
+        d["max_err"] = json_error(d["max_err"])
         return d
+
+
+def json_error(err: float | None):
+    """An error for JSON: the number, or ``"inf"`` for an infinite one and
+    None for NaN (JSON has neither)."""
+    if err is None or math.isfinite(err):
+        return err
+    return None if math.isnan(err) else "inf"
 
 
 ProgressFn = Callable[[int, int, str], None]
@@ -236,5 +243,5 @@ def add_derived(results: Sequence[Result], ceilings: Mapping[str, Ceiling] | Cei
 
 
 __all__ = [
-    'ProgressFn', 'Result', '_footprint', 'add_derived', 'run_benchmarks', 'run_one',
+    'ProgressFn', 'Result', '_footprint', 'add_derived', 'json_error', 'run_benchmarks', 'run_one',
 ]

@@ -35,6 +35,7 @@ from ..distributed.adapters import MPI_INSTALL
 from ..reference import reference_backward, reference_forward
 from .ops import NAMED_CASES, QUICK_DIVISOR, TOLERANCE, Case, Inputs, bench_dtype, check_outputs, make_inputs, \
     min_bytes
+from .run import json_error
 from .timing import Timing, time_calls
 
 #: The cases of a default ``--sync`` run (whole batches): the ``--quick``
@@ -274,8 +275,7 @@ class SyncResult:
         d = asdict(self)
         d["shape"], d["part_shape"] = list(self.shape), list(self.part_shape)
         for k in ("max_err", "local_max_err"):
-            if d[k] is not None and not math.isfinite(d[k]):
-                d[k] = None if math.isnan(d[k]) else "inf"
+            d[k] = json_error(d[k])
         return d
 
 
