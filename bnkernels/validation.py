@@ -42,9 +42,22 @@ def bfloat16_dtype() -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16)
 
 
+#: is_bfloat16's answers per dtype (NumPy's ``dtype.name`` is computed in
+#: Python, ~1.5 µs: more than a GPU backend's whole allocation; a program
+#: meets a handful of dtypes).
+_BFLOAT16_ANSWERS: dict = {}
+
+
 def is_bfloat16(dtype) -> bool:
     """Whether ``dtype`` is ml_dtypes' bfloat16 (without importing it)."""
-    return getattr(dtype, "name", None) == "bfloat16"
+    try:
+        return _BFLOAT16_ANSWERS[dtype]
+    except (KeyError, TypeError):  # not seen yet, or unhashable
+        pass
+    answer = getattr(dtype, "name", None) == "bfloat16"
+    if isinstance(dtype, (np.dtype, type)) and len(_BFLOAT16_ANSWERS) < 256:
+        _BFLOAT16_ANSWERS[dtype] = answer
+    return answer
 
 
 def host_array(obj):
@@ -340,9 +353,16 @@ def _self_overlapping(iface) -> bool:
     return False
 
 
+_LIBRARIES: dict = {}  # per type: library() is asked on every prepared call
+
+
 def library(a) -> str:
     """The top-level module of an array's type (``"numpy"``, ``"cupy"``, ``"torch"``, ``"numba"``...)."""
-    return type(a).__module__.split(".")[0]
+    kind = type(a)
+    name = _LIBRARIES.get(kind)
+    if name is None:
+        name = _LIBRARIES[kind] = kind.__module__.split(".")[0]
+    return name
 
 
 def is_torch(a) -> bool:

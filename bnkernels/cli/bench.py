@@ -524,7 +524,7 @@ def add_bench_parser(sub) -> None:
                               + ", ".join(op for op in bm.ALL_OPS if op not in bm.OPS) + "). Without --shapes, "
                               "each op runs on the named shapes that belong to it (--list)")
     p_bench.add_argument("--dtype", "--dtypes", dest="dtype", default=None,
-                         help="comma list of float16, float32, float64 "
+                         help="comma list of float16, bfloat16 (needs ml_dtypes), float32, float64 "
                               f"(default: {DEFAULT_DTYPES}; {QUICK_DTYPES} with --quick)")
     p_bench.add_argument("--shapes", default=None,
                          help=f"comma list of named shapes ({names}; 'all' for every batch-norm one) or "
