@@ -1,14 +1,16 @@
 """Repeated calls at a framework's level: ``bn_forward`` and
-``bn_backward`` on a GPU backend keep a prepared call (``prepared.py``)
-per description of their arguments, so that a call described like an
-earlier one (the kind, shape, strides and dtype of every array, and every
-option) skips resolving the backend, validating and planning: it checks
-what can change between such calls (the arrays' addresses for aliasing,
-the running factor), allocates its outputs and launches.
+``bn_backward`` keep a prepared call (``prepared.py``) per description of
+their arguments, so that a call described like an earlier one (the kind,
+shape, strides and dtype of every array, and every option) skips
+resolving the backend, validating and planning: it checks what can change
+between such calls (the arrays' addresses for aliasing, the running
+factor), allocates its outputs and launches (a GPU backend: the launches
+recorded for its device, stream and thread) or runs the backend's fused
+member (a CPU backend, whose validation is half a small call's cost).
 
 Only calls whose every argument validation depends on nothing but that
-description are kept: on a GPU backend, every argument an array or None,
-no ``out``, flags given as bools, hashable options. Everything else takes the full path
+description are kept: every argument an array or None, no ``out``, flags
+given as bools, hashable options. Everything else takes the full path
 every time, as does the first call of each description (whose checks make
 the entry). The backend named by ``BNKERNELS_BACKEND`` is part of the key
 of ``backend="auto"`` calls, so changing it takes effect at once.
@@ -27,7 +29,7 @@ from .validation import is_torch
 #: Argument descriptions kept (least recently used dropped beyond this).
 MAX_ENTRIES = 64
 
-#: What a description not worth an entry maps to (host data, a CPU backend).
+#: What :func:`lookup` answers for a call that has no description.
 UNCACHED = object()
 
 _entries: OrderedDict = OrderedDict()
@@ -40,8 +42,9 @@ _PLAIN_KINDS: set = set()
 
 def describe(a):
     """What a prepared call compares of an array (None for None): its type,
-    shape, strides and dtype (and whether a NumPy array is writable, and a
-    torch tensor on the GPU): everything validation reads of it."""
+    shape, strides and dtype (and whether a NumPy array is writable, and
+    whether a torch tensor is on the GPU and requires grad): everything
+    validation reads of it."""
     if a is None:
         return None
     kind = type(a)
@@ -50,7 +53,7 @@ def describe(a):
     if kind in _PLAIN_KINDS:
         return kind, a.shape, getattr(a, "strides", None), a.dtype
     if is_torch(a):
-        return kind, a.shape, a.stride(), a.dtype, a.is_cuda
+        return kind, a.shape, a.stride(), a.dtype, a.is_cuda, a.requires_grad
     _PLAIN_KINDS.add(kind)
     return kind, a.shape, getattr(a, "strides", None), a.dtype
 
@@ -58,9 +61,9 @@ def describe(a):
 def _key(kind: str, backend, options: tuple, arrays: tuple):
     """The description of a call, or None when it has none (an argument
     that is not an array, an unhashable option)."""
-    try:
-        return (kind, backend, os.environ.get(ENV_VAR) if backend == "auto" else None, options,
-                *map(describe, arrays))
+    try:  # each option with its type: axis=True or 1.0 equals 1 and hashes alike, but validation refuses it
+        return (kind, backend, os.environ.get(ENV_VAR) if backend == "auto" else None,
+                tuple((type(o), o) for o in options), *map(describe, arrays))
     except AttributeError:  # not an array (a list: described by its values)
         return None
 
@@ -101,13 +104,15 @@ def lookup(key):
 
 
 def store(key, impl, make) -> None:
-    """Keep ``make()`` (a prepared call) for ``key`` when the call ran on a
-    GPU backend (whose prepared calls bind device arrays directly, and run
-    its fused members on anything else); otherwise remember not to try
-    again (the CPU backends' own cost dwarfs validation's)."""
+    """Keep ``make()`` (a prepared call) for ``key`` (None: nothing),
+    which ran on the backend module ``impl``. A ``backend="cuda"`` call
+    that fell back to a CPU backend is never replayed: its fallback warning
+    belongs to every such call (Python's warning registry and filters
+    decide what is shown)."""
     if key is None:
         return
-    entry = make() if runs_on_gpu(impl) else UNCACHED
+    asked = key[2].strip() if key[1] == "auto" and key[2] else key[1]  # BNKERNELS_BACKEND overrides "auto"
+    entry = UNCACHED if asked == "cuda" and not runs_on_gpu(impl) else make()
     with _lock:
         _entries[key] = entry
         while len(_entries) > MAX_ENTRIES:

@@ -34,6 +34,8 @@ def _show(desc) -> str:
         return "None"
     kind, shape, strides, dtype = desc[:4]
     where = "" if len(desc) == 4 else " on the GPU" if desc[4] else " on the CPU"
+    if len(desc) > 5 and desc[5]:
+        where += ", requiring grad"
     return (f"{kind.__module__.split('.')[0]}.{kind.__name__} of shape {tuple(shape)}, strides {strides} and "
             f"dtype {dtype}{where}")
 
