@@ -47,8 +47,9 @@ ALLOCATION_NOTE = (
 SAME_SIZE_COPY_NOTE = (
     "% copy = GB/s / GB/s of a copy of x into a preallocated buffer of the same size on the same "
     "device, with the same threads and in the same cache state (hot, or rotated through copies with "
-    "--cold), read + write counted; 100 % means the op moved its bytes as fast as that copy. The copy "
-    "rows show that copy"
+    "--cold), read + write counted; 100 % means the op moved its bytes as fast as that copy. "
+    "x copy = the op's median time / that copy's median time: an op that must read x and write y "
+    "cannot beat 1.00x, whatever passes the bytes model credits it with. The copy rows show that copy"
 )
 
 #: Roles: candidates are what is being measured (a wrong candidate fails

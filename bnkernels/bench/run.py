@@ -31,7 +31,10 @@ class Result:
     what). Times are seconds. ``copies``: how many copies of the inputs were
     rotated through (1: hot caches). ``op`` and ``role`` :data:`COPY`: the
     same-size copy reference of the case. ``pct_of_ceiling``,
-    ``pct_of_copy`` (GB/s over the GB/s of that copy, ``copy_gbps``) and the
+    ``pct_of_copy`` (GB/s over the GB/s of that copy, ``copy_gbps``: the
+    bytes model, which credits an op with every pass it needs),
+    ``copy_time_ratio`` (median time over that copy's median time: 1 is the
+    physical floor of an op that reads x once and writes y once) and the
     speed-ups (own median over the baseline's, same op, case, dtype and
     device; > 1 is faster) are filled by :func:`add_derived`.
     """
@@ -64,6 +67,7 @@ class Result:
     pct_of_ceiling: float | None = None
     copy_gbps: float | None = None
     pct_of_copy: float | None = None
+    copy_time_ratio: float | None = None
     speedup_vs_textbook: float | None = None
     speedup_vs_torch: float | None = None
 
@@ -211,9 +215,10 @@ def run_benchmarks(implementations: Sequence[Implementation], cases: Iterable[Ca
 
 def add_derived(results: Sequence[Result], ceilings: Mapping[str, Ceiling] | Ceiling | None) -> None:
     """Fill ``ceiling_gbps``, ``pct_of_ceiling`` (from the ceiling of the
-    result's own device), ``copy_gbps``, ``pct_of_copy`` (from the
-    same-size copy result, role :data:`COPY`, of the same shape, axis,
-    dtype and device; None without one; 100 on the copy itself) and the
+    result's own device), ``copy_gbps``, ``pct_of_copy`` and
+    ``copy_time_ratio`` (from the same-size copy result, role :data:`COPY`,
+    of the same shape, axis, dtype and device; None without one; 100 and 1
+    on the copy itself) and the
     speed-ups over the textbook and torch results of the same op, case,
     dtype and device, in place."""
     if isinstance(ceilings, Ceiling):
@@ -221,11 +226,13 @@ def add_derived(results: Sequence[Result], ceilings: Mapping[str, Ceiling] | Cei
     ceilings = ceilings or {}
     base: dict[tuple, float] = {}
     copy_gbps: dict[tuple, float] = {}
+    copy_s: dict[tuple, float] = {}
     for r in results:
         if r.role in (TEXTBOOK, TORCH) and r.median_s:
             base[(r.role, r.op, r.shape, r.axis, r.dtype, r.device)] = r.median_s
         if r.role == COPY and r.gbps:
             copy_gbps[(r.shape, r.axis, r.dtype, r.device)] = r.gbps
+            copy_s[(r.shape, r.axis, r.dtype, r.device)] = r.median_s
     for r in results:
         if r.median_s is None:
             continue
@@ -235,6 +242,8 @@ def add_derived(results: Sequence[Result], ceilings: Mapping[str, Ceiling] | Cei
             r.pct_of_ceiling = 100.0 * r.gbps / c.gbps
         r.copy_gbps = copy_gbps.get((r.shape, r.axis, r.dtype, r.device))
         r.pct_of_copy = 100.0 * r.gbps / r.copy_gbps if r.copy_gbps else None
+        t = copy_s.get((r.shape, r.axis, r.dtype, r.device))
+        r.copy_time_ratio = r.median_s / t if t else None
         key = (r.op, r.shape, r.axis, r.dtype, r.device)
         t = base.get((TEXTBOOK, *key))
         r.speedup_vs_textbook = t / r.median_s if t else None

@@ -18,7 +18,7 @@ def _fmt(v, spec: str, suffix: str = "") -> str:
 
 def summary_rows(results: list[dict]) -> list[tuple[str, ...]]:
     """Rows of strings: op, shape, layout, dtype, implementation, GB/s, %
-    copy, vs torch, vs textbook (``-`` where a figure is missing); wrong or
+    copy, x copy (time ratio), vs torch, vs textbook (``-`` where a figure is missing); wrong or
     failed candidates show their status instead of figures."""
     rows = []
     for r in results:
@@ -26,16 +26,17 @@ def summary_rows(results: list[dict]) -> list[tuple[str, ...]]:
             continue
         head = (r["op"], r["shape_name"], r["layout"], r["dtype"], r["implementation"])
         if r["status"] != "ok":
-            rows.append(head + (r["status"].upper(), "", "", ""))
+            rows.append(head + (r["status"].upper(), "", "", "", ""))
             continue
         rows.append(head + (_fmt(r["gbps"], ".1f"), _fmt(r["pct_of_copy"], ".0f", "%"),
-                            _fmt(r["speedup_vs_torch"], ".2f", "x"), _fmt(r["speedup_vs_textbook"], ".2f", "x")))
+                            _fmt(r.get("copy_time_ratio"), ".2f", "x"), _fmt(r["speedup_vs_torch"], ".2f", "x"), _fmt(r["speedup_vs_textbook"], ".2f", "x")))
     return rows
 
 
 def format_summary(doc: dict) -> str:
     """The table, with the devices it was measured on."""
-    header = ("op", "shape", "layout", "dtype", "implementation", "GB/s", "% copy", "vs torch", "vs textbook")
+    header = ("op", "shape", "layout", "dtype", "implementation", "GB/s", "% copy", "x copy", "vs torch",
+              "vs textbook")
     rows = [header] + summary_rows(doc["results"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))

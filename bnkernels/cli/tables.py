@@ -52,6 +52,7 @@ def _result_row(r: bm.Result) -> list[str]:
             f"{r.gbps:.2f}",
             _fmt_pct(r.pct_of_ceiling),
             _fmt_pct(r.pct_of_copy),
+            _fmt_x(r.copy_time_ratio),
             _fmt_x(r.speedup_vs_textbook),
             _fmt_x(r.speedup_vs_torch),
         ]
@@ -65,13 +66,13 @@ def _result_row(r: bm.Result) -> list[str]:
 
 
 TABLE_HEADERS = ["op", "shape", "dims", "layout", "dtype", "implementation", "median ms", "min-max ms",
-                 "GB/s", "% ceil", "% copy", "vs textbook", "vs torch"]
+                 "GB/s", "% ceil", "% copy", "x copy", "vs textbook", "vs torch"]
 
 
 def format_results_table(results: Sequence[bm.Result]) -> str:
     """The bench table; a blank line between (dtype, shape) groups, each
     led by its same-size copy rows (op ``copy``)."""
-    right = [False] * 6 + [True] * 7
+    right = [False] * 6 + [True] * 8
     return _grouped(format_table(TABLE_HEADERS, [_result_row(r) for r in results], right), results,
                     lambda r: (r.dtype, r.shape_name, r.shape, r.device))
 

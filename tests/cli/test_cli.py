@@ -43,7 +43,7 @@ FAST = ["--repeat", "1", "--warmup", "0", "--min-time", "0", "--ceiling-mib", "4
 RESULT_FIELDS = {"op", "shape_name", "shape", "axis", "layout", "dtype", "implementation", "role", "device",
                  "device_name", "bytes", "status", "max_err", "tolerance", "timer", "copies", "times_s",
                  "median_s", "min_s", "max_s", "q1_s", "q3_s", "gbps", "ceiling_gbps", "pct_of_ceiling",
-                 "copy_gbps", "pct_of_copy", "speedup_vs_textbook", "speedup_vs_torch"}
+                 "copy_gbps", "pct_of_copy", "copy_time_ratio", "speedup_vs_textbook", "speedup_vs_torch"}
 
 
 def _info_json(capsys):
@@ -149,6 +149,7 @@ def test_bench_quick_writes_json_with_all_fields(tmp_path, capsys):
         assert (c["op"], c["role"], c["implementation"], c["status"]) == ("copy", "copy", CPU_COPY, "ok")
         assert c["bytes"] == 2 * 4 * int(np.prod(c["shape"])) and c["max_err"] is None
         assert c["copy_gbps"] == c["gbps"] and c["pct_of_copy"] == pytest.approx(100)
+        assert c["copy_time_ratio"] == pytest.approx(1)
         assert c["speedup_vs_textbook"] is None and c["speedup_vs_torch"] is None
     results = [r for r in data["results"] if r["op"] != "copy"]
     assert len(results) == 3 * 2
@@ -168,6 +169,7 @@ def test_bench_quick_writes_json_with_all_fields(tmp_path, capsys):
         copy = copies[i // 2]
         assert copy["shape"] == r["shape"] and r["copy_gbps"] == copy["gbps"]
         assert r["pct_of_copy"] == pytest.approx(100 * r["gbps"] / copy["gbps"])
+        assert r["copy_time_ratio"] == pytest.approx(r["median_s"] / copy["median_s"])
         assert r["max_err"] <= r["tolerance"]
         assert r["speedup_vs_torch"] is None
         if r["implementation"] == "textbook-numpy":
@@ -192,13 +194,14 @@ def test_table_has_one_row_per_result_and_both_speedups(capsys):
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("op "))
     for col in ("shape", "dims", "layout", "dtype", "implementation", "median ms", "min-max ms", "GB/s",
-                "% ceil  % copy", "vs textbook", "vs torch"):
+                "% ceil", "% copy", "x copy", "vs textbook", "vs torch"):
         assert col in header
+    assert header.index("% ceil") < header.index("% copy") < header.index("x copy") < header.index("vs textbook")
     rows = [line.split() for line in out.splitlines() if line.startswith("infer ")]
     assert len(rows) == 3 * 2 * 2  # shapes x implementations x the default dtypes
     assert [row[4] for row in rows[::6]] == ["float32", "float16"]
-    assert all(row[-1] == "-" and row[-2].endswith("x") and row[-3].endswith("%") and row[-4].endswith("%")
-               for row in rows)
+    assert all(row[-1] == "-" and row[-2].endswith("x") and row[-3].endswith("x") and row[-4].endswith("%")
+               and row[-5].endswith("%") for row in rows)
 
 
 @pytest.mark.torch
@@ -614,11 +617,14 @@ def test_add_derived_pct_of_copy_from_hand_made_results():
                failed_copy]
     bm.add_derived(results, None)
     assert (cand.copy_gbps, cand.pct_of_copy) == (20.0, pytest.approx(25.0))
+    # the time ratio: the op's median over the copy's (a train counts 3 passes of x, a copy 2)
+    assert cand.copy_time_ratio == pytest.approx(cand.median_s / copy.median_s) and copy.copy_time_ratio == 1
+    assert other_device.copy_time_ratio == pytest.approx(other_device.median_s / gpu_copy.median_s)
     assert text.pct_of_copy == pytest.approx(12.5)
     assert copy.pct_of_copy == pytest.approx(100.0) and gpu_copy.pct_of_copy == pytest.approx(100.0)
     assert (other_device.copy_gbps, other_device.pct_of_copy) == (40.0, pytest.approx(12.5))
     for r in (other_dtype, other_axis, other_shape, wrong, failed_copy):  # no timed copy of theirs
-        assert r.copy_gbps is None and r.pct_of_copy is None
+        assert r.copy_gbps is None and r.pct_of_copy is None and r.copy_time_ratio is None
     # speed-ups as before; the copy rows have none
     assert cand.speedup_vs_textbook == pytest.approx(2.0) and text.speedup_vs_textbook == pytest.approx(1.0)
     assert copy.speedup_vs_textbook is None and copy.speedup_vs_torch is None
@@ -632,15 +638,16 @@ def test_table_pct_copy_column_matches_the_json(tmp_path, capsys):
     assert "Same-size copy: % copy = GB/s / GB/s of a copy of x into a preallocated buffer" in out
     lines = out[out.index("\nop "):out.index("\nAll figures:")].strip().splitlines()
     header = lines[0].split("  ")
-    assert [h.strip() for h in header if h.strip()][9:11] == ["% ceil", "% copy"]
+    assert [h.strip() for h in header if h.strip()][9:12] == ["% ceil", "% copy", "x copy"]
     rows = [line.split() for line in lines[2:] if line]
     assert len(rows) == len(data["results"]) == 3 * 3
     assert [row[0] for row in rows] == ["copy", "infer", "backward"] * 3
     for row, r in zip(rows, data["results"]):
         assert (row[0], row[5]) == (r["op"], r["implementation"])
-        assert row[-3] == f"{r['pct_of_copy']:.0f}%" and row[-4] == f"{r['pct_of_ceiling']:.0f}%"
+        assert row[-4] == f"{r['pct_of_copy']:.0f}%" and row[-5] == f"{r['pct_of_ceiling']:.0f}%"
+        assert row[-3] == f"{r['copy_time_ratio']:.2f}x"
         if r["op"] == "copy":
-            assert row[-3] == "100%" and row[-2:] == ["-", "-"]
+            assert row[-4] == "100%" and row[-3] == "1.00x" and row[-2:] == ["-", "-"]
 
 
 def test_cold_rotates_the_copy_too():
