@@ -60,16 +60,28 @@ def is_bfloat16(dtype) -> bool:
     return answer
 
 
+_TORCH_BFLOAT16: dict = {}  # per torch dtype: whether it is bfloat16 (str() of a dtype costs a call)
+
+
+def _is_torch_bfloat16(dtype) -> bool:
+    answer = _TORCH_BFLOAT16.get(dtype)
+    if answer is None:
+        answer = _TORCH_BFLOAT16[dtype] = str(dtype) == "torch.bfloat16"
+    return answer
+
+
 def host_array(obj):
     """``np.asarray(obj)``, and a CPU torch bfloat16 tensor as a NumPy
     bfloat16 view of its memory (NumPy has no bfloat16 of its own, so
     torch's ``numpy()`` refuses it), and another library's DLPack array
     (JAX's) as ``np.from_dlpack`` views it (``dlpack.host``; the public
     functions convert those first, this serves every other caller)."""
-    if is_torch(obj) and str(obj.dtype) == "torch.bfloat16" and obj.device.type == "cpu":
-        import torch
+    if is_torch(obj):  # (numpy() directly: np.asarray goes through torch's Python-level __array__)
+        if obj.is_cpu and _is_torch_bfloat16(obj.dtype):
+            import torch
 
-        return obj.view(torch.int16).numpy().view(bfloat16_dtype())
+            return obj.view(torch.int16).numpy().view(bfloat16_dtype())
+        return obj.numpy()  # torch's own error for a tensor that requires grad, or is not on the CPU
     if dlpack.is_foreign(obj):
         return dlpack.host(obj)
     return np.asarray(obj)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from ..batch_norm import bn_backward, bn_forward
-from ..validation import bfloat16_dtype, host_array
+from ..validation import host_array, is_bfloat16
 
 Tensor = torch.Tensor
 
@@ -68,7 +68,7 @@ def to_tensor(a) -> Tensor:
     if isinstance(a, Tensor):
         return a
     a = np.asarray(a)
-    if a.dtype == bfloat16_dtype():
+    if is_bfloat16(a.dtype):
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)
 
