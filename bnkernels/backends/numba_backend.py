@@ -29,7 +29,8 @@ Fast-math is limited to reassociation and contraction, which keeps NaN and
 Inf semantics. Threads: Numba's (``NUMBA_NUM_THREADS``,
 ``numba.set_num_threads``). Calls from several Python threads at once are
 safe on every threading layer: on one that is not thread-safe
-(``workqueue``) they take turns (:func:`thread_safe`).
+(``workqueue``) they take turns, and a small input runs on the calling
+thread alone (``numba_threads``).
 
 Compiled kernels are cached on disk where Numba finds a writable place
 (``NUMBA_CACHE_DIR``, the package's ``__pycache__``, the per-user cache
@@ -37,9 +38,6 @@ directory); a read-only install with no writable home compiles them in
 memory instead (:func:`cache_directory`).
 """
 from __future__ import annotations
-
-import functools
-import threading
 
 import numba
 import numpy as np
@@ -53,6 +51,7 @@ from . import cpu_common
 from .cpu_common import ieee_semantics, per_channel
 from .interface import ChannelLayout, GradSums, Moments, Normalization
 from .numba_half import NATIVE_HALF, prefer_wide_vectors_for, store, to_work, work_value
+from .numba_threads import thread_safe, threads as _threads
 from .outputs import deliver
 
 name = "numba"
@@ -107,37 +106,6 @@ def describe() -> str:
              "kernels compiled in memory on first use (no writable cache directory; set NUMBA_CACHE_DIR)")
     return (f"{numba.get_num_threads()} threads (NUMBA_NUM_THREADS, numba.set_num_threads); "
             f"float16 converted by {half}, bfloat16 by bit arithmetic; {cache}")
-
-
-#: Numba threading layers that run parallel kernels from several threads at
-#: once; ``workqueue`` aborts the process instead ("Concurrent access").
-THREAD_SAFE_LAYERS = ("tbb", "omp")
-_turns = threading.Lock()
-_layer_safe = False  # set once the layer Numba chose is known to be thread-safe
-
-
-def _thread_safe_layer() -> bool:
-    """Whether Numba's threading layer is thread-safe (unknown until the
-    first parallel kernel has run, and then fixed for the process)."""
-    global _layer_safe
-    if not _layer_safe:
-        try:
-            _layer_safe = numba.threading_layer() in THREAD_SAFE_LAYERS
-        except ValueError:  # no layer chosen yet: the first kernel chooses it
-            return False
-    return _layer_safe
-
-
-def thread_safe(entry):
-    """An entry point that takes turns with other threads unless the
-    threading layer is thread-safe (a lock costs nothing then)."""
-    @functools.wraps(entry)
-    def call(*args, **kwargs):
-        if _thread_safe_layer():
-            return entry(*args, **kwargs)
-        with _turns:
-            return entry(*args, **kwargs)
-    return call
 
 
 # --- kernels: helpers ----------------------------------------------------------
@@ -450,12 +418,12 @@ def _work(x3, *vectors):
 
 def _chunks(rows):
     """Parallel tasks for row-chunked reductions (each gets a row of partials)."""
-    return max(1, min(rows // ROWS_PER_CHUNK, 8 * numba.get_num_threads())) if rows else 1
+    return max(1, min(rows // ROWS_PER_CHUNK, 8 * _threads())) if rows else 1
 
 
 def _tasks(outer):
     """Parallel tasks for the elementwise passes over the outer dimension."""
-    return max(1, min(outer, 4 * numba.get_num_threads()))
+    return max(1, min(outer, 4 * _threads()))
 
 
 def _block(layout: ChannelLayout, itemsize: int, arrays: int = 1):
@@ -464,7 +432,7 @@ def _block(layout: ChannelLayout, itemsize: int, arrays: int = 1):
     input arrays, and leaving at least two tasks per thread."""
     row = max(layout.inner * itemsize, 1)
     block = min(-(-RUN_BYTES // row), BLOCK_BYTES // (arrays * row * max(layout.outer, 1)))
-    return max(1, min(block, layout.channels // (2 * numba.get_num_threads())))
+    return max(1, min(block, layout.channels // (2 * _threads())))
 
 
 def _shift(x3):
@@ -482,7 +450,7 @@ def _fused(layout: ChannelLayout) -> bool:
     elementwise pass while the block is in cache) fit the layout: channel
     planes, and channels enough for two tasks per thread. Otherwise a
     parallel pass over the outer dimension sums, and another applies."""
-    return layout.inner > 1 and layout.channels >= 2 * numba.get_num_threads()
+    return layout.inner > 1 and layout.channels >= 2 * _threads()
 
 
 def _sums(u3, ku, v3, kv, layout: ChannelLayout):

@@ -54,7 +54,8 @@ from numba import njit, prange  # noqa: E402
 
 from .cpu_common import ieee_semantics  # noqa: E402
 from .interface import ChannelLayout  # noqa: E402
-from .numba_backend import _JIT, _SERIAL, _bits, _tasks, thread_safe  # noqa: E402
+from .numba_backend import _JIT, _SERIAL, _bits, _tasks  # noqa: E402
+from .numba_threads import thread_safe  # noqa: E402
 from .numba_half import prefer_wide_vectors_for, store, to_work, work_value  # noqa: E402
 from .outputs import deliver  # noqa: E402
 from ..validation import compute_dtype  # noqa: E402
