@@ -47,7 +47,7 @@ from numba.np.numpy_support import as_dtype
 
 from ..validation import bfloat16_dtype, compute_dtype, host_array, is_bfloat16
 from .coefficients import dx_coefficients, update_running
-from . import cpu_common
+from . import cpu_caches, cpu_common
 from .cpu_common import ieee_semantics, per_channel
 from .interface import ChannelLayout, GradSums, Moments, Normalization
 from .numba_half import NATIVE_HALF, prefer_wide_vectors_for, store, to_work, work_value
@@ -88,10 +88,12 @@ ROWS_PER_CHUNK = 2048
 #: channel planes: a task takes enough channels for contiguous runs of this
 #: many bytes per outer index (hardware prefetchers need long runs) ...
 RUN_BYTES = 8 << 10
-#: ... while the block's slabs of its input arrays stay within this: a share
-#: of the last-level cache (the second read then misses L2 but not L3; on
-#: this 2-core VM 14x14 planes ran best with the largest blocks tried)
-BLOCK_BYTES = 4 << 20
+#: ... while the block's slabs of its input arrays stay within this: half a
+#: CPU's share of the last-level cache as the machine reports it
+#: (``cpu_caches``), at most 4 MiB (the second read then misses L2 but not
+#: L3; on a 2-core VM, 14x14 planes ran best with the largest blocks tried,
+#: 4 MiB)
+BLOCK_BYTES = min(4 << 20, cpu_caches.last_level().per_cpu // 2)
 
 
 def asarray(x):
@@ -105,7 +107,8 @@ def describe() -> str:
     cache = (f"kernels cached in {CACHE_DIR}" if CACHE_DIR else
              "kernels compiled in memory on first use (no writable cache directory; set NUMBA_CACHE_DIR)")
     return (f"{numba.get_num_threads()} threads (NUMBA_NUM_THREADS, numba.set_num_threads); "
-            f"float16 converted by {half}, bfloat16 by bit arithmetic; {cache}")
+            f"float16 converted by {half}, bfloat16 by bit arithmetic; {cache}; channel blocks of at most "
+            f"{BLOCK_BYTES >> 10} KiB ({cpu_caches.describe()})")
 
 
 # --- kernels: helpers ----------------------------------------------------------

@@ -5,7 +5,6 @@ ceiling and the same-size copy (:func:`measure_copy_ceiling`,
 from __future__ import annotations
 
 import functools
-import glob
 import os
 import platform
 import statistics
@@ -16,30 +15,17 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..backends import cpu_caches
 from .ops import COPY, GiB, Inputs, MiB, Unsupported
 from .implementations import Implementation, Runner, _cupy
 from .timing import EventTimer, Timing, time_calls
 
 
 def last_level_cache_bytes() -> int | None:
-    """Size of the largest data/unified CPU cache (Linux sysfs), or None."""
-    best = None
-    for d in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
-        try:
-            with open(os.path.join(d, "type")) as f:
-                if f.read().strip() == "Instruction":
-                    continue
-            with open(os.path.join(d, "size")) as f:
-                text = f.read().strip().upper()
-        except OSError:
-            continue
-        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-        try:
-            size = int(text.rstrip("KMG")) * mult
-        except ValueError:
-            continue
-        best = size if best is None else max(best, size)
-    return best
+    """Size of the largest data/unified CPU cache this machine reports
+    (Linux sysfs: ``backends.cpu_caches``), or None."""
+    level = cpu_caches.last_level()
+    return level.size if level.reported else None
 
 
 def available_memory_bytes() -> int:
@@ -351,6 +337,7 @@ def system_info() -> dict:
         "cpu_count": os.cpu_count(),
         "cpus_usable": usable_cpus(),
         "last_level_cache_bytes": last_level_cache_bytes(),
+        "caches": cpu_caches.describe(),
         "memory_available_bytes": available_memory_bytes(),
     }
 

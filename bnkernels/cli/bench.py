@@ -145,9 +145,8 @@ def _print_machine(info: dict, date: str, torch_threads: int | None = None, what
                   if torch_threads else "")
     print(f"bnkernels {info['bnkernels']} {what}, {date}: Python {info['python']}, NumPy {info['numpy']}"
           f"{torch_text}")
-    llc = info.get("last_level_cache_bytes")
-    llc_text = f", last-level cache {llc / bm.MiB:.0f} MiB" if llc else ""
-    print(f"CPU: {info['cpu']}, {info['cpu_count']} cores ({info['cpus_usable']} usable){llc_text}")
+    caches = f"; caches: {info['caches']}" if info.get("caches") else ""
+    print(f"CPU: {info['cpu']}, {info['cpu_count']} cores ({info['cpus_usable']} usable){caches}")
 
 
 def _print_bench(results, ceilings: dict, devices: dict, timings: dict, args, info: dict,
