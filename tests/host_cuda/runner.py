@@ -540,11 +540,28 @@ class TsanResult:
         return self.returncode == 0 and "ThreadSanitizer" not in self.report
 
 
+# Each array argument is placed as it was in the caller: at the same
+# address modulo 16 (a misaligned view stays misaligned), with 16 bytes of
+# the same heap block before and after it, as a GPU allocation has (the
+# kernels' 16-byte vectors may cover values before a tensor's first or
+# past its last, never outside the aligned 16 bytes that hold one of its
+# values). An array passed twice is placed once.
 _TSAN_SCRIPT = """
 import pickle
+import numpy as np
 import runner
 with open({path!r}, "rb") as f:
-    so, name, grid, block, args, shared_mem = pickle.load(f)
+    so, name, grid, block, args, shared_mem, offsets = pickle.load(f)
+placed = {{}}
+def place(a, mis):
+    if id(a) not in placed:
+        buf = np.zeros(a.nbytes + 64, np.uint8)
+        start = (-buf.ctypes.data) % 16 + 16 + mis
+        v = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+        v[...] = a
+        placed[id(a)] = v
+    return placed[id(a)]
+args = tuple(a if m is None else place(a, m) for a, m in zip(args, offsets))
 runner.HostDevice().launch(so, name, grid, block, args, shared_mem)
 with open({path!r}, "wb") as f:
     pickle.dump(args, f)
@@ -558,7 +575,8 @@ def tsan_launch(so: str | os.PathLike, name: str, grid: int | Sequence[int],
     with tempfile.TemporaryDirectory(prefix="bnhost-tsan-") as d:
         path = Path(d) / "launch.pickle"
         with open(path, "wb") as f:
-            pickle.dump((str(so), name, grid, block, tuple(args), shared_mem), f)
+            offsets = tuple(a.ctypes.data % 16 if isinstance(a, np.ndarray) and a.size else None for a in args)
+            pickle.dump((str(so), name, grid, block, tuple(args), shared_mem, offsets), f)
         rc, err = run_tsan(_TSAN_SCRIPT.format(path=str(path)), timeout=timeout)
         after = None
         if rc == 0:

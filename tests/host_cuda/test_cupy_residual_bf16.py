@@ -17,7 +17,7 @@ members of ``gpu.members``.
   and negatives stop, a positive subnormal passes), bit for bit;
 - bfloat16: statistics, apply, backward sums and dx against the float64
   reference with bfloat16's tolerance (``helpers.bfloat16``);
-- the 64-bit walks (builds with lowered index limits) and ThreadSanitizer.
+- the rebased walks (builds with lowered index limits) and ThreadSanitizer.
 
 Every buffer the plans allocate is poisoned (NaN) before a kernel runs.
 """
@@ -34,6 +34,7 @@ from bnkernels.validation import channel_layout, compute_dtype
 from helpers import DTYPES, GPU_CASES, assert_close, bfloat16, gpu_tunings, make_input, make_params
 from host_cuda import runner
 from host_cuda.test_cupy_kernels import HostArrays, HostGPU
+from host_cuda.test_cupy_scan import WIDE_BUILDS  # the rebased walks' builds
 
 KERNEL_FILE = Path(sources.source_dir()) / sources.MAIN_FILE
 TUNINGS = gpu_tunings()
@@ -41,8 +42,6 @@ SIZES = [1, 15, 16, 17, 127, 129]
 #: 16-bit-element offsets of (x, z, y) from a 16-byte boundary: all aligned
 #: (the vector walk), then each array alone off (the single-value walk).
 OFFSETS = [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1)]
-WIDE_BUILDS = {"64-bit": {"BN_INDEX32_LIMIT": 0},
-               "all-64-bit": {"BN_INDEX32_LIMIT": 0, "BN_POSITION32_LIMIT": 0, "BN_TRACK32_LIMIT": 0}}
 
 
 def _dtype(name):

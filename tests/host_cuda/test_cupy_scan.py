@@ -8,12 +8,16 @@ channel plane).
   aligned pointers) and single values (anything else, or a misaligned view),
   with full steps of 4 items and the straight-line tail after them;
 - 32-bit offsets (every test tensor), and, in builds with lowered limits,
-  the 64-bit walk and the plane-by-plane walk of planes of 2^32 items and
-  more (no CPU test can hold 2^31 elements: ``BN_INDEX32_LIMIT=0`` and
-  ``BN_POSITION32_LIMIT=0`` send the same small tensors down those loops);
-  the elementwise passes likewise: 32-bit indices, 64-bit indices with
-  32-bit channel tracking (``BN_INDEX32_LIMIT=0``) and all 64-bit
-  (``BN_TRACK32_LIMIT=0``, planes or channels of 2^31 and more);
+  the rebased walks of tensors of 2^31 elements and more (no CPU test can
+  hold 2^31 elements: ``BN_INDEX32_LIMIT=0`` sends the same small tensors
+  down them): chunks of whole runs, or pieces of one (planes of 2^31 items
+  and more), each from its own base (``BN_CHUNK_SPAN``: a chunk's items);
+  the split walk in chunks of planes; the elementwise passes in chunks,
+  their channel tracking from the chunk's first element, and cut into
+  units no chunk crosses (``BN_TRACK32_LIMIT``: planes or channels of 2^31
+  and more), the units' edges one value at a time;
+- misaligned planes on the split walk (x rounded down to its 16-byte
+  boundary: masked vectors before the tensor's first value);
 - data whose mean is far larger than its spread, and a first value (the
   shift of the statistics) that is an outlier: the chunked sums around each
   chunk's own first value stay exact.
@@ -51,16 +55,26 @@ LAYOUTS = [
     ((50, 7), 1),
 ]
 
+#: The builds with lowered limits: every walk rebased (one chunk per
+#: channel); chunks of 40 items (several runs, a plane's split walk in
+#: chunks of planes; elementwise chunks of 40 vectors, the tracking from a
+#: chunk's first element); pieces of 7 items of a run and elementwise units
+#: of one plane (BN_TRACK32_LIMIT=0: planes of 2^31 elements and more);
+#: units of one sample (C >= 2 channels of 2^31 and more, planes below).
 BUILDS = {
     "32-bit": {},
-    "64-bit": {"BN_INDEX32_LIMIT": 0},
-    "plane-by-plane": {"BN_INDEX32_LIMIT": 0, "BN_POSITION32_LIMIT": 0, "BN_TRACK32_LIMIT": 0},
+    "rebased": {"BN_INDEX32_LIMIT": 0},
+    "chunks": {"BN_INDEX32_LIMIT": 0, "BN_CHUNK_SPAN": 40},
+    "pieces": {"BN_INDEX32_LIMIT": 0, "BN_CHUNK_SPAN": 7, "BN_TRACK32_LIMIT": 0},
+    "samples": {"BN_INDEX32_LIMIT": 0, "BN_CHUNK_SPAN": 40, "BN_TRACK32_LIMIT": 2},
 }
+WIDE_BUILDS = {name: d for name, d in BUILDS.items() if d}
 
 
-#: The layouts the 64-bit builds run (a vector and a single-value case of
-#: each layout kind): the walks differ only in how addresses are formed.
-WIDE_LAYOUTS = [LAYOUTS[0], LAYOUTS[3], LAYOUTS[5], LAYOUTS[7]]
+#: The layouts the rebased builds run (a vector and a single-value case of
+#: each layout kind, split planes): the walks differ only in how addresses
+#: are formed.
+WIDE_LAYOUTS = [LAYOUTS[0], LAYOUTS[3], LAYOUTS[5], LAYOUTS[7], ((16, 3, 15), 1), ((33, 2, 17), 1)]
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +108,9 @@ def _misaligned(a):
 def _check_stats(out, x, axis, dtype):
     n, mean, var = reference_stats(x, axis=axis)
     rtol = 1e-12 if np.dtype(dtype) == np.float64 else 1e-6
-    np.testing.assert_allclose(out["k"].astype(np.float64) + out["dmean"], mean, rtol=rtol)
+    # a mean near 0 of values far from it (two rows) is off by their ulps
+    atol = rtol * float(np.abs(x.astype(np.float64)).max())
+    np.testing.assert_allclose(out["k"].astype(np.float64) + out["dmean"], mean, rtol=rtol, atol=atol)
     np.testing.assert_allclose(out["m2"] / n, var, rtol=100 * rtol)
 
 
@@ -108,10 +124,10 @@ def test_statistics_and_backward_sums_of_each_walk(shape, axis, dtype, aligned, 
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "misaligned"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,axis", WIDE_LAYOUTS)
-def test_the_64_bit_walks(shape, axis, dtype, aligned, wide_library, rng):
-    """The loops for tensors of 2^31 elements and more (64-bit addresses),
-    and for planes of 2^32 items and more (plane by plane), on small data
-    (builds with lowered limits)."""
+def test_the_rebased_walks(shape, axis, dtype, aligned, wide_library, rng):
+    """The walks of tensors of 2^31 elements and more (32-bit offsets from
+    a base per chunk), and of planes of 2^31 items and more (pieces), on
+    small data (builds with lowered limits)."""
     _check_walk(shape, axis, dtype, aligned, HostGPU(wide_library, TUNINGS["2warps"]), rng)
 
 
@@ -138,6 +154,28 @@ def _check_walk(shape, axis, dtype, aligned, gpu, rng):
     assert_close(bout["dbeta"], rdbeta, dtype, "dbeta", scale=dymax * n)
     assert_close(bout["dgamma"], rdgamma, dtype, "dgamma", scale=4 * dymax * n)
     assert not gpu.counter_array.any(), "the last blocks reset their counters"
+
+
+#: Boundary shapes of the split, masked-edge and rebased walks: planes of
+#: 15, 16, 17, 127, 129 and 31 (a prime) values, one or several per
+#: channel, C of 1, 3, 17; rows of C = 1, 3, 16, 17 channels, 1, 2, 17, 129
+#: rows.
+BOUNDARY_LAYOUTS = [((1, 1, 15), 1), ((5, 3, 16), 1), ((2, 3, 17), 1), ((3, 2, 127), 1), ((1, 3, 129), 1),
+                    ((7, 1, 31), 1), ((4, 17, 31), 1), ((2, 16), 1), ((17, 17), 1), ((129, 3), 1), ((2, 1), 1)]
+
+
+@pytest.fixture(scope="module", params=list(BUILDS))
+def any_library(request):
+    return runner.build(KERNEL_FILE, sources.name_expressions(), defines=BUILDS[request.param])
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", BOUNDARY_LAYOUTS)
+def test_boundary_shapes_on_every_build(shape, axis, dtype, aligned, any_library, rng):
+    """Every walk (32-bit and rebased builds) on boundary shapes, aligned
+    and one element off a 16-byte boundary, outputs poisoned."""
+    _check_walk(shape, axis, dtype, aligned, HostGPU(any_library, TUNINGS["2warps"]), rng)
 
 
 #: Planes with inner % N != 0 (every dtype unless noted) and at least one
@@ -246,3 +284,58 @@ def bind_launch(plan):
     from bnkernels.backends.cupy_backend import bind
 
     return bind.bind(plan)
+
+
+@tsan
+@pytest.mark.parametrize("build", ["32-bit", "pieces"])
+@pytest.mark.parametrize("shape", [(5, 3, 16), (9, 3, 17), (40, 7)], ids=["misaligned-planes", "misaligned-split",
+                                                                           "misaligned-rows"])
+def test_split_and_rebased_walks_are_race_free(shape, build, rng):
+    """The split walk of misaligned planes (masked vectors before the
+    tensor's first value), and the rebased walks (pieces of 7 items,
+    elementwise units of a plane: the units' edges one value at a time),
+    float16, 2-warp blocks, under ThreadSanitizer: no data race, and the
+    apply pass right."""
+    so = runner.build(KERNEL_FILE, sources.name_expressions(), tsan=True, defines=BUILDS[build])
+    gpu = HostGPU(None, TUNINGS["2warps"])
+    lay = channel_layout(shape, 1)
+    x = _misaligned(make_input(shape, np.float16, rng))
+    counters = np.zeros(64, np.uint32)
+    stats_plan, _ = plans.stats(x, lay, None, None, None, 1e-5, gpu.alloc, counters, gpu.limits, gpu.tuning)
+    bwd_plan, _ = plans.bwd_reduce(x, x, lay, None, np.zeros(lay.channels), np.ones(lay.channels), gpu.alloc,
+                                   counters, gpu.limits, gpu.tuning)
+    for plan in (stats_plan, bwd_plan):
+        result = runner.tsan_run(so, bind_launch(plan))
+        assert result.clean, result.report
+    C = lay.channels
+    k, scale, shift = (rng.standard_normal(C).astype(np.float32) for _ in range(3))
+    y = np.full(x.size, np.nan, np.float16)
+    result = runner.tsan_run(so, bind_launch(plans.apply(x, y, lay, k, scale, shift, False, gpu.aligned(x, y),
+                                                         gpu.limits, gpu.tuning)))
+    assert result.clean, result.report
+    c = (np.arange(x.size) // lay.inner) % C
+    want = ((x.astype(np.float32) - k[c]) * scale[c] + shift[c]).astype(np.float16)
+    np.testing.assert_array_equal(result.args[1], want)  # bn_apply(x, y, ...): every y written once
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", [((5, 3, 16), 1), ((4, 2, 23), 1), ((3, 2, 127), 1)])
+def test_dy_and_x_misaligned_differently(shape, axis, dtype, gpu, rng):
+    """dy aligned, x one element off (or the other way round): the
+    backward sums cannot address both by the same offsets from 16-byte
+    boundaries (the split walk), and take single values: still right."""
+    x = make_input(shape, dtype, rng)
+    dy = make_input(shape, dtype, rng, mean=0.5, std=1.0)
+    lay = channel_layout(shape, axis)
+    C, acc = lay.channels, compute_dtype(dtype)
+    gamma, _ = make_params(C, rng)
+    mean = reference_stats(x, axis=axis)[1]
+    invstd = 1.0 / np.sqrt(reference_stats(x, axis=axis)[2] + 1e-5)
+    n = x.size // C
+    dymax = float(np.abs(dy.astype(np.float64)).max())
+    for flat_dy, flat_x in ((_flat(dy), _misaligned(x)), (_misaligned(dy), _flat(x))):
+        dx, bout = plans.run_backward(gpu, flat_dy, flat_x, lay, gamma.astype(acc), mean, invstd)
+        rdx, rdgamma, rdbeta = reference_backward(dy, x, mean, invstd, gamma, axis=axis)
+        assert_close(dx.reshape(shape), rdx, dtype, "dx", scale=3 * dymax * gamma.max() * invstd.max())
+        assert_close(bout["dbeta"], rdbeta, dtype, "dbeta", scale=dymax * n)
+        assert_close(bout["dgamma"], rdgamma, dtype, "dgamma", scale=4 * dymax * n)

@@ -5,8 +5,9 @@
 // Layout: every kernel sees a contiguous input as the canonical view
 // (outer, C, inner); "planes" kernels handle inner > 1 (NCHW-like),
 // "rows" kernels inner == 1 (NHWC, 2-D). Indices are 64-bit except in the
-// hot loops below 2^31 elements: the reductions' (bn_scan.cuh: 32-bit
-// offsets within a slab) and the elementwise passes' (bn_elementwise.cuh).
+// hot loops, which are 32-bit at any size: from the tensor's start below
+// 2^31 elements, from a base per chunk of fewer than 2^31 above (the
+// reductions': bn_scan.cuh; the elementwise passes': bn_elementwise.cuh).
 #pragma once
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #include <cuda_fp16.h>

@@ -3,7 +3,7 @@
 // (relu_backward), and the per-channel coefficients of inference. Grid-stride loops over the
 // flat index; the channel of each element is tracked incrementally (no
 // division in the loop), so one kernel serves every layout; in 32-bit
-// indices below 2^31 elements (bn::index32). When the
+// indices (past 2^31 elements, per chunk: bn::rebased_walk). When the
 // pointers are 16-byte aligned (vectorized != 0), each thread moves 16 bytes
 // per access (float4, 8 halves or bfloat16s, double2); the remainder is done by scalars.
 #pragma once
@@ -68,18 +68,19 @@ __device__ __forceinline__ ACC lane(const V& v, int j) {
 #endif
 constexpr long long kTrack32Limit = BN_TRACK32_LIMIT;
 
-// The walks of bn_apply and bn_dx in index type I: 32-bit (unsigned) when
-// every index, and a grid stride past the last, stays below kIndex32Limit
-// (every tensor below 2^31 elements), else 64-bit; the same for the whole
-// launch. BN_INDEX32_LIMIT=0 (host tests) takes the 64-bit walk.
+// The walks of bn_apply and bn_dx in 32-bit indices (unsigned) when every
+// index, and a grid stride past the last, stays below kIndex32Limit (every
+// tensor below 2^31 elements), else rebased (rebased_walk: chunks of the
+// tensor walked the same way, each from its own base); the same for the
+// whole launch. BN_INDEX32_LIMIT=0 (host tests) takes the rebased walk.
 __device__ __forceinline__ bool index32(long long total) {
     return total + static_cast<long long>(gridDim.x) * blockDim.x * 8 < kIndex32Limit;
 }
 
-// Past it, the channel tracking (position in the plane, channel: J) stays
-// 32-bit while planes and channels number below 2^31 (i + ti < 2 inner,
-// c + tc < 2 C); I (flat indices) is then 64-bit. BN_TRACK32_LIMIT=0 (host
-// tests) takes the all-64-bit walk.
+// Whether the rebased walks' channel tracking can wrap as usual: planes
+// and channels number below 2^31 (i + ti < 2 inner, c + tc < 2 C).
+// BN_TRACK32_LIMIT (host tests) lowers the limit: 0 cuts the tensor into
+// planes, one below C into samples.
 __device__ __forceinline__ bool track32(long long C, long long inner) {
     return C < kTrack32Limit && inner < kTrack32Limit;
 }
@@ -88,7 +89,7 @@ __device__ __forceinline__ bool track32(long long C, long long inner) {
 // when every pointer is aligned).
 template <bool RES, typename I, typename J, typename T, typename ACC>
 __device__ __forceinline__ void apply_walk(const T* __restrict__ x, const T* __restrict__ z, T* __restrict__ y,
-                                           I total, J C, J inner, const ACC* __restrict__ k,
+                                           I total, J C, J inner, TrackT<J> start, const ACC* __restrict__ k,
                                            const ACC* __restrict__ scale, const ACC* __restrict__ shift, int relu,
                                            int vectorized) {
     using V = typename Vec16<T>::type;
@@ -101,6 +102,7 @@ __device__ __forceinline__ void apply_walk(const T* __restrict__ x, const T* __r
         const V* __restrict__ zv = reinterpret_cast<const V*>(z);
         V* __restrict__ yv = reinterpret_cast<V*>(y);
         TrackT<J> t = track_at(tid * N, C, inner);
+        track_advance(t, start, C, inner);
         const TrackT<J> stride = track_at(threads * N, C, inner);
         if (inner % N == 0) {
             // every vector lies in one channel plane: its 3 coefficients
@@ -139,11 +141,16 @@ __device__ __forceinline__ void apply_walk(const T* __restrict__ x, const T* __r
         }
         // fewer than N values are left: at most one per thread, no loop
         const I p = nvec * N + tid;
-        if (p < total) y[p] = from_acc<T>(affine<RES>(to_acc<ACC>(x[p]), residual_at<RES, ACC>(z, p),
-                                                      track_at(p, C, inner).c, k, scale, shift, relu));
+        if (p < total) {
+            TrackT<J> e = track_at(p, C, inner);
+            track_advance(e, start, C, inner);
+            y[p] = from_acc<T>(affine<RES>(to_acc<ACC>(x[p]), residual_at<RES, ACC>(z, p), e.c, k, scale, shift,
+                                           relu));
+        }
         return;
     }
     TrackT<J> t = track_at(tid, C, inner);
+    track_advance(t, start, C, inner);
     const TrackT<J> stride = track_at(threads, C, inner);
     for (I p = tid; p < total; p += threads) {
         y[p] = from_acc<T>(affine<RES>(to_acc<ACC>(x[p]), residual_at<RES, ACC>(z, p), t.c, k, scale, shift, relu));
@@ -206,7 +213,7 @@ __device__ __forceinline__ void relu_backward_walk(const T* __restrict__ dy, con
 
 template <typename I, typename J, typename T, typename ACC>
 __device__ __forceinline__ void dx_walk(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
-                                        I total, J C, J inner, const ACC* __restrict__ k,
+                                        I total, J C, J inner, TrackT<J> start, const ACC* __restrict__ k,
                                         const ACC* __restrict__ a, const ACC* __restrict__ b,
                                         const ACC* __restrict__ cc, int vectorized) {
     using V = typename Vec16<T>::type;
@@ -219,6 +226,7 @@ __device__ __forceinline__ void dx_walk(const T* __restrict__ dy, const T* __res
         const V* __restrict__ xv = reinterpret_cast<const V*>(x);
         V* __restrict__ ov = reinterpret_cast<V*>(dx);
         TrackT<J> t = track_at(tid * N, C, inner);
+        track_advance(t, start, C, inner);
         const TrackT<J> stride = track_at(threads * N, C, inner);
         if (inner % N == 0) {
             // every vector lies in one channel plane: its 4 coefficients
@@ -255,12 +263,15 @@ __device__ __forceinline__ void dx_walk(const T* __restrict__ dy, const T* __res
         // fewer than N values are left: at most one per thread, no loop
         const I p = nvec * N + tid;
         if (p < total) {
-            const J c = track_at(p, C, inner).c;
+            TrackT<J> e = track_at(p, C, inner);
+            track_advance(e, start, C, inner);
+            const J c = e.c;
             dx[p] = from_acc<T>(to_acc<ACC>(dy[p]) * a[c] + (to_acc<ACC>(x[p]) - k[c]) * b[c] + cc[c]);
         }
         return;
     }
     TrackT<J> t = track_at(tid, C, inner);
+    track_advance(t, start, C, inner);
     const TrackT<J> stride = track_at(threads, C, inner);
     for (I p = tid; p < total; p += threads) {
         const J c = t.c;
@@ -273,20 +284,77 @@ __device__ __forceinline__ void dx_walk(const T* __restrict__ dy, const T* __res
 
 namespace bn {
 
-// The launch of an apply walk in the widest-enough index types.
+// The rebased walks of bn_apply and bn_dx (tensors past index32): chunks of
+// fewer than kChunk32Limit - 8 * threads elements (whole vectors), each
+// walked as a small tensor in 32-bit indices from its own 64-bit base,
+// with 32-bit channel tracking from the chunk's first element. While
+// planes and channels number below kTrack32Limit the tracking starts at
+// the chunk's (position, channel) and wraps as usual; past that (planes or
+// channels of 2^31 and more) the tensor is cut into units (planes, or
+// samples of C * inner) that no chunk crosses: the coefficients are
+// rebased to the chunk's first channel, the channel never wraps within a
+// chunk (C taken as 2^32 - 1) and in a plane of 2^31 and more never
+// changes (inner taken as 2^31: every chunk lies in one plane). A unit's
+// first and last values up to the vector boundaries (fewer than N each)
+// are done one by one in 64 bits: one(p). chunk(e0, len, C32, inner32,
+// start, c0): the chunk from element e0, its coefficients from channel c0.
+// BN_CHUNK_SPAN (vectors) makes the chunks of the host tests small.
+template <int N, typename Chunk, typename One>
+__device__ __forceinline__ void rebased_walk(long long total, long long C, long long inner, int vectorized,
+                                             Chunk&& chunk, One&& one) {
+    const bool t32 = track32(C, inner);
+    const long long unit = t32 ? total : inner >= kTrack32Limit ? inner : C * inner;
+    const long long threads = static_cast<long long>(gridDim.x) * blockDim.x;
+    const long long tid = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    long long E = kChunk32Limit - 8 * threads - 1;
+    if (E > kChunkSpan * N) E = kChunkSpan * N;
+    E = E < N ? N : E & ~static_cast<long long>(N - 1);
+    const unsigned C32 = t32 ? static_cast<unsigned>(C) : 0xffffffffu;
+    const unsigned in32 = t32 || inner < kTrack32Limit ? static_cast<unsigned>(inner) : 0x80000000u;
+#pragma unroll 1
+    for (long long u0 = 0; u0 < total; u0 += unit) {
+        const long long u1 = total - u0 <= unit ? total : u0 + unit;
+        long long a = u0, b = u1;
+        if (vectorized) {  // units' edges to vector boundaries (the tensor's end: the walk's own tail)
+            a = (u0 + (N - 1)) & ~static_cast<long long>(N - 1);
+            if (u1 != total) b = u1 & ~static_cast<long long>(N - 1);
+            if (a > b) a = b = u1;
+        }
+        if (tid < a - u0) one(u0 + tid);
+        if (tid < u1 - b) one(b + tid);
+#pragma unroll 1
+        for (long long e0 = a; e0 < b; e0 += E) {
+            const long long q = e0 / inner;
+            TrackT<unsigned> st;
+            st.i = t32 || inner < kTrack32Limit ? static_cast<unsigned>(e0 - q * inner) : 0u;
+            st.c = t32 ? static_cast<unsigned>(q % C) : 0u;
+            chunk(e0, static_cast<unsigned>(b - e0 < E ? b - e0 : E), C32, in32, st, t32 ? 0LL : q % C);
+        }
+    }
+}
+
+// The launch of an apply walk: 32-bit, or rebased.
 template <bool RES, typename T, typename ACC>
 __device__ __forceinline__ void apply_launch(const T* __restrict__ x, const T* __restrict__ z, T* __restrict__ y,
                                              long long total, long long C, long long inner,
                                              const ACC* __restrict__ k, const ACC* __restrict__ scale,
                                              const ACC* __restrict__ shift, int relu, int vectorized) {
-    const unsigned C32 = static_cast<unsigned>(C), inner32 = static_cast<unsigned>(inner);
-    if (index32(total))
-        apply_walk<RES, unsigned, unsigned>(x, z, y, static_cast<unsigned>(total), C32, inner32, k, scale, shift,
+    if (index32(total)) {
+        apply_walk<RES, unsigned, unsigned>(x, z, y, static_cast<unsigned>(total), static_cast<unsigned>(C),
+                                            static_cast<unsigned>(inner), TrackT<unsigned>{0u, 0u}, k, scale, shift,
                                             relu, vectorized);
-    else if (track32(C, inner))
-        apply_walk<RES, long long, unsigned>(x, z, y, total, C32, inner32, k, scale, shift, relu, vectorized);
-    else
-        apply_walk<RES, long long, long long>(x, z, y, total, C, inner, k, scale, shift, relu, vectorized);
+        return;
+    }
+    rebased_walk<Vec16<T>::n>(
+        total, C, inner, vectorized,
+        [&](long long e0, unsigned len, unsigned C32, unsigned in32, TrackT<unsigned> st, long long c0) {
+            apply_walk<RES, unsigned, unsigned>(x + e0, RES ? z + e0 : z, y + e0, len, C32, in32, st, k + c0,
+                                                scale + c0, shift + c0, relu, vectorized);
+        },
+        [&](long long p) {
+            const long long c = (p / inner) % C;
+            y[p] = from_acc<T>(affine<RES>(to_acc<ACC>(x[p]), residual_at<RES, ACC>(z, p), c, k, scale, shift, relu));
+        });
 }
 
 }  // namespace bn
@@ -371,12 +439,20 @@ __global__ void bn_dx(const T* __restrict__ dy,       // (total,) contiguous
                       const ACC* __restrict__ cc,     // (C,)
                       int vectorized)                 // dy, x and dx are 16-byte aligned
 {
-    const unsigned C32 = static_cast<unsigned>(C), inner32 = static_cast<unsigned>(inner);
-    if (bn::index32(total))
-        bn::dx_walk<unsigned, unsigned>(dy, x, dx, static_cast<unsigned>(total), C32, inner32, k, a, b, cc,
+    if (bn::index32(total)) {
+        bn::dx_walk<unsigned, unsigned>(dy, x, dx, static_cast<unsigned>(total), static_cast<unsigned>(C),
+                                        static_cast<unsigned>(inner), bn::TrackT<unsigned>{0u, 0u}, k, a, b, cc,
                                         vectorized);
-    else if (bn::track32(C, inner))
-        bn::dx_walk<long long, unsigned>(dy, x, dx, total, C32, inner32, k, a, b, cc, vectorized);
-    else
-        bn::dx_walk<long long, long long>(dy, x, dx, total, C, inner, k, a, b, cc, vectorized);
+        return;
+    }
+    bn::rebased_walk<bn::Vec16<T>::n>(
+        total, C, inner, vectorized,
+        [&](long long e0, unsigned len, unsigned C32, unsigned in32, bn::TrackT<unsigned> st, long long c0) {
+            bn::dx_walk<unsigned, unsigned>(dy + e0, x + e0, dx + e0, len, C32, in32, st, k + c0, a + c0, b + c0,
+                                            cc + c0, vectorized);
+        },
+        [&](long long p) {
+            const long long c = (p / inner) % C;
+            dx[p] = bn::from_acc<T>(bn::to_acc<ACC>(dy[p]) * a[c] + (bn::to_acc<ACC>(x[p]) - k[c]) * b[c] + cc[c]);
+        });
 }

@@ -6,6 +6,7 @@
 #pragma once
 #include "bn_common.cuh"
 #include "bn_scan.cuh"
+#include "bn_accumulators.cuh"
 
 namespace bn {
 
@@ -56,14 +57,33 @@ __device__ __forceinline__ bool use_vectors(const void* p, long long C, long lon
     return aligned16(p) && (ROWS ? (C % N == 0 && blockDim.x % N == 0) : inner % N == 0);
 }
 
-// Whether planes with inner % N != 0 take the split walk (bn_scan.cuh:
-// vector bodies, scalar edges): aligned pointers, planes of at least one
-// whole vector whatever their first element's position, and every element
-// index (and a step past the last) below 2^31. Else single values.
-template <int N, bool ROWS>
-__device__ __forceinline__ bool use_split(const void* p, long long outer, long long C, long long inner) {
-    return !ROWS && aligned16(p) && inner % N != 0 && inner >= 2 * N - 1 &&
-           outer * C * inner + 8LL * gridDim.x * blockDim.x * blockDim.y < kIndex32Limit;
+// Whether planes take the split walk (bn_scan.cuh: vector bodies from each
+// plane's first 16-byte boundary, masked vector edges): planes with inner %
+// N != 0 or a misaligned x (then rounded down to its 16-byte boundary; x
+// aligned to its element size), of at least one whole vector whatever
+// their first element's position, one plane (and a step past it) within a
+// rebased chunk. Else single values.
+template <int N, bool ROWS, typename T>
+__device__ __forceinline__ bool use_split(const T* p, long long inner) {
+    const unsigned long long a = reinterpret_cast<unsigned long long>(p);
+    const long long P = static_cast<long long>(gridDim.x) * blockDim.x * blockDim.y;
+    return !ROWS && (inner % N != 0 || (a & 15ull) != 0) && a % sizeof(T) == 0 && inner >= 2 * N - 1 &&
+           inner + 2 * N <= split_span(P, N);
+}
+
+// p, as the compiler cannot see it (not hoisted, not held: recomputed where
+// it is used from the kernel's arguments).
+template <typename P>
+__device__ __forceinline__ void reload(P*& p) {
+#ifdef __CUDA_ARCH__
+    asm volatile("mov.b64 %0, %0;" : "+l"(p));
+#endif
+}
+
+// x's elements after the 16-byte boundary below it.
+template <typename T>
+__device__ __forceinline__ unsigned misalignment(const T* x) {
+    return static_cast<unsigned>((reinterpret_cast<unsigned long long>(x) & 15ull) / sizeof(T));
 }
 
 // This block's partial statistics of channel c = g * blockDim.x + threadIdx.x
@@ -91,14 +111,10 @@ __device__ __forceinline__ void stats_partial(const T* x, long long outer, long 
         } else {
             k[0] = to_acc<ACC>(x[c0 * inner]);
         }
-        if constexpr (SPLIT) {  // planes, inner % NV != 0: the split walk (bn_scan.cuh)
-            StatsScan<T, ACC, Item, NV, false> st(reinterpret_cast<const Item*>(x), k);
-            const unsigned B = static_cast<unsigned>((inner - (NV - 1)) / NV);
-            const unsigned ci = static_cast<unsigned>(C * inner), c1 = static_cast<unsigned>(c0 * inner);
-            scan_split32<NV, U>(static_cast<unsigned>(outer), B, ci, c1, static_cast<unsigned>(t),
-                                static_cast<unsigned>(P), st);
-            scan_edges32<NV>(x, static_cast<unsigned>(outer), B, static_cast<unsigned>(inner), ci, c1,
-                             static_cast<unsigned>(t), static_cast<unsigned>(P), st);
+        if constexpr (SPLIT) {  // planes, inner % NV != 0 or misaligned: the split walk (bn_scan.cuh)
+            const unsigned mis = misalignment(x);
+            StatsScan<T, ACC, Item, NV, false> st(reinterpret_cast<const Item*>(x - mis), k);
+            scan_split<NV, U, false>(outer, C, inner, c0 * inner + mis, t, P, st);
             a[0] = st.n;
             b[0] = st.m[0];
             c[0] = st.q[0];
@@ -143,16 +159,12 @@ __device__ __forceinline__ void bwd_partial(const T* dy, const T* x, const S* sa
         ACC k[CH];
 #pragma unroll
         for (int j = 0; j < CH; ++j) k[j] = static_cast<ACC>(saved_mean[c0 + j]);
-        const long long base = SPLIT ? 0 : c0 * inner;  // split: offsets from the tensors' starts
+        // split: from the tensors' 16-byte boundaries (dy and x equally misaligned)
+        const long long base = SPLIT ? -static_cast<long long>(misalignment(x)) : c0 * inner;
         BwdScan<T, ACC, Item, NV, ROWS, U> bs(reinterpret_cast<const Item*>(dy + base),
                                               reinterpret_cast<const Item*>(x + base), k);
-        if constexpr (SPLIT) {  // planes, inner % NV != 0: the split walk (bn_scan.cuh)
-            const unsigned B = static_cast<unsigned>((inner - (NV - 1)) / NV);
-            const unsigned ci = static_cast<unsigned>(C * inner), c1 = static_cast<unsigned>(c0 * inner);
-            scan_split32<NV, U>(static_cast<unsigned>(outer), B, ci, c1, static_cast<unsigned>(tt),
-                                static_cast<unsigned>(P), bs);
-            scan_edges2_32<NV>(static_cast<unsigned>(outer), B, static_cast<unsigned>(inner), ci, c1,
-                               static_cast<unsigned>(tt), static_cast<unsigned>(P), bs);
+        if constexpr (SPLIT) {  // planes, inner % NV != 0 or misaligned: the split walk (bn_scan.cuh)
+            scan_split<NV, U, true>(outer, C, inner, c0 * inner - base, tt, P, bs);
         } else if constexpr (ROWS) {
             scan<U, true>(outer, 1, C / NV, tt, P, bs);
         } else {
@@ -215,9 +227,13 @@ __global__ void __launch_bounds__(1024, 1) bn_stats(const T* __restrict__ x,    
     __shared__ bn::BlockScratch<ACC> sh;
     const unsigned width = blockDim.x, tx = threadIdx.x, ty = threadIdx.y;
     using Item = bn::ScanItem<T, CHANNELS_LAST, true>;
-    const bool vec = bn::use_vectors<Item::n, CHANNELS_LAST>(x, C, inner);
-    const bool split = !vec && bn::use_split<Item::n, CHANNELS_LAST>(x, outer, C, inner);
     for (long long g = blockIdx.y; g * width < C; g += gridDim.y) {
+        // the walk, decided per group from the arguments (held through the
+        // walks, or hoisted out of this loop, its flags spilled at 64 registers)
+        const T* xw = x;
+        bn::reload(xw);
+        const bool vec = bn::use_vectors<Item::n, CHANNELS_LAST>(xw, C, inner);
+        const bool split = !vec && bn::use_split<Item::n, CHANNELS_LAST>(xw, inner);
         const long long c = g * width + tx;
         const bool active = c < C;
         ACC n0, m0, q0;
@@ -300,12 +316,17 @@ __global__ void __launch_bounds__(1024, 1) bn_bwd_reduce(const T* __restrict__ d
     __shared__ bn::BlockScratch<ACC> sh;
     const unsigned width = blockDim.x, tx = threadIdx.x, ty = threadIdx.y;
     using Item = bn::ScanItem<T, CHANNELS_LAST, false>;
-    const bool vec = bn::use_vectors<Item::n, CHANNELS_LAST>(x, C, inner) && bn::aligned16(dy);
     // float (N = 4): not split; at 64 registers the split walk's body spilled
-    // (24 bytes on sm_90 with 4 items per array in flight, 10 on sm_80 with 2)
+    // (24 bytes on sm_90 with 4 items per array in flight, 52 on sm_80)
     constexpr bool kSplit = !CHANNELS_LAST && Item::n != 4;
-    const bool split = kSplit && !vec && bn::use_split<Item::n, CHANNELS_LAST>(x, outer, C, inner) && bn::aligned16(dy);
     for (long long g = blockIdx.y; g * width < C; g += gridDim.y) {
+        const T* xw = x;  // the walk, decided per group (bn_stats)
+        bn::reload(xw);
+        const bool vec = bn::use_vectors<Item::n, CHANNELS_LAST>(xw, C, inner) && bn::aligned16(dy);
+        // dy and x equally misaligned: the same offsets from their boundaries
+        const bool split = kSplit && !vec && bn::use_split<Item::n, CHANNELS_LAST>(xw, inner) &&
+                           ((reinterpret_cast<unsigned long long>(xw) ^ reinterpret_cast<unsigned long long>(dy)) &
+                            15ull) == 0;
         const long long c = g * width + tx;
         const bool active = c < C;
         ACC s0, t0, unused = ACC(0);

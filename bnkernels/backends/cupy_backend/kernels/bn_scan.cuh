@@ -1,5 +1,6 @@
 // How a reduction thread walks its channel's values (the hot loops of
-// bn_stats and bn_bwd_reduce), and what it accumulates on the way.
+// bn_stats and bn_bwd_reduce); what it accumulates on the way is
+// bn_accumulators.cuh's.
 //
 // Items: a thread loads its values as items, either 16-byte vectors (NV =
 // Vec16<T>::n values, when the pointers are 16-byte aligned and every run
@@ -13,29 +14,28 @@
 // The P threads of a channel take its items j = t, t + P, t + 2P, ... in
 // (run, position) order, so consecutive lanes read consecutive addresses.
 //
-// Offsets: the hot loop addresses items by offsets of type O from the
-// channel's first item, and tracks positions in runs in O too: 32-bit
-// (unsigned) when the channel spans fewer than kIndex32Limit items - every
-// tensor below 2^31 elements - else 64-bit. The choice is the same for the
-// whole launch (no divergence); both loops are compiled. BN_INDEX32_LIMIT
-// lowers the limit: the host-harness tests build with 0 so that the 64-bit
-// loop runs on small data (no CPU test can hold 2^31 elements), and
-// BN_POSITION32_LIMIT=0 for the plane-by-plane loop of planes of 2^32 items
-// and more.
+// Offsets: the hot loop addresses items by 32-bit (unsigned) offsets from
+// a base and tracks positions in runs in 32 bits. When the channel spans
+// fewer than kIndex32Limit items (every tensor below 2^31 elements) the
+// base is the channel's first item; else the channel is walked in chunks
+// (rebased walks): runs of it, or pieces of a run, each spanning fewer
+// than kChunk32Limit items, each from its own 64-bit base (f.rebase), each
+// walked as a small channel; the hot loop is the same 32-bit one, and only
+// once per chunk (< 2^31 items) is a 64-bit address formed. The choice is
+// the same for the whole launch (no divergence). BN_INDEX32_LIMIT=0 sends
+// the host-harness tests' small tensors down the rebased walks (no CPU test
+// can hold 2^31 elements), and BN_CHUNK_SPAN (items) makes their chunks
+// small: several runs per chunk, or pieces of one.
 #pragma once
 #include "bn_common.cuh"
 
 #ifndef BN_INDEX32_LIMIT
 #define BN_INDEX32_LIMIT 0x7fffffffLL
 #endif
-#ifndef BN_POSITION32_LIMIT
-#define BN_POSITION32_LIMIT 0xffffffffLL
-#endif
 
 namespace bn {
 
 constexpr long long kIndex32Limit = BN_INDEX32_LIMIT;
-constexpr long long kPosition32Limit = BN_POSITION32_LIMIT;
 
 __device__ __forceinline__ bool aligned16(const void* p) {
     return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
@@ -52,6 +52,35 @@ __device__ __forceinline__ const Item* opaque(const Item* p) {
     asm("mov.b64 %0, %0;" : "+l"(p));
 #endif
     return p;
+}
+
+template <typename Item>
+__device__ __forceinline__ Item* opaque(Item* p) {
+#ifdef __CUDA_ARCH__
+    asm("mov.b64 %0, %0;" : "+l"(p));
+#endif
+    return p;
+}
+
+// An item not loaded, whose lanes are all selected out: any bits (on the
+// GPU no instruction sets them; zeros in the host harness).
+template <typename Item>
+__device__ __forceinline__ Item unset() {
+    Item v{};
+#ifdef __CUDA_ARCH__
+    static_assert(sizeof(Item) % 4 == 0, "32-bit words");
+    unsigned* w = reinterpret_cast<unsigned*>(&v);
+#pragma unroll
+    for (int i = 0; i < static_cast<int>(sizeof(Item) / 4); ++i) asm volatile("" : "=r"(w[i]));
+#endif
+    return v;
+}
+
+// v, as the compiler cannot see it: computed once, kept in a register.
+__device__ __forceinline__ void reload32(unsigned& v) {
+#ifdef __CUDA_ARCH__
+    asm volatile("mov.b32 %0, %0;" : "+r"(v));
+#endif
 }
 
 template <typename Item>
@@ -123,32 +152,11 @@ __device__ __forceinline__ void advance(unsigned& off, unsigned& i, const Walk32
     }
 }
 
-// The 64-bit walk: the item's address itself (as cheap per item as an
-// offset plus IMAD.WIDE), positions in 32 bits (width + P < 2^32).
-template <typename Item>
-struct Walk64 {
-    const Item* p;
-    unsigned i, wrap, si;
-    long long dn, dw;
-};
-
-template <bool NOWRAP, typename Item>
-__device__ __forceinline__ void advance(const Item*& p, unsigned& i, const Walk64<Item>& w) {
-    p += w.dn;
-    if (!NOWRAP) {
-        i += w.si;
-        if (i >= w.wrap) {
-            i -= w.wrap;
-            p += w.dw;
-        }
-    }
-}
-
 // Calls f.template step<U, true>(addr) for each full step of U items of
 // thread t (of P), and f.template tail<U>(addr, k) once for the k < U left
 // (straight-line code, not a loop, item by item: a step's arrays there
-// would spill); addr: the items' offsets (32-bit) or addresses (64-bit),
-// which f turns into pointers (f.at). The U loads of a step are issued
+// would spill); addr: the items' offsets from f's base, which f turns
+// into pointers (f.at). The U loads of a step are issued
 // before their values are used (inside step). Every value below 2^31 here.
 template <int U, bool NOWRAP, typename F>
 __device__ __forceinline__ void scan32(unsigned total, unsigned width, unsigned stride, unsigned t, unsigned P,
@@ -192,50 +200,37 @@ __device__ __forceinline__ void scan32(unsigned total, unsigned width, unsigned 
     }
 }
 
-// 64-bit: `left` (index space from the thread's next value to the end)
-// replaces the count, so no 64-bit division (a call, whose convention
-// spills registers) is needed; returns `left` at the end (<= 0: how far
-// past the end the next value would be).
-template <int U, bool NOWRAP, typename Item, typename F>
-__device__ __forceinline__ long long scan64(const Item* first, long long left, unsigned width, long long stride,
-                                            unsigned t, unsigned P, F& f) {
-    Walk64<Item> w;
-    const unsigned ol = t / width;
-    w.i = t - ol * width;
-    w.p = first + ol * stride + w.i;
-    w.wrap = width;
-    w.si = P % width;
-    w.dn = static_cast<long long>(P / width) * stride + w.si;
-    w.dw = stride - width;
-    const Item* p[U];
-    for (; left > static_cast<long long>(U - 1) * P; left -= static_cast<long long>(U) * P) {
-        p[0] = w.p;
-#pragma unroll
-        for (int u = 1; u < U; ++u) {
-            p[u] = p[u - 1];
-            advance<NOWRAP>(p[u], w.i, w);
-        }
-        w.p = p[U - 1];
-        advance<NOWRAP>(w.p, w.i, w);
-        f.template step<U, true>(p, U);
-    }
-    if (left > 0) {
-        int k = 1;
-        p[0] = w.p;
-#pragma unroll
-        for (int u = 1; u < U; ++u) {
-            p[u] = p[u - 1];
-            advance<NOWRAP>(p[u], w.i, w);
-            k += left > static_cast<long long>(u) * P;
-        }
-        f.template tail<U>(p, k);
-        left -= static_cast<long long>(k) * P;
-    }
-    return left;
+// The rebased walks: a chunk spans fewer than kChunk32Limit - U P items
+// (the 32-bit walk's rule), and at most kChunkSpan (host tests: small).
+#ifndef BN_CHUNK32_LIMIT
+#define BN_CHUNK32_LIMIT 0x7fffffffLL
+#endif
+#ifndef BN_CHUNK_SPAN
+#define BN_CHUNK_SPAN 0x7fffffffLL
+#endif
+constexpr long long kChunk32Limit = BN_CHUNK32_LIMIT;
+constexpr long long kChunkSpan = BN_CHUNK_SPAN;
+
+// The most items a chunk may span, given the items a walk may step past
+// its last one (at least 1: only the host tests' lowered limits need it).
+__device__ __forceinline__ long long chunk_span(long long past) {
+    long long a = kChunk32Limit - past - 1;
+    if (a > kChunkSpan) a = kChunkSpan;
+    return a < 1 ? 1 : a;
+}
+
+// Runs per chunk: the largest power of two R with (R - 1) * stride <= room
+// (room >= 0, stride >= 1; a loop of doublings, no 64-bit division).
+__device__ __forceinline__ long long chunk_runs(long long room, long long stride) {
+    long long r = 1;
+#pragma unroll 1
+    while ((2 * r - 1) * stride <= room) r *= 2;
+    return r;
 }
 
 // The walk of a channel: `outer` runs of `width` items, `stride` apart,
-// from f.origin(); thread t of P takes items t, t + P, ... in order.
+// from f.origin(); thread t of P takes items t, t + P, ... in order (of
+// each chunk, in the rebased walks).
 template <int U, bool ROWS, typename F>
 __device__ __forceinline__ void scan(long long outer, long long width, long long stride, long long t,
                                      long long P, F& f) {
@@ -243,24 +238,31 @@ __device__ __forceinline__ void scan(long long outer, long long width, long long
     if (span + U * P < kIndex32Limit) {  // every offset, position and step of U items below 2^31
         scan32<U, ROWS>(static_cast<unsigned>(outer * width), static_cast<unsigned>(width),
                         static_cast<unsigned>(stride), static_cast<unsigned>(t), static_cast<unsigned>(P), f);
-    } else if (ROWS || width + P < kPosition32Limit) {  // 64-bit addresses, 32-bit positions
-        scan64<U, ROWS>(f.origin(), outer * width - t, static_cast<unsigned>(width), stride,
-                        static_cast<unsigned>(t), static_cast<unsigned>(P), f);
-    } else if constexpr (!ROWS) {  // planes of 2^32 items and more: one by one, positions never wrap
-        long long r = t;  // the thread's next position in the plane at rp
-        const auto* const end = f.origin() + outer * stride;
-        for (const auto* rp = f.origin(); rp != end; rp += stride) {
-            if (r < width) {
-                // wrap 0xffffffff: never reached; steps of P items
-                const long long left =
-                    scan64<U, true>(rp + r, width - r, 0xffffffffu, 0, 0u, static_cast<unsigned>(P), f);
-                r = -left;  // the next value's position past the end of this plane
-            } else {
-                r -= width;
-            }
+        return;
+    }
+    // rebased: chunks of R whole runs, or (runs of more than a chunk's
+    // span) pieces of W items of one run; one chunk's items stay below
+    // 2^31 - U P (a stride of 2^32 items or more, truncated, is never used:
+    // one run per chunk)
+    const long long A = chunk_span(U * P);
+    const unsigned W = static_cast<unsigned>(width <= A ? width : A);  // < 2^31
+    const unsigned R = width <= A ? static_cast<unsigned>(chunk_runs(A - width, stride)) : 1u;
+    const long long step = R * stride;
+    const auto* run = f.origin();
+#pragma unroll 1
+    for (long long o = outer; o > 0; o -= R, run += step) {
+        const unsigned runs = o < R ? static_cast<unsigned>(o) : R;
+        const auto* piece = run;
+#pragma unroll 1
+        for (long long left = width; left > 0; left -= W, piece += W) {
+            const unsigned w = left < W ? static_cast<unsigned>(left) : W;
+            f.rebase(piece);
+            scan32<U, ROWS>(runs * w, w, static_cast<unsigned>(stride), static_cast<unsigned>(t),
+                            static_cast<unsigned>(P), f);
         }
     }
 }
+
 
 // Planes whose inner % NV != 0 (pointers 16-byte aligned): a plane starts
 // anywhere in a vector, so each plane is split. Its body: the B =
@@ -331,9 +333,12 @@ __device__ __forceinline__ void scan_split32(unsigned outer, unsigned B, unsigne
 // (values j >= r = a % NV, none if r = 0) and the two vectors after the
 // body, v1 and v1 + 1 (values j < t1 and j < t1 - NV, t1 = a + inner - v1 *
 // NV <= L); a vector with no value of the plane is not loaded (the last
-// plane's may lie past the tensor). Lanes outside the plane contribute
-// nothing (f.edge_vec selects them out: they may hold anything, NaN too).
-// f.at(off) is the item at offset off from the tensor's first element.
+// plane's may lie past the tensor). A loaded vector holds a value of the
+// tensor, so it lies in the tensor's allocation (16-byte granules) even
+// where its other lanes lie before the first value (a misaligned x) or
+// past the last. Lanes outside the plane contribute nothing (f.edge_vec
+// selects them out: they may hold anything, NaN too). f.at(off) is the
+// item at offset off from the 16-byte boundary at or below x.
 struct EdgeMask {
     unsigned lo, t1;  // head vector: lanes j >= lo; tail vectors: lanes j < t1, j + NV < t1
     // lo >= 1 and t1 <= 2 NV - 2: lane 0 of the head vector and lanes
@@ -344,6 +349,22 @@ struct EdgeMask {
         if (k == 0) return j >= 1 && static_cast<unsigned>(j) >= lo;
         if (k == 2 && j >= NV - 2) return false;
         return static_cast<unsigned>(j + (k - 1) * NV) < t1;
+    }
+    // The same as the bits of one word, lane k NV + j (NV = 8: 24 bits),
+    // which ptxas turns into predicates 7 at a time (R2P): a comparison per
+    // lane cost 21 instructions of the half/bfloat16 edges.
+    template <int NV>
+    __device__ __forceinline__ unsigned bits() const {
+        if constexpr (NV == 8) {
+            const unsigned head = (0xffu << lo) & 0xffu;  // lanes lo..7 of vector 0 (lo = NV: none)
+            return head | ((1u << t1) - 1u) << NV;        // lanes 0..t1-1 of vectors 1, 2
+        }
+        return 0u;
+    }
+    template <int NV>
+    __device__ __forceinline__ bool ok(unsigned bits, int k, int j) const {
+        if constexpr (NV == 8) return ((bits >> (k * NV + j)) & 1u) != 0;
+        return valid<NV>(k, j);
     }
 };
 
@@ -369,18 +390,19 @@ __device__ __forceinline__ unsigned edge_vectors(unsigned a, unsigned B, unsigne
     return r ? a : v1 * NV;  // the chunk's first value
 }
 
-template <int NV, typename T, typename F>
-__device__ __forceinline__ void scan_edges32(const T* x, unsigned outer, unsigned B, unsigned inner, unsigned ci,
+template <int NV, typename F>
+__device__ __forceinline__ void scan_edges32(unsigned outer, unsigned B, unsigned inner, unsigned ci,
                                              unsigned first, unsigned t, unsigned P, F& f) {
     using Item = typename F::item;
     using ACC = typename F::acc;
+    using T = typename F::value;
     const T* const xs = reinterpret_cast<const T*>(f.origin());  // x, opaque
     if (t >= outer) return;
-    // L and 1 / L; NV = 2: inner is odd, L = 1 its own reciprocal (a
-    // division held through the loop, or even constants, made ptxas spill
-    // the kernel's walk flag at 64 registers)
+    // L and 1 / L; NV = 2: L is 1 (inner odd) or 2 (inner even, x
+    // misaligned), 1 / L = 1.5 - L / 2 exactly (a division held through
+    // the loop made ptxas spill the kernel's walk flag at 64 registers)
     const ACC cl = ACC(static_cast<int>(inner - B * NV));
-    const ACC inv_l = NV == 2 ? cl : count_ratio(ACC(1), cl);
+    const ACC inv_l = NV == 2 ? fma(ACC(-0.5), cl, ACC(1.5)) : count_ratio(ACC(1), cl);
     for (unsigned o = t; o < outer; o += P) {
         constexpr int K = edge_vector_count<NV>();
         unsigned at[K];
@@ -389,7 +411,7 @@ __device__ __forceinline__ void scan_edges32(const T* x, unsigned outer, unsigne
         const unsigned s = edge_vectors<NV, K>(first + o * ci, B, inner, at, live, mk);
         Item e[K];
 #pragma unroll
-        for (int k = 0; k < K; ++k) e[k] = live[k] ? load(f.at(at[k])) : Item{};
+        for (int k = 0; k < K; ++k) e[k] = live[k] ? load(f.at(at[k])) : unset<Item>();
         f.template edge_vec<K>(e, to_acc<ACC>(load(xs + s)), mk, cl, inv_l);
     }
 }
@@ -416,276 +438,43 @@ __device__ __forceinline__ void scan_edges2_32(unsigned outer, unsigned B, unsig
     }
 }
 
-// ---- statistics: (n, mean - k0, M2) per owned channel ------------------------
-// Per step, for each channel the thread owns, the chunk of values it
-// loaded (U * NV values of one channel for planes, U for rows) is reduced
-// around s, the chunk's first value: S1 = sum(v - s), S2 = sum((v - s)^2);
-// then the chunk (count c, mean s + S1 / c, M2 = S2 - S1^2 / c) is merged
-// into the thread's (n, m, q) by Chan's formula, with one division per step
-// shared by all owned channels (they count alike).
-// Why this is exact: s is a value of the chunk, so n_c (mean_c - s)^2 <=
-// (c - 1) M2_c (no value is further from the mean than sqrt((c-1)/c M2));
-// hence S2 = M2_c + c (mean_c - s)^2 <= c * M2_c and the cancellation in
-// S2 - S1^2 / c loses at most log2(c) bits (c <= 32), whatever the mean of
-// the data (a mean of 1e4 with std 1 loses nothing: every v - s is small).
-// The chunk sums are short (<= 8 terms per partial), and the merges are
-// Welford's/Chan's, whose error does not grow with the mean either. With
-// no values (c = 0) nothing is merged.
-template <typename T, typename ACC, typename Item, int NV, bool ROWS>
-struct StatsScan {
-    static constexpr int CH = ROWS ? NV : 1;  // channels owned
-    using acc = ACC;
-    using item = Item;
-    const Item* b;                            // the channel's (or channels') first item
-    ACC n = ACC(0);
-    ACC m[CH], q[CH], k0[CH];
+// The split walk of a channel (bodies, then edges: BWD, dy and x's) from
+// f.origin(), x rounded down to a 16-byte boundary (a misaligned x's planes
+// split as any others); `first`: the channel's first element from there.
+// Tensors of 2^31 elements and more are walked in chunks of R planes, each
+// from the vector holding its first element (f.rebase), each spanning
+// fewer than 2^31 - 8 P elements (the 32-bit walks' rule; use_split
+// checks that one plane does).
+__device__ __forceinline__ long long split_span(long long P, int nv) {
+    const long long a = kChunk32Limit - 8 * P - 1, b = kChunkSpan * nv;
+    return a < b ? a : b;
+}
 
-    __device__ __forceinline__ const Item* origin() const { return b; }
-    __device__ __forceinline__ const Item* at(unsigned off) const { return b + off; }
-    __device__ __forceinline__ const Item* at(const Item* p) const { return p; }
-
-    __device__ __forceinline__ StatsScan(const Item* first, const ACC (&k)[CH]) : b(opaque(first)) {
-#pragma unroll
-        for (int j = 0; j < CH; ++j) {
-            m[j] = ACC(0);
-            q[j] = ACC(0);
-            k0[j] = k[j];
-        }
+template <int NV, int U, bool BWD, typename F>
+__device__ __forceinline__ void scan_split(long long outer, long long C, long long inner, long long first,
+                                           long long t, long long P, F& f) {
+    const long long ci = C * inner;
+    const unsigned B = static_cast<unsigned>((inner - (NV - 1)) / NV);
+    const long long room = split_span(P, NV) - inner - 2 * NV;  // >= 0 (use_split)
+    const long long R = (outer - 1) * ci <= room ? outer : chunk_runs(room, ci);
+    const auto* const origin = f.origin();
+#pragma unroll 1
+    for (long long o0 = 0; o0 < outer; o0 += R) {
+        unsigned runs = static_cast<unsigned>(outer - o0 < R ? outer - o0 : R);
+        reload32(runs);  // a register: not recomputed in 64 bits in the loops below
+        const long long e0 = first + o0 * ci;
+        const long long ea = e0 & ~static_cast<long long>(NV - 1);
+        f.rebase(origin + ea / NV);
+        const unsigned f32 = static_cast<unsigned>(e0 - ea);
+        scan_split32<NV, U>(runs, B, static_cast<unsigned>(ci), f32, static_cast<unsigned>(t),
+                            static_cast<unsigned>(P), f);
+        if constexpr (BWD)
+            scan_edges2_32<NV>(runs, B, static_cast<unsigned>(inner), static_cast<unsigned>(ci), f32,
+                               static_cast<unsigned>(t), static_cast<unsigned>(P), f);
+        else
+            scan_edges32<NV>(runs, B, static_cast<unsigned>(inner), static_cast<unsigned>(ci), f32,
+                             static_cast<unsigned>(t), static_cast<unsigned>(P), f);
     }
-
-    template <int U, bool FULL, typename A>
-    __device__ __forceinline__ void step(const A (&addr)[U], int valid) {
-        Item it[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) it[u] = load(at(addr[u]));  // all loads in flight first
-        ACC v[U][NV];
-#pragma unroll
-        for (int u = 0; u < U; ++u)
-            if (FULL || u < valid) unpack<ACC, T, NV>(it[u], v[u]);
-        ACC s1[CH], s2[CH], x0[CH];
-        if (ROWS) {  // channel j: element j of each item
-#pragma unroll
-            for (int j = 0; j < CH; ++j) {
-                x0[j] = v[0][j];
-                ACC a = ACC(0), a2 = q[j];  // the chunk's S2 is added to q on the way
-#pragma unroll
-                for (int u = 1; u < U; ++u)
-                    if (FULL || u < valid) {
-                        const ACC e = v[u][j] - x0[j];
-                        a += e;
-                        a2 = fma(e, e, a2);
-                    }
-                s1[j] = a;
-                s2[j] = a2;
-            }
-        } else {  // one channel: every element of every item, a partial per item
-            x0[0] = v[0][0];
-            ACC a[U], a2[U];
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                a[u] = ACC(0);
-                a2[u] = u == 0 ? q[0] : ACC(0);  // the chunk's S2 is added to q on the way
-                if (FULL || u < valid) {
-#pragma unroll
-                    for (int j = u == 0 ? 1 : 0; j < NV; ++j) {  // value 0 is the shift
-                        const ACC e = v[u][j] - x0[0];
-                        a[u] += e;
-                        a2[u] = fma(e, e, a2[u]);
-                    }
-                }
-            }
-#pragma unroll
-            for (int u = 1; u < U; ++u) {
-                a[0] += a[u];
-                a2[0] += a2[u];
-            }
-            s1[0] = a[0];
-            s2[0] = a2[0];
-        }
-        const int cnt = FULL ? U : valid;
-        const ACC c = ACC(ROWS ? cnt : cnt * NV);
-        // 1 / c is a power of two in full steps: an exact multiply
-        const ACC inv_c = FULL ? ACC(1) / ACC(ROWS ? U : U * NV) : count_ratio(ACC(1), c);
-        const ACC total = n + c;
-        const ACC r = count_ratio(c, total);  // the step's one division
-        const ACC w = n * r;                  // n * c / total
-#pragma unroll
-        for (int j = 0; j < CH; ++j) {
-            const ACC t = s1[j] * inv_c;
-            const ACC q2 = fma(-t, s1[j], s2[j]);  // q + M2 of the chunk
-            const ACC delta = ((x0[j] - k0[j]) - m[j]) + t;
-            m[j] = fma(delta, r, m[j]);
-            q[j] = fma(delta * w, delta, q2);
-        }
-        n = total;
-    }
-
-    // A plane's cl = L edge values (split walk: scan_edges32) as one chunk
-    // around its first value x0, exact as a step's: K masked vectors.
-    template <int K>
-    __device__ __forceinline__ void edge_vec(const Item (&e)[K], ACC x0, const EdgeMask& mk, ACC cl, ACC inv_l) {
-        ACC s1[K], s2[K];
-#pragma unroll
-        for (int k = 0; k < K; ++k) {
-            ACC v[NV];
-            unpack<ACC, T, NV>(e[k], v);
-            s1[k] = ACC(0);
-            s2[k] = k == 0 ? q[0] : ACC(0);
-#pragma unroll
-            for (int j = 0; j < NV; ++j) {
-                const ACC d = mk.valid<NV>(k, j) ? v[j] - x0 : ACC(0);
-                s1[k] += d;
-                s2[k] = fma(d, d, s2[k]);
-            }
-        }
-#pragma unroll
-        for (int k = 1; k < K; ++k) {
-            s1[0] += s1[k];
-            s2[0] += s2[k];
-        }
-        const ACC total = n + cl;
-        const ACC r = count_ratio(cl, total);
-        const ACC w = n * r;
-        const ACC t = s1[0] * inv_l;
-        const ACC q2 = fma(-t, s1[0], s2[0]);
-        const ACC delta = ((x0 - k0[0]) - m[0]) + t;
-        m[0] = fma(delta, r, m[0]);
-        q[0] = fma(delta * w, delta, q2);
-        n = total;
-    }
-
-    // The last k < U items, one chunk each (planes: its NV values around its
-    // first; rows: one value per channel, a Welford step).
-    template <int U, typename A>
-    __device__ __forceinline__ void tail(const A (&addr)[U], int valid) {
-#pragma unroll
-        for (int u = 0; u < U - 1; ++u) {
-            if (u >= valid) break;
-            ACC v[NV];
-            unpack<ACC, T, NV>(load(at(addr[u])), v);
-            const ACC c = ACC(ROWS ? 1 : NV);
-            const ACC total = n + c;
-            const ACC r = count_ratio(c, total);
-            const ACC w = n * r;
-            ACC s1 = ACC(0), q2 = q[0];
-            if constexpr (!ROWS) {
-#pragma unroll
-                for (int j = 1; j < NV; ++j) {
-                    const ACC e = v[j] - v[0];
-                    s1 += e;
-                    q2 = fma(e, e, q2);
-                }
-                const ACC t = s1 * (ACC(1) / ACC(NV));  // NV: a power of two
-                q2 = fma(-t, s1, q2);
-                const ACC delta = ((v[0] - k0[0]) - m[0]) + t;
-                m[0] = fma(delta, r, m[0]);
-                q[0] = fma(delta * w, delta, q2);
-            } else {
-#pragma unroll
-                for (int j = 0; j < CH; ++j) {
-                    const ACC delta = (v[j] - k0[j]) - m[j];
-                    m[j] = fma(delta, r, m[j]);
-                    q[j] = fma(delta * w, delta, q[j]);
-                }
-            }
-            n = total;
-        }
-    }
-};
-
-// ---- backward sums: sum(dy), sum(dy * (x - k)) per owned channel ---------------
-// Plain sums in ACC, as before vectorization: k is the saved mean, so x - k
-// does not cancel. Independent partials (one per item slot for planes, one
-// per channel for rows) keep the chains short and the loads in flight.
-template <typename T, typename ACC, typename Item, int NV, bool ROWS, int U>
-struct BwdScan {
-    static constexpr int CH = ROWS ? NV : 1;
-    static constexpr int SL = ROWS ? NV : 2;  // partial sums (more would spill)
-    using acc = ACC;
-    using item = Item;
-    const Item* gb;
-    const Item* xb;
-    unsigned long long dist;  // bytes from x to dy (the 64-bit walks follow x)
-    ACC s[SL], t[SL], k[CH];
-
-    __device__ __forceinline__ const Item* origin() const { return xb; }
-    __device__ __forceinline__ const Item* xat(unsigned off) const { return xb + off; }
-    __device__ __forceinline__ const Item* xat(const Item* p) const { return p; }
-    __device__ __forceinline__ const Item* gat(unsigned off) const { return gb + off; }
-    __device__ __forceinline__ const Item* gat(const Item* p) const {
-        return reinterpret_cast<const Item*>(reinterpret_cast<const char*>(p) + dist);
-    }
-
-    __device__ __forceinline__ BwdScan(const Item* g, const Item* x, const ACC (&kk)[CH]) : gb(opaque(g)), xb(opaque(x)),
-          dist(reinterpret_cast<unsigned long long>(g) - reinterpret_cast<unsigned long long>(x)) {
-#pragma unroll
-        for (int j = 0; j < SL; ++j) s[j] = t[j] = ACC(0);
-#pragma unroll
-        for (int j = 0; j < CH; ++j) k[j] = kk[j];
-    }
-
-    template <int UU, bool FULL, typename A>
-    __device__ __forceinline__ void step(const A (&addr)[UU], int valid) {
-        Item gi[UU], xi[UU];
-#pragma unroll
-        for (int u = 0; u < UU; ++u) {
-            gi[u] = load(gat(addr[u]));
-            xi[u] = load(xat(addr[u]));
-        }
-#pragma unroll
-        for (int u = 0; u < UU; ++u)
-            if (FULL || u < valid) {
-                ACC g[NV], x[NV];
-                unpack<ACC, T, NV>(gi[u], g);
-                unpack<ACC, T, NV>(xi[u], x);
-#pragma unroll
-                for (int j = 0; j < NV; ++j) {
-                    const int sl = ROWS ? j : u % SL;
-                    s[sl] += g[j];
-                    t[sl] = fma(g[j], x[j] - k[ROWS ? j : 0], t[sl]);
-                }
-            }
-    }
-
-    // A plane's edge values (split walk: scan_edges2_32), K masked vectors
-    // of dy and x; lanes outside the plane add nothing (both selected out:
-    // 0 * NaN would not be 0).
-    template <int K>
-    __device__ __forceinline__ void edge_vec2(const Item (&gv)[K], const Item (&xv)[K], const EdgeMask& mk) {
-#pragma unroll
-        for (int kk = 0; kk < K; ++kk) {
-            ACC g[NV], x[NV];
-            unpack<ACC, T, NV>(gv[kk], g);
-            unpack<ACC, T, NV>(xv[kk], x);
-#pragma unroll
-            for (int j = 0; j < NV; ++j) {
-                const bool ok = mk.valid<NV>(kk, j);
-                const ACC gg = ok ? g[j] : ACC(0);
-                const ACC d = ok ? x[j] - k[0] : ACC(0);
-                const int sl = (kk * NV + j) % SL;
-                s[sl] += gg;
-                t[sl] = fma(gg, d, t[sl]);
-            }
-        }
-    }
-
-    // The last k < U items, one by one.
-    template <int UU, typename A>
-    __device__ __forceinline__ void tail(const A (&addr)[UU], int valid) {
-#pragma unroll
-        for (int u = 0; u < UU - 1; ++u) {
-            if (u >= valid) break;
-            ACC g[NV], x[NV];
-            unpack<ACC, T, NV>(load(gat(addr[u])), g);
-            unpack<ACC, T, NV>(load(xat(addr[u])), x);
-#pragma unroll
-            for (int j = 0; j < NV; ++j) {
-                const int sl = ROWS ? j : u % SL;
-                s[sl] += g[j];
-                t[sl] = fma(g[j], x[j] - k[ROWS ? j : 0], t[sl]);
-            }
-        }
-    }
-};
+}
 
 }  // namespace bn
